@@ -1,0 +1,210 @@
+//! The command line (SPEC §3): parsing, and one function per command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::db::Db;
+use crate::debounce::ALL;
+use crate::graph::Plan;
+use crate::refresh::{self, Outcome, Reason, Request, Settings};
+use crate::stats::Stats;
+use crate::{daemon, install, status};
+
+/// Exit code for a bad configuration file (`EX_CONFIG` from sysexits.h).
+pub const EXIT_CONFIG: u8 = 78;
+
+#[derive(Debug, Parser)]
+#[command(name = "mvrefresh", version, about = "Keeps PostgreSQL materialized views and analytics tables fresh from live writes")]
+pub struct Cli {
+    /// The configuration file.
+    #[arg(long, global = true, env = "MVREFRESH_CONFIG", default_value = "config.toml")]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon until SIGTERM/SIGINT.
+    Run,
+    /// Create or upgrade mvrefresh's database objects (idempotent, one transaction).
+    Install {
+        /// Also install the bundled analytics (operational tables if missing, mv_* views,
+        /// analytics_* tables and their refresh functions).
+        #[arg(long)]
+        analytics: bool,
+        /// Register each view's `schedule` as a pg_cron job `mvrefresh:<view>`.
+        #[arg(long)]
+        pg_cron: bool,
+        /// Print the SQL instead of running it.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Refresh views once, in dependency order.
+    Refresh {
+        /// Views to refresh (as named in the config).
+        views: Vec<String>,
+        /// Refresh every configured view.
+        #[arg(long, conflicts_with = "views")]
+        all: bool,
+    },
+    /// Validate the configuration and the database; print a report.
+    Check,
+    /// Per view: last success, duration, last error, pending keys, oldest pending change.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs the parsed command line with a loaded config. Errors are printed here.
+pub async fn execute(command: Command, config: Config) -> ExitCode {
+    let result = match command {
+        Command::Run => run(config).await,
+        Command::Install {
+            analytics,
+            pg_cron,
+            dry_run,
+        } => install_cmd(config, analytics, pg_cron, dry_run).await,
+        Command::Refresh { views, all } => refresh_cmd(config, views, all).await,
+        Command::Check => check_cmd(config).await,
+        Command::Status { json } => status_cmd(config, json).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mvrefresh: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<ExitCode> {
+    daemon::run(config, Arc::new(Stats::default()), crate::shutdown::signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn install_cmd(
+    config: Config,
+    analytics: bool,
+    pg_cron: bool,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    if pg_cron {
+        anyhow::bail!("--pg-cron is not available in this version yet");
+    }
+    let steps = install::script(&config, install::Options { analytics });
+    if dry_run {
+        print!("{}", install::render(&steps));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let db = Db::new(&config.database)?;
+    let mut client = db.connect_simple("mvrefresh-install").await?;
+    db.ensure_primary(&client).await?;
+    install::run(&mut client, &steps).await?;
+    println!(
+        "installed into {}: mvrefresh schema{}, {} capture(s), {} view subscription(s)",
+        db.target(),
+        if analytics { ", bundled analytics" } else { "" },
+        config.captures.len(),
+        config.views.iter().map(|v| v.channels.len()).sum::<usize>()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn refresh_cmd(config: Config, names: Vec<String>, all: bool) -> anyhow::Result<ExitCode> {
+    if names.is_empty() && !all {
+        anyhow::bail!("name the views to refresh, or pass --all");
+    }
+    let db = Db::new(&config.database)?;
+    let mut client = db.connect_simple("mvrefresh-refresh").await?;
+    db.ensure_primary(&client).await?;
+    let plan = Plan::load(&client, &config).await?;
+    let mut selected = vec![all; plan.views.len()];
+    for n in &names {
+        match plan.index(n) {
+            Some(i) => selected[i] = true,
+            None => anyhow::bail!("`{n}` is not a configured [[view]]"),
+        }
+    }
+    let replica = format!("cli:{}", std::process::id());
+    let mut failed = vec![false; plan.views.len()];
+    for &i in &plan.order {
+        if !selected[i] {
+            continue;
+        }
+        let view = &plan.views[i];
+        if let Some(&d) = view.ancestors.iter().find(|&&a| failed[a]) {
+            println!("{}: skipped (it reads {}, which failed)", view.name, plan.views[d].name);
+            failed[i] = true;
+            continue;
+        }
+        let dependents: Vec<String> = view
+            .dependents
+            .iter()
+            .map(|&d| plan.views[d].name.clone())
+            .collect();
+        let request = Request {
+            keys: vec![ALL.to_owned()],
+            forced: vec![ALL.to_owned()],
+            reason: Reason::Manual,
+            wait_for_lock: true,
+        };
+        let settings = Settings {
+            timeout: view.config.timeout.unwrap_or(config.refresh.timeout),
+            lock_timeout: config.refresh.lock_timeout,
+            replica: replica.clone(),
+        };
+        match refresh::refresh(&mut client, view, &dependents, &request, &settings).await {
+            Ok(Outcome::Refreshed { duration, .. }) => {
+                println!("{}: refreshed in {} ms", view.name, duration.as_millis())
+            }
+            Ok(other) => println!("{}: {other:?}", view.name),
+            Err(e) => {
+                println!("{}: FAILED: {}", view.name, e.message());
+                failed[i] = true;
+            }
+        }
+    }
+    Ok(if failed.iter().any(|f| *f) {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn check_cmd(config: Config) -> anyhow::Result<ExitCode> {
+    println!("ok: configuration is valid");
+    let db = Db::new(&config.database)?;
+    let client = match db.connect_simple("mvrefresh-check").await {
+        Ok(c) => c,
+        Err(e) => {
+            println!("problem: {e}; fix: check database.url / {}", crate::config::ENV_DATABASE_URL);
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let lines = status::check(&client, &config, &db.target()).await?;
+    let mut ok = true;
+    for l in &lines {
+        println!("{}: {}", if l.ok { "ok" } else { "problem" }, l.text);
+        ok &= l.ok;
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+async fn status_cmd(config: Config, json: bool) -> anyhow::Result<ExitCode> {
+    let db = Db::new(&config.database)?;
+    let client = db.connect_simple("mvrefresh-status").await?;
+    let s = status::status(&client, &config).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print!("{}", status::render_table(&s));
+    }
+    Ok(ExitCode::SUCCESS)
+}

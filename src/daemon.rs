@@ -1,0 +1,651 @@
+//! `mvrefresh run`: the main loop.
+//!
+//! How an event travels: a writer's transaction records `(view, key)` rows in the change log and
+//! notifies; the [listener](crate::listener) forwards the notification here; the key is noted in
+//! the view's [debouncer](crate::debounce) (a catch-up read of the log notes the same keys, so a
+//! lost notification only delays them); when keys are due and no view they depend on has them
+//! pending, a refresh task takes a pooled connection and runs [`crate::refresh::refresh`];
+//! its outcome comes back here, and on success the keys are noted for the dependent views.
+//!
+//! One task owns all scheduling state; everything else talks to it through channels, so the
+//! state needs no locks. Views refresh in dependency order: a view waits while a view it reads
+//! has the same keys pending or in flight (per key for `incremental`, any key for whole-view
+//! modes), and a failing view keeps its dependents waiting without stopping unrelated views.
+//!
+//! Shutdown is two-phase: stop intake (listener, catch-up, new refreshes), let in-flight
+//! refreshes finish until `[refresh] shutdown_deadline`, then cancel them server-side.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_postgres::{CancelToken, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::changelog::{self, PendingRow};
+use crate::config::Config;
+use crate::db::{Db, DbError};
+use crate::debounce::{Batch, Debouncer, ALL};
+use crate::graph::{Plan, PlanError};
+use crate::listener::{self, ListenerEvent};
+use crate::refresh::{self, Outcome, Reason, RefreshError, Request, Settings};
+use crate::stats::Stats;
+
+/// How often refresh history is pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+/// Retry delay after finding another replica refreshing the same view (doubles, capped).
+const BUSY_RETRY: Duration = Duration::from_millis(200);
+const BUSY_RETRY_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("invalid database URL: {0}")]
+    Url(#[source] tokio_postgres::Error),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("start-up query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+}
+
+/// Why a refresh task failed.
+#[derive(Debug, thiserror::Error)]
+enum TaskError {
+    #[error(transparent)]
+    Pool(#[from] DbError),
+    #[error(transparent)]
+    Refresh(#[from] RefreshError),
+    #[error("no answer within {0:?} (cancelled server-side, connection discarded)")]
+    Timeout(Duration),
+}
+
+enum Internal {
+    CatchUp(Result<Vec<PendingRow>, String>),
+    RefreshDone {
+        view: usize,
+        batch: Batch,
+        result: Result<Outcome, TaskError>,
+    },
+}
+
+struct InFlight {
+    whole: bool,
+    keys: BTreeSet<String>,
+    cancel: Arc<Mutex<Option<CancelToken>>>,
+    task: JoinHandle<()>,
+}
+
+struct ViewState {
+    debouncer: Debouncer,
+    in_flight: Option<InFlight>,
+    retry_at: Option<Instant>,
+    failures: u32,
+    busy: u32,
+    next_schedule: Option<Instant>,
+    /// Why the next refresh runs, when not because of a change.
+    reason: Option<Reason>,
+}
+
+/// Runs the daemon until `shutdown` completes; returns after a clean stop.
+pub async fn run(
+    config: Config,
+    stats: Arc<Stats>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let db = Db::new(&config.database).map_err(DaemonError::Url)?;
+    let pool = db.pool(config.database.pool_size);
+    let plan = {
+        let client = pool.get().await.map_err(DbError::from)?;
+        db.ensure_primary(&client).await?;
+        let plan = Plan::load(&**client, &config).await?;
+        let pairs: Vec<(String, String)> = plan
+            .views
+            .iter()
+            .flat_map(|v| v.config.channels.iter().map(|c| (c.clone(), v.name.clone())))
+            .collect();
+        changelog::ensure_subscriptions(&**client, &pairs).await?;
+        plan
+    };
+    tracing::info!(
+        target = %db.target(),
+        order = %plan.describe_order(),
+        "mvrefresh started"
+    );
+    let mut daemon = Daemon::new(config, db, pool, Arc::new(plan), stats);
+    daemon.main_loop(shutdown).await;
+    Ok(())
+}
+
+struct Daemon {
+    config: Config,
+    db: Db,
+    pool: Pool,
+    plan: Arc<Plan>,
+    stats: Arc<Stats>,
+    views: Vec<ViewState>,
+    /// channel → (views subscribed, whether a capture backs it with change-log rows)
+    channels: BTreeMap<String, (Vec<usize>, bool)>,
+    /// Completions of refresh and catch-up tasks; every task holds a sender.
+    internal_tx: mpsc::UnboundedSender<Internal>,
+    internal_rx: mpsc::UnboundedReceiver<Internal>,
+    catch_up_running: bool,
+    catch_up_again: bool,
+    last_prune: Option<Instant>,
+    replica: String,
+}
+
+impl Daemon {
+    fn new(config: Config, db: Db, pool: Pool, plan: Arc<Plan>, stats: Arc<Stats>) -> Self {
+        let now = Instant::now();
+        let views = plan
+            .views
+            .iter()
+            .map(|v| {
+                let mut debouncer = Debouncer::new(v.config.debounce(config.debounce));
+                let mut reason = None;
+                if v.mode().is_whole_view() && !v.populated {
+                    debouncer.note_due(ALL, now, now, true);
+                    reason = Some(Reason::Startup);
+                }
+                ViewState {
+                    debouncer,
+                    in_flight: None,
+                    retry_at: None,
+                    failures: 0,
+                    busy: 0,
+                    next_schedule: v.config.schedule.map(|s| now + s),
+                    reason,
+                }
+            })
+            .collect();
+        let captured: BTreeSet<&str> = config.captures.iter().map(|c| c.channel.as_str()).collect();
+        let mut channels: BTreeMap<String, (Vec<usize>, bool)> = BTreeMap::new();
+        for (i, v) in plan.views.iter().enumerate() {
+            for c in &v.config.channels {
+                let entry = channels
+                    .entry(c.clone())
+                    .or_insert_with(|| (Vec::new(), captured.contains(c.as_str())));
+                entry.0.push(i);
+            }
+        }
+        let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+        let replica = format!(
+            "{}:{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
+            std::process::id()
+        );
+        Daemon {
+            config,
+            db,
+            pool,
+            plan,
+            stats,
+            views,
+            channels,
+            internal_tx,
+            internal_rx,
+            catch_up_running: false,
+            catch_up_again: false,
+            last_prune: None,
+            replica,
+        }
+    }
+
+    async fn main_loop(&mut self, shutdown: impl Future<Output = ()>) {
+        let cancel_intake = CancellationToken::new();
+        let (listener_tx, mut listener_rx) = mpsc::channel(4096);
+        let listener = tokio::spawn(listener::run(
+            self.db.clone(),
+            self.channels.keys().cloned().collect(),
+            self.config.listener.clone(),
+            self.stats.clone(),
+            listener_tx,
+            cancel_intake.clone(),
+        ));
+        let mut catch_up = tokio::time::interval(self.config.listener.catch_up_interval);
+        catch_up.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let watchdog = watchdog_interval();
+        let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        self.stats.ready.set(true);
+        tokio::pin!(shutdown);
+
+        loop {
+            let now = Instant::now();
+            self.dispatch(now);
+            let wake = self.next_wake(now);
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                Some(event) = self.internal_rx.recv() => self.on_internal(event),
+                Some(event) = listener_rx.recv() => {
+                    self.on_listener(event);
+                    // Drain what is already queued before scheduling again.
+                    for _ in 0..1024 {
+                        match listener_rx.try_recv() {
+                            Ok(event) => self.on_listener(event),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = catch_up.tick() => self.start_catch_up(),
+                _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+                _ = sleep_until(wake) => {}
+            }
+        }
+
+        // Phase 1: stop intake; let in-flight refreshes finish until the deadline.
+        tracing::info!("shutting down: no new refreshes; waiting for the ones in flight");
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        self.stats.ready.set(false);
+        cancel_intake.cancel();
+        let deadline = Instant::now() + self.config.refresh.shutdown_deadline;
+        while self.views.iter().any(|v| v.in_flight.is_some()) {
+            tokio::select! {
+                Some(event) = self.internal_rx.recv() => self.on_internal(event),
+                _ = tokio::time::sleep_until(deadline.into()) => break,
+            }
+        }
+        // Phase 2: cancel what is left, server-side, and wait briefly for it to roll back.
+        let left: Vec<usize> = (0..self.views.len())
+            .filter(|&i| self.views[i].in_flight.is_some())
+            .collect();
+        for &i in &left {
+            let token = self.views[i]
+                .in_flight
+                .as_ref()
+                .and_then(|f| f.cancel.lock().ok().and_then(|t| t.clone()));
+            tracing::warn!(view = %self.plan.views[i].name, "shutdown deadline passed: cancelling the refresh");
+            if let Some(token) = token {
+                if let Err(e) = token.cancel_query(NoTls).await {
+                    tracing::warn!(error = %e, "could not cancel the refresh query");
+                }
+            }
+        }
+        let grace = Instant::now() + Duration::from_secs(5);
+        while self.views.iter().any(|v| v.in_flight.is_some()) {
+            tokio::select! {
+                Some(event) = self.internal_rx.recv() => self.on_internal(event),
+                _ = tokio::time::sleep_until(grace.into()) => break,
+            }
+        }
+        for v in &mut self.views {
+            if let Some(f) = v.in_flight.take() {
+                f.task.abort();
+            }
+        }
+        let _ = listener.await;
+        self.pool.close();
+        tracing::info!("stopped");
+    }
+
+    /// The next instant something can become due (only future instants: a view that is due
+    /// but blocked waits for the event that unblocks it).
+    fn next_wake(&self, now: Instant) -> Option<Instant> {
+        self.views
+            .iter()
+            .filter(|v| v.in_flight.is_none())
+            .flat_map(|v| {
+                let due = match v.retry_at {
+                    Some(t) if t > now => Some(t),
+                    _ => v.debouncer.next_due(),
+                };
+                [due, v.next_schedule]
+            })
+            .flatten()
+            .filter(|t| *t > now)
+            .min()
+    }
+
+    fn running(&self) -> usize {
+        self.views.iter().filter(|v| v.in_flight.is_some()).count()
+    }
+
+    /// Whether view `i`'s key `key` must wait for a view it reads.
+    fn blocked(&self, i: usize, key: &str) -> bool {
+        self.plan.views[i].ancestors.iter().any(|&a| {
+            let st = &self.views[a];
+            let pending = if key == ALL {
+                !st.debouncer.is_empty()
+            } else {
+                st.debouncer.contains(key) || st.debouncer.contains(ALL)
+            };
+            let in_flight = st.in_flight.as_ref().is_some_and(|f| {
+                key == ALL || f.whole || f.keys.contains(key) || f.keys.contains(ALL)
+            });
+            pending || in_flight
+        })
+    }
+
+    /// Starts every refresh that is due, unblocked, and fits the concurrency limit.
+    fn dispatch(&mut self, now: Instant) {
+        for pos in 0..self.plan.order.len() {
+            let i = self.plan.order[pos];
+            if self.running() >= self.config.refresh.concurrency {
+                return;
+            }
+            let st = &mut self.views[i];
+            if st.in_flight.is_some() || st.retry_at.is_some_and(|t| t > now) {
+                continue;
+            }
+            if let (Some(period), Some(at)) = (self.plan.views[i].config.schedule, st.next_schedule)
+            {
+                if at <= now {
+                    st.debouncer.note_due(ALL, now, now, true);
+                    st.reason.get_or_insert(Reason::Schedule);
+                    st.next_schedule = Some(now + period);
+                }
+            }
+            let whole = self.plan.views[i].mode().is_whole_view();
+            let batch = if whole {
+                if !self.views[i].debouncer.any_due(now) || self.blocked(i, ALL) {
+                    continue;
+                }
+                self.views[i].debouncer.take_all()
+            } else {
+                let blocked: BTreeSet<String> = self.views[i]
+                    .debouncer
+                    .due_keys(now)
+                    .into_iter()
+                    .filter(|k| self.blocked(i, k))
+                    .map(str::to_owned)
+                    .collect();
+                self.views[i]
+                    .debouncer
+                    .take_due(now, |k| !blocked.contains(k))
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            self.spawn_refresh(i, batch);
+        }
+    }
+
+    fn spawn_refresh(&mut self, i: usize, batch: Batch) {
+        let view = &self.plan.views[i];
+        let st = &mut self.views[i];
+        let reason = st.reason.take().unwrap_or(Reason::Change);
+        let keys: Vec<String> = batch.iter().map(|(k, _)| k.clone()).collect();
+        let forced: Vec<String> = batch
+            .iter()
+            .filter(|(_, p)| p.forced)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let request = Request {
+            keys: keys.clone(),
+            forced,
+            reason,
+            wait_for_lock: false,
+        };
+        let settings = Settings {
+            timeout: view.config.timeout.unwrap_or(self.config.refresh.timeout),
+            lock_timeout: self.config.refresh.lock_timeout,
+            replica: self.replica.clone(),
+        };
+        let dependents: Vec<String> = view
+            .dependents
+            .iter()
+            .map(|&d| self.plan.views[d].name.clone())
+            .collect();
+        let cancel: Arc<Mutex<Option<CancelToken>>> = Arc::default();
+        let task = {
+            let pool = self.pool.clone();
+            let plan = self.plan.clone();
+            let cancel = cancel.clone();
+            let done = self.internal_tx.clone();
+            let span = tracing::info_span!("refresh", view = %view.name, keys = keys.len(), reason = reason.as_str());
+            tokio::spawn(tracing::Instrument::instrument(
+                async move {
+                    let result = refresh_task(&pool, &plan.views[i], &dependents, &request, &settings, &cancel).await;
+                    let _ = done.send(Internal::RefreshDone { view: i, batch, result });
+                },
+                span,
+            ))
+        };
+        st.in_flight = Some(InFlight {
+            whole: view.mode().is_whole_view(),
+            keys: keys.into_iter().collect(),
+            cancel,
+            task,
+        });
+    }
+
+    fn on_internal(&mut self, event: Internal) {
+        match event {
+            Internal::CatchUp(result) => {
+                self.catch_up_running = false;
+                match result {
+                    Ok(rows) => self.apply_catch_up(rows),
+                    Err(e) => tracing::warn!(error = %e, "could not read the change log"),
+                }
+                if std::mem::take(&mut self.catch_up_again) {
+                    self.start_catch_up();
+                }
+            }
+            Internal::RefreshDone {
+                view,
+                batch,
+                result,
+            } => self.on_refresh_done(view, batch, result),
+        }
+    }
+
+    fn on_refresh_done(&mut self, i: usize, batch: Batch, result: Result<Outcome, TaskError>) {
+        let now = Instant::now();
+        let name = self.plan.views[i].name.clone();
+        let st = &mut self.views[i];
+        st.in_flight = None;
+        match result {
+            Ok(Outcome::Refreshed { keys, duration }) => {
+                self.stats.refreshes_succeeded.inc();
+                if st.failures > 0 {
+                    tracing::info!(view = %name, after_failures = st.failures, "refresh recovered");
+                }
+                st.failures = 0;
+                st.busy = 0;
+                st.retry_at = None;
+                tracing::info!(
+                    view = %name,
+                    keys = keys.as_ref().map_or("all".to_owned(), |k| k.len().to_string()),
+                    duration_ms = duration.as_millis() as u64,
+                    "refreshed"
+                );
+                let oldest = batch.iter().map(|(_, p)| p.first).min().unwrap_or(now);
+                let keys = keys.unwrap_or_else(|| vec![ALL.to_owned()]);
+                for d in self.plan.views[i].dependents.clone() {
+                    for k in &keys {
+                        self.views[d].debouncer.note_due(k, oldest, now, false);
+                    }
+                }
+            }
+            Ok(Outcome::NothingToDo) => {
+                self.stats.refreshes_skipped.inc();
+                st.busy = 0;
+                st.retry_at = None;
+                tracing::debug!(view = %name, "nothing left to refresh (another replica covered it)");
+            }
+            Ok(Outcome::Busy) => {
+                st.debouncer.restore(batch);
+                let delay = BUSY_RETRY
+                    .saturating_mul(1 << st.busy.min(8))
+                    .min(BUSY_RETRY_MAX);
+                st.busy += 1;
+                st.retry_at = Some(now + delay);
+                tracing::debug!(view = %name, retry_in = ?delay, "another replica is refreshing this view");
+            }
+            Err(e) => {
+                self.stats.refreshes_failed.inc();
+                st.debouncer.restore(batch);
+                st.failures += 1;
+                let delay = retry_delay(
+                    self.config.refresh.retry_min,
+                    self.config.refresh.retry_max,
+                    st.failures,
+                );
+                st.retry_at = Some(now + delay);
+                tracing::error!(
+                    view = %name,
+                    consecutive_failures = st.failures,
+                    retry_in = ?delay,
+                    error = %e,
+                    "refresh failed"
+                );
+            }
+        }
+    }
+
+    fn on_listener(&mut self, event: ListenerEvent) {
+        match event {
+            ListenerEvent::Up => self.start_catch_up(),
+            ListenerEvent::Down(_) => {}
+            ListenerEvent::Notification(n) => {
+                self.stats.notifications_received.inc();
+                let Some((views, captured)) = self.channels.get(&n.channel) else {
+                    self.stats.notifications_rejected.inc();
+                    return;
+                };
+                match changelog::parse_payload(&n.payload, &self.config.listener.payload_key) {
+                    Ok(key) => {
+                        let now = Instant::now();
+                        let forced = key.json || !captured;
+                        for &i in views {
+                            self.views[i].debouncer.note(&key.key, now, forced);
+                        }
+                    }
+                    Err(e) => {
+                        self.stats.notifications_rejected.inc();
+                        let shown: String = n.payload.chars().take(200).collect();
+                        tracing::warn!(channel = %n.channel, payload = %shown, reason = e.reason(), "notification rejected: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_catch_up(&mut self) {
+        if self.catch_up_running {
+            self.catch_up_again = true;
+            return;
+        }
+        self.catch_up_running = true;
+        let prune = self
+            .last_prune
+            .is_none_or(|t| t.elapsed() >= PRUNE_EVERY)
+            .then_some(self.config.refresh.history_retention);
+        if prune.is_some() {
+            self.last_prune = Some(Instant::now());
+        }
+        let pool = self.pool.clone();
+        let done = self.internal_tx.clone();
+        let stats = self.stats.clone();
+        tokio::spawn(async move {
+            let result = async {
+                let client = pool.get().await.map_err(|e| e.to_string())?;
+                if let Some(retention) = prune {
+                    if let Err(e) = refresh::prune_history(&client, retention).await {
+                        tracing::warn!(error = %e, "could not prune mvrefresh.refresh_history");
+                    }
+                }
+                changelog::read_pending(&**client)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            stats.catch_ups.inc();
+            let _ = done.send(Internal::CatchUp(result));
+        });
+    }
+
+    fn apply_catch_up(&mut self, rows: Vec<PendingRow>) {
+        let now = Instant::now();
+        for row in rows {
+            let Some(i) = self.plan.views.iter().position(|v| v.name == row.view) else {
+                continue;
+            };
+            let first = now.checked_sub(row.oldest_age).unwrap_or(now);
+            let last = now.checked_sub(row.newest_age).unwrap_or(now);
+            self.views[i].debouncer.note_span(&row.key, first, last, false);
+        }
+    }
+}
+
+async fn refresh_task(
+    pool: &Pool,
+    view: &crate::graph::View,
+    dependents: &[String],
+    request: &Request,
+    settings: &Settings,
+    cancel: &Mutex<Option<CancelToken>>,
+) -> Result<Outcome, TaskError> {
+    let mut client = pool.get().await.map_err(DbError::from)?;
+    if let Ok(mut slot) = cancel.lock() {
+        *slot = Some(client.cancel_token());
+    }
+    // The server enforces `statement_timeout`; this bounds the wait when the server or the
+    // network stops answering altogether.
+    let limit = settings.timeout + settings.lock_timeout + Duration::from_secs(10);
+    match tokio::time::timeout(
+        limit,
+        refresh::refresh(&mut client, view, dependents, request, settings),
+    )
+    .await
+    {
+        Ok(result) => Ok(result?),
+        Err(_) => {
+            let _ = client.cancel_token().cancel_query(NoTls).await;
+            let _ = deadpool_postgres::Object::take(client);
+            Err(TaskError::Timeout(limit))
+        }
+    }
+}
+
+/// `min * 2^(failures-1)`, capped at `max`, with ±25% jitter.
+fn retry_delay(min: Duration, max: Duration, failures: u32) -> Duration {
+    let base = min
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
+        .min(max);
+    let jitter = 0.75 + 0.5 * pseudo_random();
+    base.mul_f64(jitter).min(max)
+}
+
+/// A number in [0, 1) good enough for jitter, from the clock.
+fn pseudo_random() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    (nanos % 1000) as f64 / 1000.0
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Half the systemd watchdog period, when the service manager asked for one.
+fn watchdog_interval() -> Option<Duration> {
+    sd_notify::watchdog_enabled().map(|period| period / 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_grows_and_caps() {
+        let min = Duration::from_secs(1);
+        let max = Duration::from_secs(60);
+        assert!(retry_delay(min, max, 1) <= Duration::from_millis(1250));
+        assert!(retry_delay(min, max, 4) >= Duration::from_secs(6));
+        assert!(retry_delay(min, max, 30) <= max);
+    }
+}

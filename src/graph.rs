@@ -1,0 +1,356 @@
+//! The configured views as the database knows them, and the order they refresh in.
+//!
+//! [`Plan::load`] resolves every `[[view]]` in the catalog, checks that it can be refreshed in
+//! its mode (a usable unique index for `concurrently`, the function for `incremental`,
+//! ownership), discovers which configured views read which (`pg_depend` over the views'
+//! rewrite rules, through plain views), lets `depends_on` replace that, and sorts them
+//! topologically. A cycle is an error naming its views.
+
+use std::collections::BTreeSet;
+
+use tokio_postgres::GenericClient;
+
+use crate::config::{Config, Mode, ViewConfig};
+use crate::sql::{ident, Relation};
+
+/// A problem that keeps a view from being refreshed, with the fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub view: String,
+    pub message: String,
+    pub fix: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "view {}: {} (fix: {})", self.view, self.message, self.fix)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Problems(Vec<Problem>),
+    #[error("the views depend on each other in a cycle: {0}; fix: set `depends_on` on one of them")]
+    Cycle(String),
+    #[error("mvrefresh's schema is not installed in this database (no table mvrefresh.change_log); fix: run `mvrefresh install`")]
+    NotInstalled,
+    #[error(transparent)]
+    Db(#[from] tokio_postgres::Error),
+}
+
+/// One configured view, resolved.
+#[derive(Debug, Clone)]
+pub struct View {
+    /// The name used in the change log, history, logs and metrics (the configured name).
+    pub name: String,
+    pub config: ViewConfig,
+    /// The quoted, schema-qualified relation.
+    pub target: String,
+    /// The quoted, schema-qualified refresh function (`incremental` only).
+    pub function: Option<String>,
+    pub populated: bool,
+    /// Indexes (into [`Plan::views`]) of the views this one reads.
+    pub depends_on: Vec<usize>,
+    /// Every view this one reads, directly or not.
+    pub ancestors: BTreeSet<usize>,
+    /// The views that read this one directly.
+    pub dependents: Vec<usize>,
+}
+
+impl View {
+    pub fn mode(&self) -> Mode {
+        self.config.mode
+    }
+}
+
+/// Every configured view, resolved, with its refresh order.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub views: Vec<View>,
+    /// Indexes into `views`, dependencies first.
+    pub order: Vec<usize>,
+}
+
+struct Resolved {
+    oid: u32,
+    target: String,
+    relkind: i8,
+    populated: bool,
+    owner: bool,
+}
+
+impl Plan {
+    /// Resolves and checks every view. All problems are reported together.
+    pub async fn load(client: &impl GenericClient, config: &Config) -> Result<Plan, PlanError> {
+        let installed: bool = client
+            .query_one("SELECT to_regclass('mvrefresh.change_log') IS NOT NULL", &[])
+            .await?
+            .get(0);
+        if !installed {
+            return Err(PlanError::NotInstalled);
+        }
+        let mut problems = Vec::new();
+        let mut resolved = Vec::new();
+        let mut functions = Vec::new();
+        for v in &config.views {
+            let name = v.relation().to_string();
+            let r = resolve(client, &v.relation()).await?;
+            let problem = |message: String, fix: String| Problem {
+                view: name.clone(),
+                message,
+                fix,
+            };
+            let Some(r) = r else {
+                problems.push(problem(
+                    "does not exist".into(),
+                    if v.mode == Mode::Incremental {
+                        "create the table (`mvrefresh install --analytics` for the bundled ones)"
+                    } else {
+                        "create the materialized view (`mvrefresh install --analytics` for the bundled ones) or fix `name`"
+                    }
+                    .into(),
+                ));
+                resolved.push(None);
+                functions.push(None);
+                continue;
+            };
+            let mut function = None;
+            match v.mode {
+                Mode::Concurrently | Mode::Blocking if r.relkind != b'm' as i8 => {
+                    problems.push(problem(
+                        "is not a materialized view".into(),
+                        "use mode = \"incremental\" with a refresh function for tables".into(),
+                    ));
+                }
+                Mode::Concurrently => {
+                    let ok: bool = client
+                        .query_one(
+                            "SELECT EXISTS (SELECT 1 FROM pg_index
+                              WHERE indrelid = $1 AND indisunique AND indisvalid
+                                AND indpred IS NULL AND indexprs IS NULL)",
+                            &[&r.oid],
+                        )
+                        .await?
+                        .get(0);
+                    if !ok {
+                        problems.push(problem(
+                            "has no usable unique index, which REFRESH MATERIALIZED VIEW CONCURRENTLY needs (a UNIQUE index on plain columns, without WHERE)".into(),
+                            format!(
+                                "CREATE UNIQUE INDEX ON {} (<columns that identify a row>), or set mode = \"blocking\"",
+                                r.target
+                            ),
+                        ));
+                    }
+                }
+                Mode::Blocking => {}
+                Mode::Incremental => {
+                    let f = v.function.as_deref().unwrap_or_default();
+                    let rel = Relation::parse(f).map_err(|message| {
+                        PlanError::Problems(vec![problem(message, "fix `function`".into())])
+                    })?;
+                    let row = client
+                        .query_opt(
+                            "SELECT n.nspname, p.proname FROM pg_proc p
+                             JOIN pg_namespace n ON n.oid = p.pronamespace
+                             WHERE p.oid = to_regprocedure($1)",
+                            &[&format!("{}(text[])", rel.quoted())],
+                        )
+                        .await?;
+                    match row {
+                        Some(row) => {
+                            function = Some(format!(
+                                "{}.{}",
+                                ident(row.get(0)),
+                                ident(row.get(1))
+                            ))
+                        }
+                        None => problems.push(problem(
+                            format!("refresh function {f}(text[]) does not exist"),
+                            "create it (`mvrefresh install --analytics` for the bundled ones) or fix `function`".into(),
+                        )),
+                    }
+                }
+            }
+            if !r.owner {
+                problems.push(problem(
+                    "is not owned by the connecting role, and only its owner may refresh it"
+                        .into(),
+                    format!("ALTER ... {} OWNER TO <this role>, or connect as its owner", r.target),
+                ));
+            }
+            resolved.push(Some(r));
+            functions.push(function);
+        }
+        if !problems.is_empty() {
+            return Err(PlanError::Problems(problems));
+        }
+        let resolved: Vec<Resolved> = resolved.into_iter().flatten().collect();
+
+        // Dependencies among configured views, through plain views.
+        let oids: Vec<u32> = resolved.iter().map(|r| r.oid).collect();
+        let rows = client
+            .query(
+                "WITH RECURSIVE deps(root, rel) AS (
+                     SELECT v, v FROM unnest($1::oid[]) AS v
+                     UNION
+                     SELECT d.root, dep.refobjid
+                     FROM deps d
+                     JOIN pg_class c ON c.oid = d.rel
+                     JOIN pg_rewrite r ON r.ev_class = d.rel
+                     JOIN pg_depend dep ON dep.classid = 'pg_rewrite'::regclass
+                          AND dep.objid = r.oid
+                          AND dep.refclassid = 'pg_class'::regclass
+                          AND dep.refobjid <> d.rel
+                     WHERE d.rel = d.root OR c.relkind = 'v')
+                 SELECT root, rel FROM deps WHERE rel <> root AND rel = ANY($1)",
+                &[&oids],
+            )
+            .await?;
+        let index_of = |oid: u32| oids.iter().position(|o| *o == oid);
+        let mut depends_on: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); oids.len()];
+        for row in rows {
+            if let (Some(a), Some(b)) = (index_of(row.get(0)), index_of(row.get(1))) {
+                depends_on[a].insert(b);
+            }
+        }
+        for (i, v) in config.views.iter().enumerate() {
+            if let Some(deps) = &v.depends_on {
+                depends_on[i] = deps
+                    .iter()
+                    .filter_map(|d| config.views.iter().position(|w| w.name == *d).or_else(|| {
+                        let want = Relation::parse(d).ok()?.canonical();
+                        config.views.iter().position(|w| w.relation().canonical() == want)
+                    }))
+                    .collect();
+            }
+        }
+        let names: Vec<String> = config.views.iter().map(|v| v.relation().to_string()).collect();
+        let order = topo_order(&names, &depends_on)?;
+
+        let mut views: Vec<View> = config
+            .views
+            .iter()
+            .zip(resolved)
+            .zip(functions)
+            .enumerate()
+            .map(|(i, ((cfg, r), function))| View {
+                name: names[i].clone(),
+                config: cfg.clone(),
+                target: r.target,
+                function,
+                populated: r.populated,
+                depends_on: depends_on[i].iter().copied().collect(),
+                ancestors: BTreeSet::new(),
+                dependents: Vec::new(),
+            })
+            .collect();
+        for &i in &order {
+            let mut anc = BTreeSet::new();
+            for &d in &views[i].depends_on {
+                anc.insert(d);
+                anc.extend(views[d].ancestors.iter().copied());
+            }
+            views[i].ancestors = anc;
+            for d in views[i].depends_on.clone() {
+                views[d].dependents.push(i);
+            }
+        }
+        Ok(Plan { views, order })
+    }
+
+    pub fn index(&self, name: &str) -> Option<usize> {
+        let want = Relation::parse(name).ok()?.to_string();
+        self.views.iter().position(|v| v.name == want)
+    }
+
+    /// `a → b → c` lines for the check report.
+    pub fn describe_order(&self) -> String {
+        self.order
+            .iter()
+            .map(|&i| {
+                let v = &self.views[i];
+                if v.depends_on.is_empty() {
+                    v.name.clone()
+                } else {
+                    let deps: Vec<&str> =
+                        v.depends_on.iter().map(|&d| self.views[d].name.as_str()).collect();
+                    format!("{} (after {})", v.name, deps.join(", "))
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" → ")
+    }
+}
+
+async fn resolve(
+    client: &impl GenericClient,
+    rel: &Relation,
+) -> Result<Option<Resolved>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT c.oid, n.nspname, c.relname, c.relkind, c.relispopulated,
+                    pg_has_role(current_user, c.relowner, 'USAGE')
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.oid = to_regclass($1)",
+            &[&rel.quoted()],
+        )
+        .await?;
+    Ok(row.map(|row| Resolved {
+        oid: row.get(0),
+        target: format!("{}.{}", ident(row.get(1)), ident(row.get(2))),
+        relkind: row.get(3),
+        populated: row.get(4),
+        owner: row.get(5),
+    }))
+}
+
+/// Kahn's algorithm, stable in configuration order. A cycle names its views.
+pub fn topo_order(names: &[String], depends_on: &[BTreeSet<usize>]) -> Result<Vec<usize>, PlanError> {
+    let n = names.len();
+    let mut done = vec![false; n];
+    let mut order = Vec::with_capacity(n);
+    while order.len() < n {
+        let next = (0..n).find(|&i| !done[i] && depends_on[i].iter().all(|&d| done[d]));
+        match next {
+            Some(i) => {
+                done[i] = true;
+                order.push(i);
+            }
+            None => {
+                let stuck: Vec<&str> = (0..n)
+                    .filter(|&i| !done[i])
+                    .map(|i| names[i].as_str())
+                    .collect();
+                return Err(PlanError::Cycle(stuck.join(", ")));
+            }
+        }
+    }
+    Ok(order)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: &[&str]) -> Vec<String> {
+        n.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn chain_sorted_dependencies_first() {
+        let deps = vec![
+            BTreeSet::from([1]),
+            BTreeSet::from([2]),
+            BTreeSet::new(),
+        ];
+        assert_eq!(topo_order(&names(&["c", "b", "a"]), &deps).unwrap(), [2, 1, 0]);
+    }
+
+    #[test]
+    fn cycle_is_named() {
+        let deps = vec![BTreeSet::from([1]), BTreeSet::from([0]), BTreeSet::new()];
+        let err = topo_order(&names(&["x", "y", "z"]), &deps).unwrap_err();
+        assert!(err.to_string().contains("x, y"), "{err}");
+    }
+}

@@ -1,0 +1,60 @@
+//! # mvrefresh
+//!
+//! A daemon that keeps PostgreSQL materialized views and `analytics_*` tables fresh within
+//! seconds of the writes that change them, without blocking readers, losing a change, or failing
+//! silently. The contract is `SPEC.md`; this is the map.
+//!
+//! # Layout
+//!
+//! | module | concern |
+//! |---|---|
+//! | [`config`] | `config.toml` → one validated [`config::Config`]; errors name file and key |
+//! | [`cli`] | the commands of SPEC §3 (`run`, `install`, `refresh`, `check`, `status`) |
+//! | [`install`] | the schema, capture triggers and subscriptions, in one transaction |
+//! | [`db`] | reaching PostgreSQL: URL, timeouts, the refresh pool, primary check |
+//! | [`listener`] | the LISTEN connection: reconnect with backoff, heartbeat |
+//! | [`changelog`] | the durable change log and notification payloads |
+//! | [`debounce`] | per-key `quiet` / `max_wait` debouncing |
+//! | [`graph`] | resolving views in the catalog, dependency order |
+//! | [`refresh`] | one refresh transaction: lock, consume the log, refresh, record |
+//! | [`daemon`] | the main loop tying them together; two-phase shutdown |
+//! | [`status`] | `status` and `check` reports from the database |
+//! | [`stats`] | live counters shared by tasks and readers |
+//! | [`shutdown`] | SIGTERM/SIGINT |
+//! | [`sql`] | quoting of identifiers and literals |
+//!
+//! An event's path: writer's transaction → capture trigger → `mvrefresh.record_changes`
+//! (change-log rows + `pg_notify`) → [`listener`] → [`daemon`] notes the key in the view's
+//! [`debounce::Debouncer`] → when due and not waiting on a dependency, a task runs
+//! [`refresh::refresh`] on a pooled connection → outcome back to [`daemon`], dependents noted.
+
+pub mod changelog;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod db;
+pub mod debounce;
+pub mod graph;
+pub mod install;
+pub mod listener;
+pub mod refresh;
+pub mod shutdown;
+pub mod sql;
+pub mod stats;
+pub mod status;
+
+/// Sets up `tracing` output as `[log]` asks; `RUST_LOG` wins over `level` when set.
+pub fn init_logging(log: &config::LogConfig) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(&log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match log.format {
+        config::LogFormat::Text => builder.try_init(),
+        config::LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    // A second initialisation (tests) keeps the first subscriber.
+    let _ = result;
+}

@@ -1,0 +1,299 @@
+//! One refresh of one view, in one transaction:
+//!
+//! 1. `SET LOCAL statement_timeout, lock_timeout`;
+//! 2. `pg_try_advisory_xact_lock(namespace, hashtext(view))`: at most one refresh of a view at a
+//!    time across every replica; when it is taken, the refresh is [`Outcome::Busy`];
+//! 3. delete the view's change-log rows it covers (all of them for a whole-view mode, the
+//!    batch's keys for `incremental`). Rows committed before this statement are covered by the
+//!    refresh below, which reads a later snapshot; rows committed after it stay for the next one;
+//! 4. when nothing was consumed and nothing forces it, stop: another replica did the work
+//!    ([`Outcome::NothingToDo`]);
+//! 5. `REFRESH MATERIALIZED VIEW [CONCURRENTLY]` or `SELECT function(keys)`;
+//! 6. record the covered keys for the views that read this one (durably, so a dependent is
+//!    refreshed even if the daemon dies now) and the history row; commit.
+//!
+//! A failure rolls all of it back: the change-log rows are pending again.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use crate::config::Mode;
+use crate::db::LOCK_NAMESPACE;
+use crate::debounce::ALL;
+use crate::graph::View;
+
+/// Why a refresh ran (recorded in the history).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Change,
+    Schedule,
+    Manual,
+    Startup,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Change => "change",
+            Reason::Schedule => "schedule",
+            Reason::Manual => "manual",
+            Reason::Startup => "startup",
+        }
+    }
+}
+
+/// What a refresh is asked to cover.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Keys from the debouncer (may hold [`ALL`]).
+    pub keys: Vec<String>,
+    /// Keys that must be refreshed even without change-log rows.
+    pub forced: Vec<String>,
+    pub reason: Reason,
+    /// Wait for another replica's refresh of this view instead of returning `Busy`.
+    pub wait_for_lock: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The view was refreshed; `keys` is what it covered (`None`: everything).
+    Refreshed {
+        keys: Option<Vec<String>>,
+        duration: Duration,
+    },
+    /// Another replica is refreshing this view right now.
+    Busy,
+    /// Nothing pending was left: another replica already covered it.
+    NothingToDo,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("refresh of {view} failed: {source}")]
+pub struct RefreshError {
+    pub view: String,
+    #[source]
+    pub source: tokio_postgres::Error,
+}
+
+impl RefreshError {
+    /// The server's message (with detail and hint when present), for history and alerts.
+    pub fn message(&self) -> String {
+        match self.source.as_db_error() {
+            Some(db) => {
+                let mut m = format!("{}: {}", db.severity(), db.message());
+                if let Some(d) = db.detail() {
+                    m.push_str(&format!(" (detail: {d})"));
+                }
+                if let Some(h) = db.hint() {
+                    m.push_str(&format!(" (hint: {h})"));
+                }
+                m
+            }
+            None => self.source.to_string(),
+        }
+    }
+
+    pub fn is_connection_error(&self) -> bool {
+        crate::db::is_connection_error(&self.source)
+    }
+}
+
+/// Settings shared by every refresh of a view.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub timeout: Duration,
+    pub lock_timeout: Duration,
+    /// Identifies this process in the history (`host:pid`).
+    pub replica: String,
+}
+
+/// Refreshes `view` as `request` asks. `dependents` are the names of the views that read it.
+pub async fn refresh(
+    client: &mut Client,
+    view: &View,
+    dependents: &[String],
+    request: &Request,
+    settings: &Settings,
+) -> Result<Outcome, RefreshError> {
+    let started = Instant::now();
+    let err = |source| RefreshError {
+        view: view.name.clone(),
+        source,
+    };
+    match run_transaction(client, view, dependents, request, settings, started).await {
+        Ok(outcome) => Ok(outcome),
+        Err(source) => {
+            let e = err(source);
+            if !e.is_connection_error() {
+                record_failure(client, view, request, settings, started, &e).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn run_transaction(
+    client: &mut Client,
+    view: &View,
+    dependents: &[String],
+    request: &Request,
+    settings: &Settings,
+    started: Instant,
+) -> Result<Outcome, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(&format!(
+        "SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
+        settings.timeout.as_millis().max(1),
+        settings.lock_timeout.as_millis().max(1)
+    ))
+    .await?;
+    let lock_sql = if request.wait_for_lock {
+        "SELECT pg_advisory_xact_lock($1, hashtext($2)), true"
+    } else {
+        "SELECT pg_try_advisory_xact_lock($1, hashtext($2)), true"
+    };
+    let row = tx.query_one(lock_sql, &[&LOCK_NAMESPACE, &view.name]).await?;
+    if !request.wait_for_lock && !row.get::<_, bool>(0) {
+        tx.rollback().await?;
+        return Ok(Outcome::Busy);
+    }
+
+    let whole = view.mode().is_whole_view() || request.keys.iter().any(|k| k == ALL);
+    let consumed: Vec<String> = if whole {
+        tx.query(
+            "DELETE FROM mvrefresh.change_log WHERE view_name = $1 RETURNING key",
+            &[&view.name],
+        )
+        .await?
+    } else {
+        tx.query(
+            "DELETE FROM mvrefresh.change_log
+             WHERE view_name = $1 AND (key = ANY($2) OR key = '*') RETURNING key",
+            &[&view.name, &request.keys],
+        )
+        .await?
+    }
+    .iter()
+    .map(|r| r.get(0))
+    .collect();
+
+    let mut covered: BTreeSet<String> = consumed.into_iter().collect();
+    covered.extend(request.forced.iter().cloned());
+    if covered.is_empty() {
+        tx.commit().await?;
+        return Ok(Outcome::NothingToDo);
+    }
+    let all = whole || covered.contains(ALL);
+
+    match view.mode() {
+        Mode::Concurrently | Mode::Blocking => {
+            let populated: bool = tx
+                .query_one(
+                    "SELECT relispopulated FROM pg_class WHERE oid = $1::regclass",
+                    &[&view.target],
+                )
+                .await?
+                .get(0);
+            let concurrently = view.mode() == Mode::Concurrently && populated;
+            tx.batch_execute(&format!(
+                "REFRESH MATERIALIZED VIEW {}{}",
+                if concurrently { "CONCURRENTLY " } else { "" },
+                view.target
+            ))
+            .await?;
+        }
+        Mode::Incremental => {
+            let function = view.function.as_deref().unwrap_or_default();
+            let keys: Option<Vec<&str>> = if all {
+                None
+            } else {
+                Some(covered.iter().map(String::as_str).collect())
+            };
+            tx.execute(&format!("SELECT {function}($1::text[])"), &[&keys])
+                .await?;
+        }
+    }
+
+    let propagate: Vec<&str> = if all {
+        vec![ALL]
+    } else {
+        covered.iter().map(String::as_str).collect()
+    };
+    if !dependents.is_empty() {
+        tx.execute(
+            "INSERT INTO mvrefresh.change_log (view_name, key, channel)
+             SELECT d, k, 'mvrefresh:' || $3 FROM unnest($1::text[]) AS d, unnest($2::text[]) AS k",
+            &[&dependents, &propagate, &view.name],
+        )
+        .await?;
+    }
+    let duration = started.elapsed();
+    let keys_count: Option<i32> = (!all).then(|| covered.len() as i32);
+    tx.execute(
+        "INSERT INTO mvrefresh.refresh_history
+             (view_name, mode, reason, keys, started_at, duration_ms, outcome, replica)
+         VALUES ($1, $2, $3, $4, now(), $5, 'success', $6)",
+        &[
+            &view.name,
+            &view.mode().as_str(),
+            &request.reason.as_str(),
+            &keys_count,
+            &(duration.as_secs_f64() * 1000.0),
+            &settings.replica,
+        ],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Outcome::Refreshed {
+        keys: (!all).then(|| covered.into_iter().collect()),
+        duration,
+    })
+}
+
+async fn record_failure(
+    client: &Client,
+    view: &View,
+    request: &Request,
+    settings: &Settings,
+    started: Instant,
+    error: &RefreshError,
+) {
+    let age = started.elapsed().as_secs_f64();
+    let result = client
+        .execute(
+            "INSERT INTO mvrefresh.refresh_history
+                 (view_name, mode, reason, keys, started_at, duration_ms, outcome, error, replica)
+             VALUES ($1, $2, $3, $4, clock_timestamp() - make_interval(secs => $5), $6,
+                     'failure', $7, $8)",
+            &[
+                &view.name,
+                &view.mode().as_str(),
+                &request.reason.as_str(),
+                &(request.keys.len() as i32),
+                &age,
+                &(started.elapsed().as_secs_f64() * 1000.0),
+                &error.message(),
+                &settings.replica,
+            ],
+        )
+        .await;
+    if let Err(e) = result {
+        tracing::warn!(view = %view.name, error = %e, "could not record the failed refresh in mvrefresh.refresh_history");
+    }
+}
+
+/// Deletes history older than `retention`.
+pub async fn prune_history(
+    client: &Client,
+    retention: Duration,
+) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            "DELETE FROM mvrefresh.refresh_history
+             WHERE finished_at < clock_timestamp() - make_interval(secs => $1)",
+            &[&retention.as_secs_f64()],
+        )
+        .await
+}

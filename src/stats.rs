@@ -1,0 +1,65 @@
+//! Live counters and gauges of the running daemon, shared (behind an `Arc`) by the tasks that
+//! move them and the readers that report them (tests, the admin endpoints).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// A monotonically increasing count.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// An on/off state.
+#[derive(Debug, Default)]
+pub struct Flag(AtomicBool);
+
+impl Flag {
+    pub fn set(&self, on: bool) {
+        self.0.store(on, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The last value of a duration, in microseconds.
+#[derive(Debug, Default)]
+pub struct DurationGauge(AtomicU64);
+
+impl DurationGauge {
+    pub fn set(&self, d: Duration) {
+        self.0
+            .store(d.as_micros().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> Duration {
+        Duration::from_micros(self.0.load(Ordering::Relaxed))
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub listener_connected: Flag,
+    /// Connection attempts after the first.
+    pub listener_reconnects: Counter,
+    pub heartbeat_latency: DurationGauge,
+    pub notifications_received: Counter,
+    pub notifications_rejected: Counter,
+    pub catch_ups: Counter,
+    pub refreshes_succeeded: Counter,
+    pub refreshes_failed: Counter,
+    /// Refreshes skipped because another replica had already covered the changes.
+    pub refreshes_skipped: Counter,
+    /// Set once start-up is complete and the main loop runs.
+    pub ready: Flag,
+}

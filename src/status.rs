@@ -1,0 +1,177 @@
+//! `mvrefresh status` and `mvrefresh check`: reports read from the database alone, so they work
+//! without a running daemon.
+
+use serde::Serialize;
+use tokio_postgres::GenericClient;
+
+use crate::config::Config;
+use crate::graph::{Plan, PlanError};
+
+/// One view's state, as `status --json` prints it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ViewStatus {
+    pub name: String,
+    pub mode: String,
+    /// RFC 3339, UTC.
+    pub last_success: Option<String>,
+    pub last_duration_ms: Option<f64>,
+    pub last_error: Option<String>,
+    pub consecutive_failures: i64,
+    pub pending_keys: i64,
+    pub oldest_pending_age_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub views: Vec<ViewStatus>,
+}
+
+pub async fn status(
+    client: &impl GenericClient,
+    config: &Config,
+) -> Result<Status, tokio_postgres::Error> {
+    let names: Vec<String> = config.views.iter().map(|v| v.relation().to_string()).collect();
+    let installed: bool = client
+        .query_one("SELECT to_regclass('mvrefresh.change_log') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    let mut views = Vec::new();
+    for (v, name) in config.views.iter().zip(&names) {
+        let mut s = ViewStatus {
+            name: name.clone(),
+            mode: v.mode.as_str().to_owned(),
+            last_success: None,
+            last_duration_ms: None,
+            last_error: None,
+            consecutive_failures: 0,
+            pending_keys: 0,
+            oldest_pending_age_seconds: None,
+        };
+        if installed {
+            let row = client
+                .query_one(
+                    "WITH last_ok AS (
+                         SELECT finished_at, duration_ms FROM mvrefresh.refresh_history
+                         WHERE view_name = $1 AND outcome = 'success'
+                         ORDER BY finished_at DESC LIMIT 1),
+                     failures AS (
+                         SELECT count(*) AS n,
+                                (array_agg(error ORDER BY finished_at DESC))[1] AS last_error
+                         FROM mvrefresh.refresh_history
+                         WHERE view_name = $1 AND outcome = 'failure'
+                           AND finished_at > coalesce((SELECT finished_at FROM last_ok), '-infinity'))
+                     SELECT to_char((SELECT finished_at FROM last_ok) AT TIME ZONE 'UTC',
+                                    'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+                            (SELECT duration_ms FROM last_ok),
+                            (SELECT last_error FROM failures),
+                            (SELECT n FROM failures),
+                            (SELECT count(DISTINCT key) FROM mvrefresh.change_log WHERE view_name = $1),
+                            (SELECT extract(epoch FROM clock_timestamp() - min(changed_at))::float8
+                             FROM mvrefresh.change_log WHERE view_name = $1)",
+                    &[name],
+                )
+                .await?;
+            s.last_success = row.get(0);
+            s.last_duration_ms = row.get(1);
+            s.last_error = row.get(2);
+            s.consecutive_failures = row.get(3);
+            s.pending_keys = row.get(4);
+            s.oldest_pending_age_seconds = row.get(5);
+        }
+        views.push(s);
+    }
+    Ok(Status { views })
+}
+
+/// The readable table of `mvrefresh status`.
+pub fn render_table(status: &Status) -> String {
+    let mut out = format!(
+        "{:<36} {:<13} {:<28} {:>10} {:>8} {:>8} {:>10}  {}\n",
+        "VIEW", "MODE", "LAST SUCCESS", "DURATION", "FAILS", "PENDING", "OLDEST", "LAST ERROR"
+    );
+    for v in &status.views {
+        out.push_str(&format!(
+            "{:<36} {:<13} {:<28} {:>10} {:>8} {:>8} {:>10}  {}\n",
+            v.name,
+            v.mode,
+            v.last_success.as_deref().unwrap_or("never"),
+            v.last_duration_ms
+                .map_or("-".into(), |d| format!("{d:.0}ms")),
+            v.consecutive_failures,
+            v.pending_keys,
+            v.oldest_pending_age_seconds
+                .map_or("-".into(), |a| format!("{a:.1}s")),
+            v.last_error.as_deref().unwrap_or("")
+        ));
+    }
+    out
+}
+
+/// One line of the `check` report.
+#[derive(Debug, Clone)]
+pub struct CheckLine {
+    pub ok: bool,
+    pub text: String,
+}
+
+/// Validates the database against the config. Every problem is one line with its fix.
+pub async fn check(
+    client: &impl GenericClient,
+    config: &Config,
+    target: &str,
+) -> Result<Vec<CheckLine>, tokio_postgres::Error> {
+    let mut lines = Vec::new();
+    let mut say = |ok: bool, text: String| lines.push(CheckLine { ok, text });
+    say(true, format!("database reachable: {target}"));
+    let standby: bool = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await?
+        .get(0);
+    if standby {
+        say(false, "the server is a standby; fix: point database.url at the primary".into());
+    } else {
+        say(true, "the server is a primary".into());
+    }
+    match Plan::load(client, config).await {
+        Ok(plan) => {
+            say(true, format!("{} views resolved and refreshable", plan.views.len()));
+            say(true, format!("refresh order: {}", plan.describe_order()));
+        }
+        Err(PlanError::Problems(problems)) => {
+            for p in problems {
+                say(false, p.to_string());
+            }
+        }
+        Err(PlanError::Db(e)) => return Err(e),
+        Err(e) => say(false, e.to_string()),
+    }
+    for c in &config.captures {
+        let names: Vec<String> = ["ins", "upd", "del"]
+            .iter()
+            .map(|op| format!("mvrefresh_capture_{}_{op}", c.name))
+            .collect();
+        let table = crate::sql::Relation::parse(&c.table)
+            .map(|r| r.quoted())
+            .unwrap_or_default();
+        let found: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_trigger
+                 WHERE tgrelid = to_regclass($1) AND tgname = ANY($2) AND tgenabled <> 'D'",
+                &[&table, &names],
+            )
+            .await?
+            .get(0);
+        if found == 3 {
+            say(true, format!("capture {} on {} installed", c.name, c.table));
+        } else {
+            say(
+                false,
+                format!(
+                    "capture {} on {}: {found} of 3 triggers installed and enabled; fix: run `mvrefresh install`",
+                    c.name, c.table
+                ),
+            );
+        }
+    }
+    Ok(lines)
+}
