@@ -18,10 +18,19 @@ use crate::{daemon, install, status};
 pub const EXIT_CONFIG: u8 = 78;
 
 #[derive(Debug, Parser)]
-#[command(name = "mvrefresh", version, about = "Keeps PostgreSQL materialized views and analytics tables fresh from live writes")]
+#[command(
+    name = "mvrefresh",
+    version,
+    about = "Keeps PostgreSQL materialized views and analytics tables fresh from live writes"
+)]
 pub struct Cli {
     /// The configuration file.
-    #[arg(long, global = true, env = "MVREFRESH_CONFIG", default_value = "config.toml")]
+    #[arg(
+        long,
+        global = true,
+        env = "MVREFRESH_CONFIG",
+        default_value = "config.toml"
+    )]
     pub config: PathBuf,
     #[command(subcommand)]
     pub command: Command,
@@ -85,7 +94,12 @@ pub async fn execute(command: Command, config: Config) -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<ExitCode> {
-    daemon::run(config, Arc::new(Stats::default()), crate::shutdown::signal()).await?;
+    daemon::run(
+        config,
+        Arc::new(Stats::default()),
+        crate::shutdown::signal(),
+    )
+    .await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -140,7 +154,10 @@ async fn refresh_cmd(config: Config, names: Vec<String>, all: bool) -> anyhow::R
         }
         let view = &plan.views[i];
         if let Some(&d) = view.ancestors.iter().find(|&&a| failed[a]) {
-            println!("{}: skipped (it reads {}, which failed)", view.name, plan.views[d].name);
+            println!(
+                "{}: skipped (it reads {}, which failed)",
+                view.name, plan.views[d].name
+            );
             failed[i] = true;
             continue;
         }
@@ -184,7 +201,10 @@ async fn check_cmd(config: Config) -> anyhow::Result<ExitCode> {
     let client = match db.connect_simple("mvrefresh-check").await {
         Ok(c) => c,
         Err(e) => {
-            println!("problem: {e}; fix: check database.url / {}", crate::config::ENV_DATABASE_URL);
+            println!(
+                "problem: {e}; fix: check database.url / {}",
+                crate::config::ENV_DATABASE_URL
+            );
             return Ok(ExitCode::from(1));
         }
     };
@@ -194,7 +214,11 @@ async fn check_cmd(config: Config) -> anyhow::Result<ExitCode> {
         println!("{}: {}", if l.ok { "ok" } else { "problem" }, l.text);
         ok &= l.ok;
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 async fn status_cmd(config: Config, json: bool) -> anyhow::Result<ExitCode> {

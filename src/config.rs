@@ -348,7 +348,10 @@ impl Config {
             )
         })?;
         let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
+            let key = match e.path().to_string() {
+                p if p == "." => "(top level)".to_owned(),
+                p => p,
+            };
             let inner = e.into_inner();
             invalid(
                 location(text, inner.span()),
@@ -377,18 +380,33 @@ impl Config {
         }
         if let Err(e) = self.database.url.parse::<tokio_postgres::Config>() {
             // The parser's message never echoes the URL, so no password can leak here.
-            return err("database.url", &format!("is not a valid connection string: {e}"));
+            return err(
+                "database.url",
+                &format!("is not a valid connection string: {e}"),
+            );
         }
         if self.database.pool_size < 2 {
             return err("database.pool_size", "must be at least 2");
         }
         positive("database.connect_timeout", self.database.connect_timeout)?;
-        positive("listener.heartbeat_interval", self.listener.heartbeat_interval)?;
-        positive("listener.heartbeat_timeout", self.listener.heartbeat_timeout)?;
+        positive(
+            "listener.heartbeat_interval",
+            self.listener.heartbeat_interval,
+        )?;
+        positive(
+            "listener.heartbeat_timeout",
+            self.listener.heartbeat_timeout,
+        )?;
         positive("listener.reconnect_min", self.listener.reconnect_min)?;
-        positive("listener.catch_up_interval", self.listener.catch_up_interval)?;
+        positive(
+            "listener.catch_up_interval",
+            self.listener.catch_up_interval,
+        )?;
         if self.listener.reconnect_max < self.listener.reconnect_min {
-            return err("listener.reconnect_max", "must not be less than listener.reconnect_min");
+            return err(
+                "listener.reconnect_max",
+                "must not be less than listener.reconnect_min",
+            );
         }
         if self.listener.payload_key.is_empty() {
             return err("listener.payload_key", "must not be empty");
@@ -399,7 +417,10 @@ impl Config {
         positive("refresh.retry_min", self.refresh.retry_min)?;
         positive("refresh.history_retention", self.refresh.history_retention)?;
         if self.refresh.retry_max < self.refresh.retry_min {
-            return err("refresh.retry_max", "must not be less than refresh.retry_min");
+            return err(
+                "refresh.retry_max",
+                "must not be less than refresh.retry_min",
+            );
         }
         if self.refresh.concurrency == 0 {
             return err("refresh.concurrency", "must be at least 1");
@@ -418,7 +439,10 @@ impl Config {
         for (i, c) in self.captures.iter().enumerate() {
             let at = |field: &str| format!("capture[{i}].{field}");
             if !is_simple_name(&c.name) {
-                return err(&at("name"), "must be letters, digits and underscores (it names the trigger)");
+                return err(
+                    &at("name"),
+                    "must be letters, digits and underscores (it names the trigger)",
+                );
             }
             if !capture_names.insert(c.name.as_str()) {
                 return err(&at("name"), &format!("`{}` is used twice", c.name));
@@ -460,9 +484,7 @@ impl Config {
                 (Mode::Incremental, Some(f)) => {
                     Relation::parse(f).map_err(|e| (at("function"), e))?;
                 }
-                (_, Some(_)) => {
-                    return err(&at("function"), "is only used in mode `incremental`")
-                }
+                (_, Some(_)) => return err(&at("function"), "is only used in mode `incremental`"),
                 (_, None) => {}
             }
             if let Some(deps) = &v.depends_on {
@@ -534,9 +556,7 @@ fn check_channel(key: &str, channel: &str) -> Result<(), (String, String)> {
 }
 
 fn is_simple_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 40
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    !s.is_empty() && s.len() <= 40 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// `line L, column C: ` for a byte span of `text`, or nothing.
@@ -585,7 +605,10 @@ channels = ["c"]
 
     #[test]
     fn env_overrides_url() {
-        let env = HashMap::from([(ENV_DATABASE_URL.to_owned(), "postgres://other/db".to_owned())]);
+        let env = HashMap::from([(
+            ENV_DATABASE_URL.to_owned(),
+            "postgres://other/db".to_owned(),
+        )]);
         let c = Config::from_str_with_env(MINIMAL, Path::new("x.toml"), &env).unwrap();
         assert_eq!(c.database.url, "postgres://other/db");
     }

@@ -106,7 +106,12 @@ pub async fn run(
         let pairs: Vec<(String, String)> = plan
             .views
             .iter()
-            .flat_map(|v| v.config.channels.iter().map(|c| (c.clone(), v.name.clone())))
+            .flat_map(|v| {
+                v.config
+                    .channels
+                    .iter()
+                    .map(|c| (c.clone(), v.name.clone()))
+            })
             .collect();
         changelog::ensure_subscriptions(&**client, &pairs).await?;
         plan
@@ -210,7 +215,8 @@ impl Daemon {
         let mut catch_up = tokio::time::interval(self.config.listener.catch_up_interval);
         catch_up.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let watchdog = watchdog_interval();
-        let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+        let mut watchdog_tick =
+            tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         self.stats.ready.set(true);
         tokio::pin!(shutdown);
@@ -403,8 +409,20 @@ impl Daemon {
             let span = tracing::info_span!("refresh", view = %view.name, keys = keys.len(), reason = reason.as_str());
             tokio::spawn(tracing::Instrument::instrument(
                 async move {
-                    let result = refresh_task(&pool, &plan.views[i], &dependents, &request, &settings, &cancel).await;
-                    let _ = done.send(Internal::RefreshDone { view: i, batch, result });
+                    let result = refresh_task(
+                        &pool,
+                        &plan.views[i],
+                        &dependents,
+                        &request,
+                        &settings,
+                        &cancel,
+                    )
+                    .await;
+                    let _ = done.send(Internal::RefreshDone {
+                        view: i,
+                        batch,
+                        result,
+                    });
                 },
                 span,
             ))
@@ -571,7 +589,9 @@ impl Daemon {
             };
             let first = now.checked_sub(row.oldest_age).unwrap_or(now);
             let last = now.checked_sub(row.newest_age).unwrap_or(now);
-            self.views[i].debouncer.note_span(&row.key, first, last, false);
+            self.views[i]
+                .debouncer
+                .note_span(&row.key, first, last, false);
         }
     }
 }

@@ -47,7 +47,9 @@ pub struct Db {
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the URL: it may carry a password.
-        f.debug_struct("Db").field("target", &self.target()).finish()
+        f.debug_struct("Db")
+            .field("target", &self.target())
+            .finish()
     }
 }
 

@@ -186,7 +186,11 @@ mod tests {
             let now = t0 + ms(step * 50);
             deb.note("a", now, false);
             if let Some(oldest) = deb.oldest() {
-                assert!(now - oldest <= ms(1000), "a change waited {:?}", now - oldest);
+                assert!(
+                    now - oldest <= ms(1000),
+                    "a change waited {:?}",
+                    now - oldest
+                );
             }
             if !deb.take_due(now, |_| true).is_empty() {
                 refreshes += 1;
@@ -204,7 +208,10 @@ mod tests {
             deb.note("a", t0 + ms(i * 20), false);
         }
         let batch = deb.take_due(t0 + ms(100), |_| true);
-        assert_eq!(batch.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["b"]);
+        assert_eq!(
+            batch.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            ["b"]
+        );
         assert!(deb.contains("a"));
     }
 

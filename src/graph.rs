@@ -23,7 +23,11 @@ pub struct Problem {
 
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "view {}: {} (fix: {})", self.view, self.message, self.fix)
+        write!(
+            f,
+            "view {}: {} (fix: {})",
+            self.view, self.message, self.fix
+        )
     }
 }
 
@@ -31,7 +35,9 @@ impl std::fmt::Display for Problem {
 pub enum PlanError {
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Problems(Vec<Problem>),
-    #[error("the views depend on each other in a cycle: {0}; fix: set `depends_on` on one of them")]
+    #[error(
+        "the views depend on each other in a cycle: {0}; fix: set `depends_on` on one of them"
+    )]
     Cycle(String),
     #[error("mvrefresh's schema is not installed in this database (no table mvrefresh.change_log); fix: run `mvrefresh install`")]
     NotInstalled,
@@ -84,7 +90,10 @@ impl Plan {
     /// Resolves and checks every view. All problems are reported together.
     pub async fn load(client: &impl GenericClient, config: &Config) -> Result<Plan, PlanError> {
         let installed: bool = client
-            .query_one("SELECT to_regclass('mvrefresh.change_log') IS NOT NULL", &[])
+            .query_one(
+                "SELECT to_regclass('mvrefresh.change_log') IS NOT NULL",
+                &[],
+            )
             .await?
             .get(0);
         if !installed {
@@ -174,9 +183,11 @@ impl Plan {
             }
             if !r.owner {
                 problems.push(problem(
-                    "is not owned by the connecting role, and only its owner may refresh it"
-                        .into(),
-                    format!("ALTER ... {} OWNER TO <this role>, or connect as its owner", r.target),
+                    "is not owned by the connecting role, and only its owner may refresh it".into(),
+                    format!(
+                        "ALTER ... {} OWNER TO <this role>, or connect as its owner",
+                        r.target
+                    ),
                 ));
             }
             resolved.push(Some(r));
@@ -218,14 +229,23 @@ impl Plan {
             if let Some(deps) = &v.depends_on {
                 depends_on[i] = deps
                     .iter()
-                    .filter_map(|d| config.views.iter().position(|w| w.name == *d).or_else(|| {
-                        let want = Relation::parse(d).ok()?.canonical();
-                        config.views.iter().position(|w| w.relation().canonical() == want)
-                    }))
+                    .filter_map(|d| {
+                        config.views.iter().position(|w| w.name == *d).or_else(|| {
+                            let want = Relation::parse(d).ok()?.canonical();
+                            config
+                                .views
+                                .iter()
+                                .position(|w| w.relation().canonical() == want)
+                        })
+                    })
                     .collect();
             }
         }
-        let names: Vec<String> = config.views.iter().map(|v| v.relation().to_string()).collect();
+        let names: Vec<String> = config
+            .views
+            .iter()
+            .map(|v| v.relation().to_string())
+            .collect();
         let order = topo_order(&names, &depends_on)?;
 
         let mut views: Vec<View> = config
@@ -273,8 +293,11 @@ impl Plan {
                 if v.depends_on.is_empty() {
                     v.name.clone()
                 } else {
-                    let deps: Vec<&str> =
-                        v.depends_on.iter().map(|&d| self.views[d].name.as_str()).collect();
+                    let deps: Vec<&str> = v
+                        .depends_on
+                        .iter()
+                        .map(|&d| self.views[d].name.as_str())
+                        .collect();
                     format!("{} (after {})", v.name, deps.join(", "))
                 }
             })
@@ -306,7 +329,10 @@ async fn resolve(
 }
 
 /// Kahn's algorithm, stable in configuration order. A cycle names its views.
-pub fn topo_order(names: &[String], depends_on: &[BTreeSet<usize>]) -> Result<Vec<usize>, PlanError> {
+pub fn topo_order(
+    names: &[String],
+    depends_on: &[BTreeSet<usize>],
+) -> Result<Vec<usize>, PlanError> {
     let n = names.len();
     let mut done = vec![false; n];
     let mut order = Vec::with_capacity(n);
@@ -339,12 +365,11 @@ mod tests {
 
     #[test]
     fn chain_sorted_dependencies_first() {
-        let deps = vec![
-            BTreeSet::from([1]),
-            BTreeSet::from([2]),
-            BTreeSet::new(),
-        ];
-        assert_eq!(topo_order(&names(&["c", "b", "a"]), &deps).unwrap(), [2, 1, 0]);
+        let deps = vec![BTreeSet::from([1]), BTreeSet::from([2]), BTreeSet::new()];
+        assert_eq!(
+            topo_order(&names(&["c", "b", "a"]), &deps).unwrap(),
+            [2, 1, 0]
+        );
     }
 
     #[test]

@@ -156,7 +156,11 @@ COMMENT ON FUNCTION {function}() IS {comment};
     );
     for (op, event, referencing) in [
         ("ins", "INSERT", "NEW TABLE AS new_rows"),
-        ("upd", "UPDATE", "OLD TABLE AS old_rows NEW TABLE AS new_rows"),
+        (
+            "upd",
+            "UPDATE",
+            "OLD TABLE AS old_rows NEW TABLE AS new_rows",
+        ),
         ("del", "DELETE", "OLD TABLE AS old_rows"),
     ] {
         sql.push_str(&format!(

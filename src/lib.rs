@@ -46,8 +46,7 @@ pub mod status;
 /// Sets up `tracing` output as `[log]` asks; `RUST_LOG` wins over `level` when set.
 pub fn init_logging(log: &config::LogConfig) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(&log.level));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -74,7 +74,15 @@ pub async fn run(
         let attempt = tracing::info_span!("listener_connect", target = %db.target());
         let mut listened = false;
         let result = tracing::Instrument::instrument(
-            session(&db, &channels, &config, &stats, &events, &cancel, &mut listened),
+            session(
+                &db,
+                &channels,
+                &config,
+                &stats,
+                &events,
+                &cancel,
+                &mut listened,
+            ),
             attempt,
         )
         .await;

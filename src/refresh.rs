@@ -70,7 +70,7 @@ pub enum Outcome {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("refresh of {view} failed: {source}")]
+#[error("refresh of {view} failed: {}", self.message())]
 pub struct RefreshError {
     pub view: String,
     #[source]
@@ -91,7 +91,16 @@ impl RefreshError {
                 }
                 m
             }
-            None => self.source.to_string(),
+            None => {
+                // Keep the cause: "error serializing parameter 0" alone says little.
+                let mut m = self.source.to_string();
+                let mut cause = std::error::Error::source(&self.source);
+                while let Some(c) = cause {
+                    m.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                m
+            }
         }
     }
 
@@ -149,16 +158,31 @@ async fn run_transaction(
         settings.lock_timeout.as_millis().max(1)
     ))
     .await?;
-    let lock_sql = if request.wait_for_lock {
-        "SELECT pg_advisory_xact_lock($1, hashtext($2)), true"
+    let locked: bool = if request.wait_for_lock {
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+            &[&LOCK_NAMESPACE, &view.name],
+        )
+        .await?;
+        true
     } else {
-        "SELECT pg_try_advisory_xact_lock($1, hashtext($2)), true"
+        tx.query_one(
+            "SELECT pg_try_advisory_xact_lock($1, hashtext($2))",
+            &[&LOCK_NAMESPACE, &view.name],
+        )
+        .await?
+        .get(0)
     };
-    let row = tx.query_one(lock_sql, &[&LOCK_NAMESPACE, &view.name]).await?;
-    if !request.wait_for_lock && !row.get::<_, bool>(0) {
+    if !locked {
         tx.rollback().await?;
         return Ok(Outcome::Busy);
     }
+    // The refresh starts once it holds the lock; remembered server-side for the history row.
+    tx.execute(
+        "SELECT set_config('mvrefresh.started_at', clock_timestamp()::text, true)",
+        &[],
+    )
+    .await?;
 
     let whole = view.mode().is_whole_view() || request.keys.iter().any(|k| k == ALL);
     let consumed: Vec<String> = if whole {
@@ -191,7 +215,7 @@ async fn run_transaction(
         Mode::Concurrently | Mode::Blocking => {
             let populated: bool = tx
                 .query_one(
-                    "SELECT relispopulated FROM pg_class WHERE oid = $1::regclass",
+                    "SELECT relispopulated FROM pg_class WHERE oid = $1::text::regclass",
                     &[&view.target],
                 )
                 .await?
@@ -230,11 +254,12 @@ async fn run_transaction(
         .await?;
     }
     let duration = started.elapsed();
-    let keys_count: Option<i32> = (!all).then(|| covered.len() as i32);
+    let keys_count: Option<i32> = (!all).then_some(covered.len() as i32);
     tx.execute(
         "INSERT INTO mvrefresh.refresh_history
              (view_name, mode, reason, keys, started_at, duration_ms, outcome, replica)
-         VALUES ($1, $2, $3, $4, now(), $5, 'success', $6)",
+         VALUES ($1, $2, $3, $4, current_setting('mvrefresh.started_at')::timestamptz, $5,
+                 'success', $6)",
         &[
             &view.name,
             &view.mode().as_str(),

@@ -120,7 +120,10 @@ mod tests {
     #[test]
     fn ident_doubles_quotes() {
         assert_eq!(ident("a"), "\"a\"");
-        assert_eq!(ident("a\"; DROP TABLE x; --"), "\"a\"\"; DROP TABLE x; --\"");
+        assert_eq!(
+            ident("a\"; DROP TABLE x; --"),
+            "\"a\"\"; DROP TABLE x; --\""
+        );
     }
 
     #[test]

@@ -39,8 +39,10 @@ pub struct DurationGauge(AtomicU64);
 
 impl DurationGauge {
     pub fn set(&self, d: Duration) {
-        self.0
-            .store(d.as_micros().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+        self.0.store(
+            d.as_micros().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
     }
     pub fn get(&self) -> Duration {
         Duration::from_micros(self.0.load(Ordering::Relaxed))

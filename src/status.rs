@@ -30,9 +30,16 @@ pub async fn status(
     client: &impl GenericClient,
     config: &Config,
 ) -> Result<Status, tokio_postgres::Error> {
-    let names: Vec<String> = config.views.iter().map(|v| v.relation().to_string()).collect();
+    let names: Vec<String> = config
+        .views
+        .iter()
+        .map(|v| v.relation().to_string())
+        .collect();
     let installed: bool = client
-        .query_one("SELECT to_regclass('mvrefresh.change_log') IS NOT NULL", &[])
+        .query_one(
+            "SELECT to_regclass('mvrefresh.change_log') IS NOT NULL",
+            &[],
+        )
         .await?
         .get(0);
     let mut views = Vec::new();
@@ -128,13 +135,19 @@ pub async fn check(
         .await?
         .get(0);
     if standby {
-        say(false, "the server is a standby; fix: point database.url at the primary".into());
+        say(
+            false,
+            "the server is a standby; fix: point database.url at the primary".into(),
+        );
     } else {
         say(true, "the server is a primary".into());
     }
     match Plan::load(client, config).await {
         Ok(plan) => {
-            say(true, format!("{} views resolved and refreshable", plan.views.len()));
+            say(
+                true,
+                format!("{} views resolved and refreshable", plan.views.len()),
+            );
             say(true, format!("refresh order: {}", plan.describe_order()));
         }
         Err(PlanError::Problems(problems)) => {

@@ -1,0 +1,237 @@
+//! `mvrefresh install` and the capture triggers: idempotence and which writes mark which keys.
+
+use std::sync::{Arc, Mutex};
+
+use futures_util::future::poll_fn;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+
+use crate::harness::{self, Cluster};
+
+/// Everything about mvrefresh's objects that a second install must leave as it was.
+async fn fingerprint(client: &Client) -> String {
+    client
+        .query_one(
+            "SELECT string_agg(x, E'\n' ORDER BY x) FROM (
+                 SELECT 'rel ' || c.oid || ' ' || c.oid::regclass::text || ' ' || c.relkind::text
+                 FROM pg_class c WHERE c.relnamespace = 'mvrefresh'::regnamespace
+                 UNION ALL
+                 SELECT 'fn ' || p.oid || ' ' || p.oid::regprocedure::text || ' '
+                        || md5(pg_get_functiondef(p.oid))
+                 FROM pg_proc p WHERE p.pronamespace = 'mvrefresh'::regnamespace
+                 UNION ALL
+                 SELECT 'trigger ' || t.tgrelid::regclass::text || ' ' || t.tgname || ' '
+                        || md5(pg_get_triggerdef(t.oid))
+                 FROM pg_trigger t WHERE NOT t.tgisinternal
+                 UNION ALL
+                 SELECT 'sub ' || channel || ' ' || view_name FROM mvrefresh.subscription
+                 UNION ALL
+                 SELECT 'log ' || view_name || ' ' || key FROM mvrefresh.change_log
+                 UNION ALL
+                 SELECT 'meta ' || key || '=' || value FROM mvrefresh.meta
+             ) s(x)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_twice_is_a_no_op() {
+    let (_db, client, config) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
+    let before = fingerprint(&client).await;
+    assert!(
+        before.contains("trigger submissions mvrefresh_capture_submissions_upd"),
+        "{before}"
+    );
+    assert!(
+        before.contains("sub submission_scored mv_counts"),
+        "{before}"
+    );
+    harness::install(&config).await;
+    assert_eq!(before, fingerprint(&client).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_removes_what_left_the_config() {
+    let (db, client, _config) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
+    // The same view, no capture any more, and subscribed to another channel.
+    let config = harness::config(
+        &db.url,
+        "[[view]]\nname = \"mv_counts\"\nmode = \"concurrently\"\nchannels = [\"other\"]\n",
+    );
+    harness::install(&config).await;
+    let fp = fingerprint(&client).await;
+    assert!(!fp.contains("mvrefresh_capture_submissions"), "{fp}");
+    assert!(!fp.contains("capture_submissions()"), "{fp}");
+    assert!(!fp.contains("sub submission_scored"), "{fp}");
+    assert!(fp.contains("sub other mv_counts"), "{fp}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_rejects_a_capture_that_cannot_work() {
+    let db = Cluster::shared().create_db().await;
+    let client = db.client().await;
+    client.batch_execute(harness::SCHEMA).await.unwrap();
+    let body = harness::CAPTURE.replace("[\"score\"]", "[\"no_such_column\"]");
+    let config = harness::config(&db.url, &format!("{body}{}", harness::VIEW_COUNTS));
+    let d = mvrefresh::db::Db::new(&config.database).unwrap();
+    let mut c = d.connect_simple("t").await.unwrap();
+    let steps = mvrefresh::install::script(&config, Default::default());
+    let err = mvrefresh::install::run(&mut c, &steps)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("capture[0] (submissions)"), "{err}");
+    assert!(err.contains("no_such_column"), "{err}");
+    // Nothing of the failed install stays.
+    let installed: bool = client
+        .query_one(
+            "SELECT to_regclass('mvrefresh.change_log') IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!installed);
+}
+
+/// Collects notifications on `channel` from a connection of its own.
+struct Listener {
+    seen: Arc<Mutex<Vec<String>>>,
+    _client: Client,
+}
+
+impl Listener {
+    async fn start(url: &str, channel: &str) -> Listener {
+        let (client, mut conn) = tokio_postgres::connect(url, NoTls).await.unwrap();
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = seen.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = poll_fn(|cx| conn.poll_message(cx)).await {
+                if let AsyncMessage::Notification(n) = m {
+                    sink.lock().unwrap().push(n.payload().to_owned());
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("LISTEN {channel}"))
+            .await
+            .unwrap();
+        Listener {
+            seen,
+            _client: client,
+        }
+    }
+
+    /// Everything notified by transactions committed before now. Notifications arrive in commit
+    /// order, so a sentinel sent last marks the end.
+    async fn drain(&self, writer: &Client, channel: &str) -> Vec<String> {
+        writer
+            .batch_execute(&format!("NOTIFY {channel}, 'sentinel'"))
+            .await
+            .unwrap();
+        let seen = self.seen.clone();
+        harness::wait_for("the sentinel notification", || {
+            let done = seen.lock().unwrap().iter().any(|p| p == "sentinel");
+            async move { done }
+        })
+        .await;
+        let mut all = std::mem::take(&mut *self.seen.lock().unwrap());
+        all.retain(|p| p != "sentinel");
+        all
+    }
+}
+
+/// The keys logged since the last call (and clears the log).
+async fn logged(client: &Client) -> Vec<String> {
+    let rows = client
+        .query("DELETE FROM mvrefresh.change_log RETURNING key", &[])
+        .await
+        .unwrap();
+    let mut keys: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_marks_exactly_the_changed_challenges() {
+    let (db, c, _config) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
+    logged(&c).await; // the subscription's initial '*'
+    let listener = Listener::start(&db.url, "submission_scored").await;
+
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "INSERT INTO submissions (id, challenge_id, status, score) VALUES (1, 1, 'scored', 5)",
+            &["1"],
+        ),
+        (
+            "INSERT INTO submissions (id, challenge_id, status) VALUES (2, 2, 'pending')",
+            &[],
+        ),
+        (
+            "UPDATE submissions SET status = 'scored', score = 3 WHERE id = 2",
+            &["2"],
+        ),
+        ("UPDATE submissions SET score = 4 WHERE id = 2", &["2"]),
+        ("UPDATE submissions SET score = 4 WHERE id = 2", &[]),
+        (
+            "UPDATE submissions SET note = 'irrelevant' WHERE id = 1",
+            &[],
+        ),
+        (
+            "UPDATE submissions SET status = 'failed' WHERE id = 2",
+            &["2"],
+        ),
+        ("DELETE FROM submissions WHERE id = 2", &[]),
+        (
+            "UPDATE submissions SET challenge_id = 3 WHERE id = 1",
+            &["1", "3"],
+        ),
+        ("DELETE FROM submissions WHERE id = 1", &["3"]),
+        (
+            "INSERT INTO submissions (challenge_id, status, score) VALUES (NULL, 'scored', 1)",
+            &[],
+        ),
+        (
+            "INSERT INTO submissions (challenge_id, status, score) VALUES (4, 'scored', 'NaN')",
+            &["4"],
+        ),
+    ];
+    for (sql, expected) in cases {
+        c.batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert_eq!(logged(&c).await, *expected, "change log after: {sql}");
+        let mut notified = listener.drain(&c, "submission_scored").await;
+        notified.sort();
+        assert_eq!(notified, *expected, "notifications after: {sql}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_notification_per_challenge_per_transaction() {
+    let (db, c, _config) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
+    logged(&c).await;
+    let listener = Listener::start(&db.url, "submission_scored").await;
+    // 1,000 rows over 7 challenges, written by many statements of one transaction.
+    c.batch_execute(
+        "BEGIN;
+         INSERT INTO submissions (challenge_id, status) SELECT g % 7, 'pending' FROM generate_series(1, 1000) g;
+         UPDATE submissions SET status = 'scored', score = id WHERE id % 2 = 0;
+         UPDATE submissions SET status = 'scored', score = id WHERE id % 2 = 1;
+         UPDATE submissions SET score = score + 1;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    let notified = listener.drain(&c, "submission_scored").await;
+    assert!(
+        notified.len() <= 7,
+        "{} notifications: {notified:?}",
+        notified.len()
+    );
+    let mut distinct = logged(&c).await;
+    distinct.dedup();
+    assert_eq!(distinct, ["0", "1", "2", "3", "4", "5", "6"]);
+}

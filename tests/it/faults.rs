@@ -1,0 +1,144 @@
+//! Faults driven on purpose: a killed listener backend, a restarted server, a frozen connection.
+//! Each waits on observable state (reconnect counts, the views' contents), never on sleeps.
+
+use crate::harness::{self, Cluster, Daemon};
+use crate::proxy::Proxy;
+
+/// The listener's backend pid, once it is listening.
+async fn listener_pid(client: &tokio_postgres::Client) -> Option<i32> {
+    client
+        .query_opt(
+            "SELECT pid FROM pg_stat_activity
+             WHERE application_name = 'mvrefresh-listener' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_killed_20_times_loses_nothing() {
+    let (_db, c, config) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
+    let daemon = Daemon::start(config);
+    daemon.wait_listening().await;
+    let mut last_pid = 0;
+    for round in 0..20 {
+        let stats = daemon.stats.clone();
+        let before = stats.listener_reconnects.get();
+        let pid = harness::wait_some("a new listening backend", || async {
+            if !stats.listener_connected.get() {
+                return None;
+            }
+            listener_pid(&c).await.filter(|p| *p != last_pid)
+        })
+        .await;
+        last_pid = pid;
+        let killed: bool = c
+            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(killed, "round {round}: backend {pid} was already gone");
+        // A change while the listener is down (or just coming back).
+        harness::score(&c, round % 5, 2).await;
+        harness::wait_for("the listener to reconnect", || {
+            let n = stats.listener_reconnects.get();
+            async move { n > before }
+        })
+        .await;
+    }
+    harness::score(&c, 9, 1).await;
+    harness::wait_for("every change to be reflected", || harness::counts_fresh(&c)).await;
+    assert!(daemon.stats.listener_reconnects.get() >= 20);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_restart_loses_nothing() {
+    let cluster = Cluster::new();
+    let (db, _c, config) = harness::setup(&cluster, harness::VIEW_COUNTS).await;
+    let daemon = Daemon::start(config);
+    daemon.wait_listening().await;
+    {
+        let c = db.client().await;
+        harness::score(&c, 1, 3).await;
+        harness::wait_for("the first change", || harness::counts_fresh(&c)).await;
+    }
+    let before = daemon.stats.listener_reconnects.get();
+    cluster.restart();
+    let c = db.client().await;
+    for ch in 0..4 {
+        harness::score(&c, ch, 5).await;
+    }
+    let stats = daemon.stats.clone();
+    harness::wait_for("the listener to reconnect after the restart", || {
+        let ok = stats.listener_reconnects.get() > before && stats.listener_connected.get();
+        async move { ok }
+    })
+    .await;
+    harness::wait_for("changes made across the restart", || {
+        harness::counts_fresh(&c)
+    })
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_connection_is_detected_by_the_heartbeat() {
+    let (db, c, _) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
+    let proxy = Proxy::start(db.port).await;
+    let config = harness::config(
+        &db.url_via(proxy.port),
+        &format!("{}{}", harness::CAPTURE, harness::VIEW_COUNTS),
+    );
+    let daemon = Daemon::start(config);
+    daemon.wait_listening().await;
+    harness::score(&c, 1, 1).await;
+    harness::wait_for("the first change", || harness::counts_fresh(&c)).await;
+
+    let before = daemon.stats.listener_reconnects.get();
+    proxy.freeze();
+    // Written directly, not through the frozen proxy.
+    for ch in 0..3 {
+        harness::score(&c, ch, 4).await;
+    }
+    let stats = daemon.stats.clone();
+    harness::wait_for(
+        "the heartbeat to notice and the listener to reconnect",
+        || {
+            let ok = stats.listener_reconnects.get() > before && stats.listener_connected.get();
+            async move { ok }
+        },
+    )
+    .await;
+    harness::score(&c, 5, 1).await;
+    harness::wait_for("every change to be reflected", || harness::counts_fresh(&c)).await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_connections_are_reestablished() {
+    let (db, c, _) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
+    let proxy = Proxy::start(db.port).await;
+    let config = harness::config(
+        &db.url_via(proxy.port),
+        &format!("{}{}", harness::CAPTURE, harness::VIEW_COUNTS),
+    );
+    let daemon = Daemon::start(config);
+    daemon.wait_listening().await;
+    for round in 0..3 {
+        let before = daemon.stats.listener_reconnects.get();
+        proxy.cut();
+        harness::score(&c, round, 2).await;
+        let stats = daemon.stats.clone();
+        harness::wait_for("the listener to reconnect", || {
+            let ok = stats.listener_reconnects.get() > before && stats.listener_connected.get();
+            async move { ok }
+        })
+        .await;
+    }
+    harness::wait_for("every change to be reflected", || harness::counts_fresh(&c)).await;
+    assert!(proxy.connections() >= 1);
+    daemon.stop().await;
+}

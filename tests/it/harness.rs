@@ -1,0 +1,527 @@
+//! A throwaway PostgreSQL cluster per test binary (plus dedicated ones for tests that restart
+//! the server), a database per test, an in-process daemon, and waiting on observable state.
+//!
+//! The cluster is made with the installed server binaries (`initdb`, `pg_ctl`), as the
+//! `postgres` user when the tests run as root (PostgreSQL refuses root), with pg_cron preloaded
+//! when it is installed. A watcher process stops and removes the cluster when the test process
+//! exits, however it exits.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use mvrefresh::config::Config;
+use mvrefresh::daemon::DaemonError;
+use mvrefresh::stats::Stats;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls};
+
+static SHARED: OnceLock<Cluster> = OnceLock::new();
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// How long any wait may take before the test fails (a bound for failure, not a speed claim).
+pub const PATIENCE: Duration = Duration::from_secs(90);
+
+pub struct Cluster {
+    pub port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+    as_postgres: bool,
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// The directory of `initdb`/`pg_ctl`: `MVREFRESH_TEST_PG_BIN`, else the newest
+/// `/usr/lib/postgresql/*/bin`, else `pg_config --bindir`.
+fn pg_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("MVREFRESH_TEST_PG_BIN") {
+        return PathBuf::from(p);
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return bin;
+    }
+    let out = Command::new("pg_config").arg("--bindir").output().expect(
+        "no PostgreSQL server binaries found: install postgresql or set MVREFRESH_TEST_PG_BIN",
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Cluster {
+    /// The cluster shared by the tests of this binary.
+    pub fn shared() -> &'static Cluster {
+        SHARED.get_or_init(Cluster::new)
+    }
+
+    /// A new cluster of its own (for tests that stop or restart the server).
+    pub fn new() -> Cluster {
+        let bin = pg_bin();
+        let as_postgres = is_root();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("mvrefresh-it-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the cluster directory");
+        if as_postgres {
+            run(Command::new("chown").arg("postgres:postgres").arg(&dir));
+        }
+        let port = free_port();
+        let cluster = Cluster {
+            port,
+            dir,
+            bin,
+            as_postgres,
+        };
+        let data = cluster.data();
+        cluster.pg(
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+        );
+        let pkglib = Command::new(cluster.bin.join("pg_config"))
+            .arg("--pkglibdir")
+            .output()
+            .ok()
+            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+        let cron = pkglib
+            .map(|p| p.join("pg_cron.so").exists())
+            .unwrap_or_else(|| Path::new("/usr/lib/postgresql/15/lib/pg_cron.so").exists());
+        let mut conf = format!(
+            "\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
+             fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
+             max_connections = 200\nshared_buffers = 64MB\nlog_min_messages = warning\n\
+             log_line_prefix = '%m [%p] %a '\n",
+            cluster.dir.display()
+        );
+        if cron {
+            conf.push_str(
+                "shared_preload_libraries = 'pg_cron'\ncron.database_name = 'postgres'\n",
+            );
+        }
+        let conf_path = data.join("postgresql.conf");
+        let mut existing = std::fs::read_to_string(&conf_path).expect("postgresql.conf");
+        existing.push_str(&conf);
+        std::fs::write(&conf_path, existing).expect("write postgresql.conf");
+        cluster.start();
+        // Stop and remove the cluster when this process is gone, however it ends. The watcher
+        // outlives this process by design, so it is never waited for.
+        let pg_ctl = cluster.bin.join("pg_ctl");
+        let stop = if as_postgres {
+            format!(
+                "runuser -u postgres -- {} -D {} stop -m immediate",
+                pg_ctl.display(),
+                data.display()
+            )
+        } else {
+            format!(
+                "{} -D {} stop -m immediate",
+                pg_ctl.display(),
+                data.display()
+            )
+        };
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf {dir}",
+            pid = std::process::id(),
+            dir = cluster.dir.display()
+        );
+        #[allow(clippy::zombie_processes, reason = "the watcher must outlive the test process")]
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn the cluster watcher");
+        cluster
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn pg(&self, tool: &str, args: &[&str]) {
+        let exe = self.bin.join(tool);
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(exe);
+            c
+        } else {
+            Command::new(exe)
+        };
+        cmd.args(args);
+        run(&mut cmd);
+    }
+
+    pub fn start(&self) {
+        let log = self.dir.join("server.log");
+        self.pg(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data().to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "-t",
+                "120",
+                "start",
+            ],
+        );
+    }
+
+    pub fn stop(&self) {
+        self.pg(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data().to_str().unwrap(),
+                "-w",
+                "-m",
+                "fast",
+                "stop",
+            ],
+        );
+    }
+
+    pub fn restart(&self) {
+        self.stop();
+        self.start();
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable",
+            self.port
+        )
+    }
+
+    /// A fresh, empty database.
+    pub async fn create_db(&self) -> TestDb {
+        let name = format!(
+            "it_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let admin = connect(&self.url("postgres")).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
+        TestDb {
+            url: self.url(&name),
+            port: self.port,
+        }
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A connection whose driver runs in the background.
+pub async fn connect(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+pub struct TestDb {
+    pub url: String,
+    pub port: u16,
+}
+
+impl TestDb {
+    pub async fn client(&self) -> Client {
+        connect(&self.url).await
+    }
+
+    /// The same database reached through `port` (a proxy).
+    pub fn url_via(&self, port: u16) -> String {
+        self.url
+            .replace(&format!(":{}/", self.port), &format!(":{port}/"))
+    }
+}
+
+/// Waits until `check` is true, polling; fails the test after [`PATIENCE`].
+pub async fn wait_for<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {PATIENCE:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `check` returns something, polling; fails the test after [`PATIENCE`].
+pub async fn wait_some<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {PATIENCE:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A config for tests: short debounce and timeouts, `body` appended (captures and views).
+pub fn config(url: &str, body: &str) -> Config {
+    let text = format!(
+        r#"
+[database]
+url = "{url}"
+pool_size = 4
+connect_timeout = "3s"
+
+[listener]
+heartbeat_interval = "200ms"
+heartbeat_timeout = "1s"
+reconnect_min = "20ms"
+reconnect_max = "300ms"
+catch_up_interval = "2s"
+
+[debounce]
+quiet = "100ms"
+max_wait = "1s"
+
+[refresh]
+retry_min = "100ms"
+retry_max = "1s"
+shutdown_deadline = "5s"
+lock_timeout = "5s"
+{body}
+"#
+    );
+    Config::from_str_with_env(&text, Path::new("test.toml"), &Default::default())
+        .unwrap_or_else(|e| panic!("test config: {e}"))
+}
+
+/// The schema most daemon tests use: submissions, a capture, and a view counting scored rows.
+pub const SCHEMA: &str = "
+CREATE TABLE submissions (
+    id serial PRIMARY KEY,
+    challenge_id int,
+    status text NOT NULL DEFAULT 'pending',
+    score double precision,
+    note text
+);
+CREATE MATERIALIZED VIEW mv_counts AS
+    SELECT challenge_id, count(*) AS n, sum(score) AS total
+    FROM submissions WHERE status = 'scored' GROUP BY challenge_id;
+CREATE UNIQUE INDEX ON mv_counts (challenge_id);
+";
+
+pub const CAPTURE: &str = r#"
+[[capture]]
+name = "submissions"
+table = "submissions"
+channel = "submission_scored"
+key = "challenge_id"
+when = "status = 'scored'"
+columns = ["score"]
+"#;
+
+pub const VIEW_COUNTS: &str = r#"
+[[view]]
+name = "mv_counts"
+mode = "concurrently"
+channels = ["submission_scored"]
+"#;
+
+/// Whether `mv_counts` equals the query it materializes.
+pub async fn counts_fresh(client: &Client) -> bool {
+    let row = client
+        .query_one(
+            "WITH live AS (SELECT challenge_id, count(*) AS n, sum(score) AS total
+                           FROM submissions WHERE status = 'scored' GROUP BY challenge_id)
+             SELECT (SELECT count(*) FROM (SELECT * FROM live EXCEPT SELECT * FROM mv_counts) a)
+                  + (SELECT count(*) FROM (SELECT * FROM mv_counts EXCEPT SELECT * FROM live) b)",
+            &[],
+        )
+        .await
+        .expect("compare mv_counts");
+    row.get::<_, i64>(0) == 0
+}
+
+/// Installs mvrefresh with `config` into the database.
+pub async fn install(config: &Config) {
+    let db = mvrefresh::db::Db::new(&config.database).unwrap();
+    let mut client = db.connect_simple("test-install").await.unwrap();
+    let steps = mvrefresh::install::script(config, mvrefresh::install::Options::default());
+    mvrefresh::install::run(&mut client, &steps)
+        .await
+        .unwrap_or_else(|e| panic!("install: {e}"));
+}
+
+/// Daemon logs in test output (captured per test by the harness); `RUST_LOG` sets the level.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("mvrefresh=info")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A daemon running in this process.
+pub struct Daemon {
+    pub stats: Arc<Stats>,
+    stop: Option<oneshot::Sender<()>>,
+    join: JoinHandle<Result<(), DaemonError>>,
+}
+
+impl Daemon {
+    pub fn start(config: Config) -> Daemon {
+        init_logging();
+        let stats = Arc::new(Stats::default());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let join = tokio::spawn(mvrefresh::daemon::run(config, stats.clone(), async move {
+            let _ = stopped.await;
+        }));
+        Daemon {
+            stats,
+            stop: Some(stop),
+            join,
+        }
+    }
+
+    /// Waits until the listener is connected.
+    pub async fn wait_listening(&self) {
+        let stats = self.stats.clone();
+        wait_for("the listener to connect", || {
+            let ok = stats.listener_connected.get() && stats.ready.get();
+            async move { ok }
+        })
+        .await;
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let result = tokio::time::timeout(PATIENCE, &mut self.join)
+            .await
+            .expect("the daemon stops")
+            .expect("the daemon task does not panic");
+        result.expect("the daemon exits cleanly");
+    }
+
+    /// Waits for the daemon to exit by itself and returns its result.
+    pub async fn result(mut self) -> Result<(), DaemonError> {
+        tokio::time::timeout(PATIENCE, &mut self.join)
+            .await
+            .expect("the daemon exits")
+            .expect("the daemon task does not panic")
+    }
+}
+
+/// Number of successful refreshes of `view` recorded in the history.
+pub async fn refreshes(client: &Client, view: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM mvrefresh.refresh_history WHERE view_name = $1 AND outcome = 'success'",
+            &[&view],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Pending change-log rows of `view`.
+pub async fn pending(client: &Client, view: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM mvrefresh.change_log WHERE view_name = $1",
+            &[&view],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Sets up a database with [`SCHEMA`], installs mvrefresh with the capture and `views`, and
+/// returns the database, a client and the config.
+pub async fn setup(cluster: &Cluster, views: &str) -> (TestDb, Client, Config) {
+    let db = cluster.create_db().await;
+    let client = db.client().await;
+    client.batch_execute(SCHEMA).await.unwrap();
+    let config = config(&db.url, &format!("{CAPTURE}{views}"));
+    install(&config).await;
+    (db, client, config)
+}
+
+/// Scores `n` new rows for challenge `challenge`, in one transaction.
+pub async fn score(client: &Client, challenge: i32, n: i32) {
+    client
+        .execute(
+            "INSERT INTO submissions (challenge_id, status, score)
+             SELECT $1, 'scored', g FROM generate_series(1, $2) g",
+            &[&challenge, &n],
+        )
+        .await
+        .unwrap();
+}

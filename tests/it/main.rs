@@ -1,0 +1,9 @@
+//! Integration tests against a real PostgreSQL (a throwaway cluster started by [`harness`]).
+//! One test binary, one module per concern.
+
+mod capture;
+mod cli;
+mod daemon;
+mod faults;
+mod harness;
+mod proxy;
