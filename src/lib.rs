@@ -49,7 +49,8 @@ pub fn init_logging(log: &config::LogConfig) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let result = match log.format {
         config::LogFormat::Text => builder.try_init(),
         config::LogFormat::Json => builder.json().flatten_event(true).try_init(),

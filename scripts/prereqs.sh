@@ -1,0 +1,37 @@
+# Sourced by the scripts: makes sure PostgreSQL server binaries and pg_cron are installed
+# (Debian/Ubuntu packages), installing what is missing. Sets PG_BIN to the newest server's bin
+# directory.
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        echo "need root to run: $*" >&2; return 1; fi
+}
+
+apt_updated=
+apt_install() {
+    if [ -z "$apt_updated" ]; then
+        as_root apt-get update -qq >/dev/null
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+newest_pg_bin() {
+    ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1
+}
+
+ensure_postgres() {
+    if [ -z "$(newest_pg_bin)" ] || [ ! -x "$(newest_pg_bin)/initdb" ]; then
+        echo "installing PostgreSQL server binaries (apt-get)..." >&2
+        apt_install postgresql postgresql-contrib
+    fi
+    PG_BIN=$(newest_pg_bin)
+    PG_VERSION=$(basename "$(dirname "$PG_BIN")")
+    if [ ! -f "/usr/lib/postgresql/$PG_VERSION/lib/pg_cron.so" ]; then
+        echo "installing pg_cron for PostgreSQL $PG_VERSION (apt-get)..." >&2
+        apt_install "postgresql-$PG_VERSION-cron" || echo "warning: pg_cron could not be installed" >&2
+    fi
+    command -v psql >/dev/null || apt_install postgresql-client
+    export PG_BIN PG_VERSION
+    export MVREFRESH_TEST_PG_BIN="$PG_BIN"
+}
