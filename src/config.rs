@@ -512,14 +512,6 @@ impl Config {
         }
         Ok(())
     }
-
-    /// The view configured under `name` (schema-qualified or not).
-    pub fn view(&self, name: &str) -> Option<&ViewConfig> {
-        let wanted = Relation::parse(name).ok()?.canonical();
-        self.views
-            .iter()
-            .find(|v| v.relation().canonical() == wanted)
-    }
 }
 
 fn positive(key: &str, d: Duration) -> Result<(), (String, String)> {
@@ -592,7 +584,7 @@ channels = ["c"]
         let text = include_str!("../config.toml");
         let c = Config::from_str_with_env(text, Path::new("config.toml"), &HashMap::new())
             .expect("shipped config.toml is valid");
-        assert_eq!(c.views.len(), 4);
+        assert_eq!(c.views.len(), 8);
         assert_eq!(c.debounce.quiet, Duration::from_secs(2));
     }
 

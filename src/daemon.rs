@@ -15,7 +15,7 @@
 //! Shutdown is two-phase: stop intake (listener, catch-up, new refreshes), let in-flight
 //! refreshes finish until `[refresh] shutdown_deadline`, then cancel them server-side.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,6 +37,8 @@ use crate::stats::Stats;
 
 /// How often refresh history is pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
+/// At most this much earlier than its due time a key joins a batch of keys already due.
+const BATCH_SLACK: Duration = Duration::from_millis(50);
 /// Retry delay after finding another replica refreshing the same view (doubles, capped).
 const BUSY_RETRY: Duration = Duration::from_millis(200);
 const BUSY_RETRY_MAX: Duration = Duration::from_secs(5);
@@ -135,6 +137,8 @@ struct Daemon {
     views: Vec<ViewState>,
     /// channel → (views subscribed, whether a capture backs it with change-log rows)
     channels: BTreeMap<String, (Vec<usize>, bool)>,
+    /// view name → index into `plan.views`
+    by_name: HashMap<String, usize>,
     /// Completions of refresh and catch-up tasks; every task holds a sender.
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
@@ -178,6 +182,12 @@ impl Daemon {
                 entry.0.push(i);
             }
         }
+        let by_name = plan
+            .views
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.name.clone(), i))
+            .collect();
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
         let replica = format!(
             "{}:{}",
@@ -192,6 +202,7 @@ impl Daemon {
             stats,
             views,
             channels,
+            by_name,
             internal_tx,
             internal_rx,
             catch_up_running: false,
@@ -356,16 +367,23 @@ impl Daemon {
                 }
                 self.views[i].debouncer.take_all()
             } else {
+                // Keys that fall due within a moment of each other (the notifications of one
+                // commit arrive a few microseconds apart) go in one batch.
+                let quiet = self.plan.views[i]
+                    .config
+                    .debounce(self.config.debounce)
+                    .quiet;
+                let horizon = now + (quiet / 10).min(BATCH_SLACK);
                 let blocked: BTreeSet<String> = self.views[i]
                     .debouncer
-                    .due_keys(now)
+                    .due_keys(horizon)
                     .into_iter()
                     .filter(|k| self.blocked(i, k))
                     .map(str::to_owned)
                     .collect();
                 self.views[i]
                     .debouncer
-                    .take_due(now, |k| !blocked.contains(k))
+                    .take_due(horizon, |k| !blocked.contains(k))
             };
             if batch.is_empty() {
                 continue;
@@ -475,6 +493,12 @@ impl Daemon {
                     duration_ms = duration.as_millis() as u64,
                     "refreshed"
                 );
+                if keys.is_none() {
+                    // A whole refresh resets the backstop: `schedule` is "at least this often".
+                    if let Some(period) = self.plan.views[i].config.schedule {
+                        st.next_schedule = Some(now + period);
+                    }
+                }
                 let oldest = batch.iter().map(|(_, p)| p.first).min().unwrap_or(now);
                 let keys = keys.unwrap_or_else(|| vec![ALL.to_owned()]);
                 for d in self.plan.views[i].dependents.clone() {
@@ -584,7 +608,7 @@ impl Daemon {
     fn apply_catch_up(&mut self, rows: Vec<PendingRow>) {
         let now = Instant::now();
         for row in rows {
-            let Some(i) = self.plan.views.iter().position(|v| v.name == row.view) else {
+            let Some(&i) = self.by_name.get(&row.view) else {
                 continue;
             };
             let first = now.checked_sub(row.oldest_age).unwrap_or(now);

@@ -225,19 +225,18 @@ impl Plan {
                 depends_on[a].insert(b);
             }
         }
+        let canonical: Vec<String> = config
+            .views
+            .iter()
+            .map(|v| v.relation().canonical())
+            .collect();
         for (i, v) in config.views.iter().enumerate() {
             if let Some(deps) = &v.depends_on {
+                // Validated at load: every entry names a configured view.
                 depends_on[i] = deps
                     .iter()
-                    .filter_map(|d| {
-                        config.views.iter().position(|w| w.name == *d).or_else(|| {
-                            let want = Relation::parse(d).ok()?.canonical();
-                            config
-                                .views
-                                .iter()
-                                .position(|w| w.relation().canonical() == want)
-                        })
-                    })
+                    .filter_map(|d| Relation::parse(d).ok())
+                    .filter_map(|r| canonical.iter().position(|c| *c == r.canonical()))
                     .collect();
             }
         }

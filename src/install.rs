@@ -18,7 +18,32 @@ use crate::sql::{ident, literal, Relation};
 pub const CORE_SQL: &str = include_str!("../sql/mvrefresh.sql");
 
 /// The bundled analytics of SPEC §1, in the order they run.
-pub const ANALYTICS_SQL: &[(&str, &str)] = &[];
+pub const ANALYTICS_SQL: &[(&str, &str)] = &[
+    (
+        "sql/analytics/010_operational.sql",
+        include_str!("../sql/analytics/010_operational.sql"),
+    ),
+    (
+        "sql/analytics/020_compute.sql",
+        include_str!("../sql/analytics/020_compute.sql"),
+    ),
+    (
+        "sql/analytics/030_mv_views.sql",
+        include_str!("../sql/analytics/030_mv_views.sql"),
+    ),
+    (
+        "sql/analytics/040_analytics_tables.sql",
+        include_str!("../sql/analytics/040_analytics_tables.sql"),
+    ),
+    (
+        "sql/analytics/050_capture_bout_results.sql",
+        include_str!("../sql/analytics/050_capture_bout_results.sql"),
+    ),
+    (
+        "sql/analytics/090_sample_data.sql",
+        include_str!("../sql/analytics/090_sample_data.sql"),
+    ),
+];
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
@@ -101,16 +126,29 @@ pub async fn run(client: &mut Client, steps: &[Step]) -> Result<(), InstallError
     Ok(())
 }
 
+/// The triggers of a capture: (name suffix, event, transition tables). TRUNCATE has none and
+/// records the key `*` (everything).
+pub const TRIGGERS: [(&str, &str, &str); 4] = [
+    ("ins", "INSERT", "NEW TABLE AS new_rows"),
+    (
+        "upd",
+        "UPDATE",
+        "OLD TABLE AS old_rows NEW TABLE AS new_rows",
+    ),
+    ("del", "DELETE", "OLD TABLE AS old_rows"),
+    ("trunc", "TRUNCATE", ""),
+];
+
 fn function_name(c: &CaptureConfig) -> String {
     format!("mvrefresh.{}", ident(&format!("capture_{}", c.name)))
 }
 
-fn trigger_name(c: &CaptureConfig, op: &str) -> String {
+pub fn trigger_name(c: &CaptureConfig, op: &str) -> String {
     format!("mvrefresh_capture_{}_{op}", c.name)
 }
 
-/// The capture function and its three triggers (transition tables cannot serve a trigger with
-/// more than one event).
+/// The capture function and its triggers (transition tables cannot serve a trigger with more
+/// than one event).
 pub fn capture_sql(c: &CaptureConfig) -> String {
     let table = Relation::parse(&c.table)
         .expect("validated at load")
@@ -128,7 +166,9 @@ LANGUAGE plpgsql AS $mvrefresh$
 DECLARE
     changed text[];
 BEGIN
-    IF TG_OP = 'INSERT' THEN
+    IF TG_OP = 'TRUNCATE' THEN
+        changed := ARRAY['*'];
+    ELSIF TG_OP = 'INSERT' THEN
         SELECT array_agg(DISTINCT s.k) INTO changed FROM ({new}) AS s;
     ELSIF TG_OP = 'DELETE' THEN
         SELECT array_agg(DISTINCT s.k) INTO changed FROM ({old}) AS s;
@@ -195,7 +235,7 @@ fn drop_stale_captures_sql(config: &Config) -> String {
         .iter()
         .flat_map(|c| {
             let table = Relation::parse(&c.table).expect("validated").quoted();
-            ["ins", "upd", "del"].map(|op| {
+            TRIGGERS.map(|(op, _, _)| {
                 format!(
                     "({}::regclass, {})",
                     literal(&table),
@@ -276,4 +316,41 @@ DROP TABLE mvrefresh_desired;
 "#,
         views = views.join(", ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_analytics_file_is_installed_in_order() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/analytics");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| format!("sql/analytics/{}", e.unwrap().file_name().to_string_lossy()))
+            .filter(|f| f.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let listed: Vec<&str> = ANALYTICS_SQL.iter().map(|(n, _)| *n).collect();
+        assert_eq!(listed, files);
+    }
+
+    #[test]
+    fn capture_sql_quotes_configured_names() {
+        let c = CaptureConfig {
+            name: "x".into(),
+            table: "\"Odd\"\"Table\"".into(),
+            channel: "it's".into(),
+            key: "k\"ey".into(),
+            when: None,
+            columns: vec!["a\"b".into()],
+        };
+        let sql = capture_sql(&c);
+        assert!(sql.contains("ON \"Odd\"\"Table\""), "{sql}");
+        assert!(sql.contains("record_changes('it''s', changed)"), "{sql}");
+        assert!(
+            sql.contains("(\"k\"\"ey\")::text AS k, \"a\"\"b\""),
+            "{sql}"
+        );
+    }
 }

@@ -159,9 +159,9 @@ pub async fn check(
         Err(e) => say(false, e.to_string()),
     }
     for c in &config.captures {
-        let names: Vec<String> = ["ins", "upd", "del"]
+        let names: Vec<String> = crate::install::TRIGGERS
             .iter()
-            .map(|op| format!("mvrefresh_capture_{}_{op}", c.name))
+            .map(|(op, _, _)| crate::install::trigger_name(c, op))
             .collect();
         let table = crate::sql::Relation::parse(&c.table)
             .map(|r| r.quoted())
@@ -174,14 +174,14 @@ pub async fn check(
             )
             .await?
             .get(0);
-        if found == 3 {
+        if found == names.len() as i64 {
             say(true, format!("capture {} on {} installed", c.name, c.table));
         } else {
             say(
                 false,
                 format!(
-                    "capture {} on {}: {found} of 3 triggers installed and enabled; fix: run `mvrefresh install`",
-                    c.name, c.table
+                    "capture {} on {}: {found} of {} triggers installed and enabled; fix: run `mvrefresh install`",
+                    c.name, c.table, names.len()
                 ),
             );
         }

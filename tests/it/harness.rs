@@ -126,7 +126,7 @@ impl Cluster {
             "\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
              fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
              max_connections = 200\nshared_buffers = 64MB\nlog_min_messages = warning\n\
-             log_line_prefix = '%m [%p] %a '\n",
+             track_functions = all\nlog_line_prefix = '%m [%p] %a '\n",
             cluster.dir.display()
         );
         if cron {
@@ -160,7 +160,10 @@ impl Cluster {
             pid = std::process::id(),
             dir = cluster.dir.display()
         );
-        #[allow(clippy::zombie_processes, reason = "the watcher must outlive the test process")]
+        #[allow(
+            clippy::zombie_processes,
+            reason = "the watcher must outlive the test process"
+        )]
         Command::new("sh")
             .arg("-c")
             .arg(script)
