@@ -27,7 +27,7 @@ use tokio_postgres::{CancelToken, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use crate::changelog::{self, PendingRow};
-use crate::config::Config;
+use crate::config::{Config, ListenerConfig};
 use crate::db::{Db, DbError};
 use crate::debounce::{Batch, Debouncer, ALL};
 use crate::graph::{Plan, PlanError};
@@ -35,6 +35,8 @@ use crate::listener::{self, ListenerEvent};
 use crate::refresh::{self, Outcome, Reason, RefreshError, Request, Settings};
 use crate::stats::Stats;
 
+/// A catch-up read of the change log that takes longer has lost its connection.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often refresh history is pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// At most this much earlier than its due time a key joins a batch of keys already due.
@@ -64,6 +66,8 @@ enum TaskError {
     Refresh(#[from] RefreshError),
     #[error("no answer within {0:?} (cancelled server-side, connection discarded)")]
     Timeout(Duration),
+    #[error("the connection stopped answering: {0} (cancelled server-side, connection discarded)")]
+    Stalled(String),
 }
 
 enum Internal {
@@ -298,7 +302,14 @@ impl Daemon {
                 f.task.abort();
             }
         }
-        let _ = listener.await;
+        // The listener stops on `cancel_intake`; a send it is blocked in cannot hold us up.
+        let abort = listener.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), listener)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
         self.pool.close();
         tracing::info!("stopped");
     }
@@ -423,6 +434,7 @@ impl Daemon {
             let pool = self.pool.clone();
             let plan = self.plan.clone();
             let cancel = cancel.clone();
+            let liveness = self.config.listener.clone();
             let done = self.internal_tx.clone();
             let span = tracing::info_span!("refresh", view = %view.name, keys = keys.len(), reason = reason.as_str());
             tokio::spawn(tracing::Instrument::instrument(
@@ -433,6 +445,7 @@ impl Daemon {
                         &dependents,
                         &request,
                         &settings,
+                        &liveness,
                         &cancel,
                     )
                     .await;
@@ -590,14 +603,23 @@ impl Daemon {
         tokio::spawn(async move {
             let result = async {
                 let client = pool.get().await.map_err(|e| e.to_string())?;
-                if let Some(retention) = prune {
-                    if let Err(e) = refresh::prune_history(&client, retention).await {
-                        tracing::warn!(error = %e, "could not prune mvrefresh.refresh_history");
+                let work = async {
+                    if let Some(retention) = prune {
+                        if let Err(e) = refresh::prune_history(&client, retention).await {
+                            tracing::warn!(error = %e, "could not prune mvrefresh.refresh_history");
+                        }
+                    }
+                    changelog::read_pending(&**client).await
+                };
+                match tokio::time::timeout(CATCH_UP_TIMEOUT, work).await {
+                    Ok(result) => result.map_err(|e| e.to_string()),
+                    Err(_) => {
+                        let _ = deadpool_postgres::Object::take(client);
+                        Err(format!(
+                            "no answer within {CATCH_UP_TIMEOUT:?}; connection discarded"
+                        ))
                     }
                 }
-                changelog::read_pending(&**client)
-                    .await
-                    .map_err(|e| e.to_string())
             }
             .await;
             stats.catch_ups.inc();
@@ -620,34 +642,120 @@ impl Daemon {
     }
 }
 
+/// Runs one refresh on a pooled connection, watching that connection's liveness.
+///
+/// A refresh may legitimately run for minutes, so a client-side timeout cannot tell a long
+/// refresh from a stalled connection. Instead, every `heartbeat_interval` another connection
+/// looks at the refresh's backend in `pg_stat_activity`: gone, or idle while we still wait for
+/// its answer for longer than `heartbeat_timeout`, means the answer will never arrive; the
+/// refresh is then cancelled server-side and its connection discarded. A wall-clock limit
+/// (`timeout + lock_timeout + 10s`) remains as the last resort.
 async fn refresh_task(
     pool: &Pool,
     view: &crate::graph::View,
     dependents: &[String],
     request: &Request,
     settings: &Settings,
+    liveness: &ListenerConfig,
     cancel: &Mutex<Option<CancelToken>>,
 ) -> Result<Outcome, TaskError> {
     let mut client = pool.get().await.map_err(DbError::from)?;
     if let Ok(mut slot) = cancel.lock() {
         *slot = Some(client.cancel_token());
     }
-    // The server enforces `statement_timeout`; this bounds the wait when the server or the
-    // network stops answering altogether.
-    let limit = settings.timeout + settings.lock_timeout + Duration::from_secs(10);
-    match tokio::time::timeout(
-        limit,
-        refresh::refresh(&mut client, view, dependents, request, settings),
+    let pid: i32 = match tokio::time::timeout(
+        liveness.heartbeat_timeout,
+        client.query_one("SELECT pg_backend_pid()", &[]),
     )
     .await
     {
-        Ok(result) => Ok(result?),
+        Ok(Ok(row)) => row.get(0),
+        Ok(Err(e)) => return Err(TaskError::Pool(DbError::Query(e))),
         Err(_) => {
-            let _ = client.cancel_token().cancel_query(NoTls).await;
             let _ = deadpool_postgres::Object::take(client);
-            Err(TaskError::Timeout(limit))
+            return Err(TaskError::Stalled("no answer to the first query".into()));
         }
+    };
+    let limit = settings.timeout + settings.lock_timeout + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut probe = tokio::time::interval(liveness.heartbeat_interval);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    probe.tick().await;
+    let verdict = {
+        let work = refresh::refresh(&mut client, view, dependents, request, settings);
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                result = &mut work => break Ok(result?),
+                _ = tokio::time::sleep_until(deadline) => break Err(TaskError::Timeout(limit)),
+                _ = probe.tick() => {
+                    if let Some(reason) = backend_lost(pool, pid, liveness.heartbeat_timeout).await {
+                        break Err(TaskError::Stalled(reason));
+                    }
+                }
+            }
+        }
+    };
+    if matches!(verdict, Err(TaskError::Timeout(_) | TaskError::Stalled(_))) {
+        // The backend may be idle in its transaction, holding the view's lock and the consumed
+        // change-log rows until the server notices the client is gone (hours, with default
+        // keepalives): end it, which rolls the refresh back. Cancel as a fallback.
+        if !terminate_backend(pool, pid, liveness.heartbeat_timeout).await {
+            let _ = client.cancel_token().cancel_query(NoTls).await;
+        }
+        let _ = deadpool_postgres::Object::take(client);
     }
+    verdict
+}
+
+/// Ends backend `pid` (one of ours: a role may end its own backends). Whether it worked.
+pub(crate) async fn terminate_backend(pool: &Pool, pid: i32, patience: Duration) -> bool {
+    let work = async {
+        let client = pool.get().await.ok()?;
+        client
+            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .ok()
+            .map(|r| r.get::<_, bool>(0))
+    };
+    matches!(tokio::time::timeout(patience, work).await, Ok(Some(true)))
+}
+
+/// Why backend `pid` can no longer answer, if it cannot. `None` when it is working, or when
+/// that cannot be told (the probe itself failed: the next one will tell).
+async fn backend_lost(pool: &Pool, pid: i32, patience: Duration) -> Option<String> {
+    let probe = async {
+        let client = pool.get().await.ok()?;
+        let row = client
+            .query_opt(
+                "SELECT state, extract(epoch FROM clock_timestamp() - state_change)::float8
+                 FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .ok()?;
+        Some(match row {
+            None => Some(format!("its backend (pid {pid}) is gone")),
+            Some(row) => {
+                let state: Option<String> = row.get(0);
+                let idle_for: Option<f64> = row.get(1);
+                let idle = state.as_deref().is_some_and(|s| s.starts_with("idle"));
+                let waited = idle_for.unwrap_or(0.0) > patience.as_secs_f64();
+                (idle && waited).then(|| {
+                    format!(
+                        "its backend (pid {pid}) has been {} for {:.1}s while we wait for its answer (connection stalled)",
+                        state.unwrap_or_default(),
+                        idle_for.unwrap_or(0.0)
+                    )
+                })
+            }
+        })
+    };
+    tokio::time::timeout(patience, probe)
+        .await
+        .ok()
+        .flatten()
+        .flatten()
 }
 
 /// `min * 2^(failures-1)`, capped at `max`, with ±25% jitter.

@@ -194,17 +194,14 @@ COMMENT ON FUNCTION {function}() IS {comment};
             c.name, c.table, c.channel
         )),
     );
-    for (op, event, referencing) in [
-        ("ins", "INSERT", "NEW TABLE AS new_rows"),
-        (
-            "upd",
-            "UPDATE",
-            "OLD TABLE AS old_rows NEW TABLE AS new_rows",
-        ),
-        ("del", "DELETE", "OLD TABLE AS old_rows"),
-    ] {
+    for (op, event, referencing) in TRIGGERS {
+        let referencing = if referencing.is_empty() {
+            String::new()
+        } else {
+            format!("\n    REFERENCING {referencing}")
+        };
         sql.push_str(&format!(
-            "CREATE OR REPLACE TRIGGER {} AFTER {event} ON {table}\n    REFERENCING {referencing}\n    FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n",
+            "CREATE OR REPLACE TRIGGER {} AFTER {event} ON {table}{referencing}\n    FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n",
             ident(&trigger_name(c, op)),
         ));
     }

@@ -66,6 +66,10 @@ pub async fn run(
         .without_max_times();
     let mut backoff = builder.build();
     let mut first = true;
+    // The backend of the previous connection, when it was lost by a stall: it may live on
+    // server-side, and a listening backend that never reads holds back the server's whole
+    // notification queue, so the next connection ends it.
+    let mut stalled_backend: Option<i32> = None;
     loop {
         if !first {
             stats.listener_reconnects.inc();
@@ -73,6 +77,7 @@ pub async fn run(
         first = false;
         let attempt = tracing::info_span!("listener_connect", target = %db.target());
         let mut listened = false;
+        let mut backend = None;
         let result = tracing::Instrument::instrument(
             session(
                 &db,
@@ -81,11 +86,18 @@ pub async fn run(
                 &stats,
                 &events,
                 &cancel,
-                &mut listened,
+                Session {
+                    listened: &mut listened,
+                    backend: &mut backend,
+                    stalled_backend: stalled_backend.take(),
+                },
             ),
             attempt,
         )
         .await;
+        if matches!(&result, Err(e) if e.contains("stalled")) {
+            stalled_backend = backend;
+        }
         if listened {
             backoff = builder.build();
         }
@@ -109,6 +121,16 @@ pub async fn run(
     }
 }
 
+/// What a session reports back to the reconnect loop, and what it is told.
+struct Session<'a> {
+    /// Set once the connection is listening (the backoff then resets).
+    listened: &'a mut bool,
+    /// The backend pid of this connection.
+    backend: &'a mut Option<i32>,
+    /// A stalled previous backend to end.
+    stalled_backend: Option<i32>,
+}
+
 /// One connection's life: connect, LISTEN, then heartbeat until something fails.
 async fn session(
     db: &Db,
@@ -117,7 +139,7 @@ async fn session(
     stats: &Stats,
     events: &mpsc::Sender<ListenerEvent>,
     cancel: &CancellationToken,
-    listened: &mut bool,
+    report: Session<'_>,
 ) -> Result<(), String> {
     let (client, mut connection) = tokio::select! {
         _ = cancel.cancelled() => return Ok(()),
@@ -160,6 +182,25 @@ async fn session(
     let timeout = config.heartbeat_timeout;
     let setup = async {
         db.ensure_primary(&client).await?;
+        *report.backend = Some(
+            client
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await?
+                .get(0),
+        );
+        if let Some(old) = report.stalled_backend {
+            let ended: bool = client
+                .query_one(
+                    "SELECT coalesce(bool_or(pg_terminate_backend(pid)), false)
+                     FROM pg_stat_activity WHERE pid = $1 AND application_name = $2",
+                    &[&old, &APPLICATION_NAME],
+                )
+                .await?
+                .get(0);
+            if ended {
+                tracing::info!(pid = old, "ended the stalled listener's backend");
+            }
+        }
         let listen: String = channels
             .iter()
             .map(|c| format!("LISTEN {};", ident(c)))
@@ -174,7 +215,7 @@ async fn session(
     }
     tracing::info!(channels = ?channels, "listening");
     stats.listener_connected.set(true);
-    *listened = true;
+    *report.listened = true;
     if events.send(ListenerEvent::Up).await.is_err() {
         return Ok(());
     }

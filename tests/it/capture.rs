@@ -197,6 +197,7 @@ async fn capture_marks_exactly_the_changed_challenges() {
             "INSERT INTO submissions (challenge_id, status, score) VALUES (4, 'scored', 'NaN')",
             &["4"],
         ),
+        ("TRUNCATE submissions", &["*"]),
     ];
     for (sql, expected) in cases {
         c.batch_execute(sql)

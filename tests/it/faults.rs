@@ -114,6 +114,84 @@ async fn frozen_connection_is_detected_by_the_heartbeat() {
     .await;
     harness::score(&c, 5, 1).await;
     harness::wait_for("every change to be reflected", || harness::counts_fresh(&c)).await;
+    // The stalled listener's backend was ended: it would hold back the notification queue.
+    harness::wait_for("a single listener backend", || async {
+        c.query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE application_name = 'mvrefresh-listener' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_whose_connection_freezes_is_abandoned_and_redone() {
+    let db = Cluster::shared().create_db().await;
+    let c = db.client().await;
+    c.batch_execute(harness::SCHEMA).await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE knobs (sleep_s float8 NOT NULL);
+         INSERT INTO knobs VALUES (0);
+         CREATE MATERIALIZED VIEW mv_slow AS
+             SELECT challenge_id, count(*) AS n
+             FROM submissions, (SELECT pg_sleep((SELECT sleep_s FROM knobs))) z
+             WHERE status = 'scored' GROUP BY challenge_id;
+         CREATE UNIQUE INDEX ON mv_slow (challenge_id);",
+    )
+    .await
+    .unwrap();
+    let proxy = Proxy::start(db.port).await;
+    // The default refresh timeout (5 minutes) stays: only the liveness probe can save the day.
+    let body = format!(
+        "{}[[view]]\nname = \"mv_slow\"\nmode = \"concurrently\"\nchannels = [\"submission_scored\"]\n",
+        harness::CAPTURE
+    );
+    let config = harness::config(&db.url_via(proxy.port), &body);
+    harness::install(&config).await;
+    let daemon = Daemon::start(config);
+    daemon.wait_listening().await;
+    harness::wait_for("the initial refresh", || async {
+        harness::refreshes(&c, "mv_slow").await >= 1
+    })
+    .await;
+    c.batch_execute("UPDATE knobs SET sleep_s = 2")
+        .await
+        .unwrap();
+    harness::score(&c, 1, 1).await;
+    harness::wait_for("a refresh to be running", || async {
+        c.query_opt(
+            "SELECT 1 FROM pg_stat_activity WHERE state = 'active'
+               AND query LIKE 'REFRESH MATERIALIZED VIEW%' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .is_some()
+    })
+    .await;
+    proxy.freeze();
+    c.batch_execute("UPDATE knobs SET sleep_s = 0")
+        .await
+        .unwrap();
+    harness::score(&c, 2, 3).await;
+    harness::wait_for("mv_slow to reflect every change", || async {
+        c.query_one(
+            "SELECT (SELECT count(*) FROM mv_slow) = 2 AND (SELECT sum(n) FROM mv_slow) = 4",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, bool>(0)
+    })
+    .await;
+    // The frozen refresh was given up (not waited out for 5 minutes), then redone.
+    assert!(daemon.stats.refreshes_failed.get() >= 1);
     daemon.stop().await;
 }
 
@@ -141,4 +219,44 @@ async fn cut_connections_are_reestablished() {
     harness::wait_for("every change to be reflected", || harness::counts_fresh(&c)).await;
     assert!(proxy.connections() >= 1);
     daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_is_refused_with_the_reason() {
+    let primary = Cluster::new();
+    let (db, _c, _config) = harness::setup(&primary, harness::VIEW_COUNTS).await;
+    let standby = primary.standby();
+    let url = db.url.replace(
+        &format!(":{}/", primary.port),
+        &format!(":{}/", standby.port),
+    );
+    // The standby has replayed the install once the schema is visible there.
+    harness::wait_for("the standby to replay the install", || async {
+        match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+            Ok((client, conn)) => {
+                tokio::spawn(conn);
+                client
+                    .query_one(
+                        "SELECT to_regclass('mvrefresh.change_log') IS NOT NULL",
+                        &[],
+                    )
+                    .await
+                    .map(|r| r.get::<_, bool>(0))
+                    .unwrap_or(false)
+            }
+            Err(_) => false,
+        }
+    })
+    .await;
+    let config = harness::config(
+        &url,
+        &format!("{}{}", harness::CAPTURE, harness::VIEW_COUNTS),
+    );
+    let err = Daemon::start(config)
+        .result()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is a standby"), "{err}");
+    assert!(err.contains("primary"), "{err}");
 }

@@ -139,10 +139,63 @@ impl Cluster {
         existing.push_str(&conf);
         std::fs::write(&conf_path, existing).expect("write postgresql.conf");
         cluster.start();
-        // Stop and remove the cluster when this process is gone, however it ends. The watcher
-        // outlives this process by design, so it is never waited for.
-        let pg_ctl = cluster.bin.join("pg_ctl");
-        let stop = if as_postgres {
+        cluster.watch();
+        cluster
+    }
+
+    /// A hot standby streaming from this cluster (made with `pg_basebackup -R`).
+    pub fn standby(&self) -> Cluster {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("mvrefresh-it-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the standby directory");
+        if self.as_postgres {
+            run(Command::new("chown").arg("postgres:postgres").arg(&dir));
+        }
+        let standby = Cluster {
+            port: free_port(),
+            dir,
+            bin: self.bin.clone(),
+            as_postgres: self.as_postgres,
+        };
+        let data = standby.data();
+        let primary_port = self.port.to_string();
+        standby.pg(
+            "pg_basebackup",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-R",
+                "--checkpoint=fast",
+                "-X",
+                "stream",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary_port,
+                "-U",
+                "postgres",
+            ],
+        );
+        let conf_path = data.join("postgresql.conf");
+        let mut conf = std::fs::read_to_string(&conf_path).expect("postgresql.conf");
+        conf.push_str(&format!(
+            "\nport = {}\nunix_socket_directories = '{}'\n",
+            standby.port,
+            standby.dir.display()
+        ));
+        std::fs::write(&conf_path, conf).expect("write postgresql.conf");
+        standby.start();
+        standby.watch();
+        standby
+    }
+
+    /// Stops and removes the cluster when this process is gone, however it ends. The watcher
+    /// outlives this process by design, so it is never waited for.
+    fn watch(&self) {
+        let data = self.data();
+        let pg_ctl = self.bin.join("pg_ctl");
+        let stop = if self.as_postgres {
             format!(
                 "runuser -u postgres -- {} -D {} stop -m immediate",
                 pg_ctl.display(),
@@ -158,7 +211,7 @@ impl Cluster {
         let script = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf {dir}",
             pid = std::process::id(),
-            dir = cluster.dir.display()
+            dir = self.dir.display()
         );
         #[allow(
             clippy::zombie_processes,
@@ -172,7 +225,6 @@ impl Cluster {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn the cluster watcher");
-        cluster
     }
 
     fn data(&self) -> PathBuf {
