@@ -5,6 +5,7 @@ mod analytics;
 mod capture;
 mod cli;
 mod daemon;
+mod discovery;
 mod faults;
 mod harness;
 mod proxy;
