@@ -7,4 +7,5 @@ mod cli;
 mod daemon;
 mod faults;
 mod harness;
+mod observe;
 mod proxy;
