@@ -17,6 +17,8 @@ use crate::sql::Relation;
 
 /// Environment variable that overrides `[database] url`.
 pub const ENV_DATABASE_URL: &str = "MVREFRESH_DATABASE_URL";
+/// Environment variable holding the bearer token of `POST /refresh` (off when unset).
+pub const ENV_ADMIN_TOKEN: &str = "MVREFRESH_ADMIN_TOKEN";
 
 /// A configuration problem: the file, the key and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,10 @@ pub struct Config {
     pub refresh: RefreshConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
     #[serde(default, rename = "capture")]
     pub captures: Vec<CaptureConfig>,
     #[serde(rename = "view")]
@@ -122,6 +128,49 @@ pub struct LogConfig {
     /// A `tracing` filter (`info`, `mvrefresh=debug`); `RUST_LOG` wins when set.
     #[serde(default = "default_log_level")]
     pub level: String,
+}
+
+/// The admin HTTP server: `/healthz`, `/readyz`, `/metrics`, `/status`, `POST /refresh`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `host:port`; empty turns the server off. Loopback by default.
+    #[serde(default = "default_http_listen")]
+    pub listen: String,
+    /// Bearer token for `POST /refresh`, from [`ENV_ADMIN_TOKEN`] only (never the file).
+    #[serde(skip)]
+    pub admin_token: Option<Secret>,
+}
+
+/// A secret: usable, but never printed (`Debug` shows `***`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// OpenTelemetry metrics export (the Prometheus endpoint is always there with `[http]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP endpoint (`http://collector:4318`); else `OTEL_EXPORTER_OTLP_ENDPOINT`; else off.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    #[serde(default = "default_export_interval", with = "humantime_serde")]
+    pub export_interval: Duration,
+    #[serde(default = "default_export_timeout", with = "humantime_serde")]
+    pub export_timeout: Duration,
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -257,6 +306,46 @@ fn default_concurrency() -> usize {
 fn default_log_level() -> String {
     "info".to_owned()
 }
+fn default_http_listen() -> String {
+    "127.0.0.1:9187".to_owned()
+}
+fn default_export_interval() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_export_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_service_name() -> String {
+    "mvrefresh".to_owned()
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_http_listen(),
+            admin_token: None,
+        }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            export_interval: default_export_interval(),
+            export_timeout: default_export_timeout(),
+            service_name: default_service_name(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The address to bind, or `None` when the server is off.
+    pub fn address(&self) -> Option<std::net::SocketAddr> {
+        let l = self.listen.trim();
+        (!l.is_empty()).then(|| l.parse().expect("validated at load"))
+    }
+}
 
 impl Default for ListenerConfig {
     fn default() -> Self {
@@ -362,6 +451,10 @@ impl Config {
         if let Some(url) = env.get(ENV_DATABASE_URL).filter(|u| !u.is_empty()) {
             config.database.url = url.clone();
         }
+        config.http.admin_token = env
+            .get(ENV_ADMIN_TOKEN)
+            .filter(|t| !t.is_empty())
+            .map(|t| Secret(t.clone()));
         config
             .validate()
             .map_err(|(key, message)| invalid(String::new(), key, message))?;
@@ -430,6 +523,25 @@ impl Config {
                 "refresh.concurrency",
                 "must be less than database.pool_size (one connection is kept for bookkeeping)",
             );
+        }
+        let listen = self.http.listen.trim();
+        if !listen.is_empty() && listen.parse::<std::net::SocketAddr>().is_err() {
+            return err(
+                "http.listen",
+                &format!(
+                    "`{listen}` is not an address like 127.0.0.1:9187 (empty turns the server off)"
+                ),
+            );
+        }
+        positive("telemetry.export_interval", self.telemetry.export_interval)?;
+        positive("telemetry.export_timeout", self.telemetry.export_timeout)?;
+        if let Some(e) = &self.telemetry.otlp_endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return err(
+                    "telemetry.otlp_endpoint",
+                    "must be an http:// or https:// URL",
+                );
+            }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return err("log.level", &format!("is not a valid filter: {e}"));

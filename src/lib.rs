@@ -19,6 +19,8 @@
 //! | [`refresh`] | one refresh transaction: lock, consume the log, refresh, record |
 //! | [`daemon`] | the main loop tying them together; two-phase shutdown |
 //! | [`status`] | `status` and `check` reports from the database |
+//! | [`telemetry`] | OpenTelemetry metrics: Prometheus registry and OTLP push |
+//! | [`http`] | the admin server: health, readiness, metrics, status, manual refresh |
 //! | [`stats`] | live counters shared by tasks and readers |
 //! | [`shutdown`] | SIGTERM/SIGINT |
 //! | [`sql`] | quoting of identifiers and literals |
@@ -35,6 +37,7 @@ pub mod daemon;
 pub mod db;
 pub mod debounce;
 pub mod graph;
+pub mod http;
 pub mod install;
 pub mod listener;
 pub mod refresh;
@@ -42,6 +45,7 @@ pub mod shutdown;
 pub mod sql;
 pub mod stats;
 pub mod status;
+pub mod telemetry;
 
 /// Sets up `tracing` output as `[log]` asks; `RUST_LOG` wins over `level` when set.
 pub fn init_logging(log: &config::LogConfig) {

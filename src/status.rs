@@ -19,6 +19,8 @@ pub struct ViewStatus {
     pub consecutive_failures: i64,
     pub pending_keys: i64,
     pub oldest_pending_age_seconds: Option<f64>,
+    /// RFC 3339, UTC: when the `schedule` backstop refreshes next (last success + schedule).
+    pub next_scheduled_refresh: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -53,6 +55,7 @@ pub async fn status(
             consecutive_failures: 0,
             pending_keys: 0,
             oldest_pending_age_seconds: None,
+            next_scheduled_refresh: None,
         };
         if installed {
             let row = client
@@ -74,8 +77,11 @@ pub async fn status(
                             (SELECT n FROM failures),
                             (SELECT count(DISTINCT key) FROM mvrefresh.change_log WHERE view_name = $1),
                             (SELECT extract(epoch FROM clock_timestamp() - min(changed_at))::float8
-                             FROM mvrefresh.change_log WHERE view_name = $1)",
-                    &[name],
+                             FROM mvrefresh.change_log WHERE view_name = $1),
+                            to_char((coalesce((SELECT finished_at FROM last_ok), clock_timestamp())
+                                     + make_interval(secs => $2)) AT TIME ZONE 'UTC',
+                                    'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+                    &[name, &v.schedule.map(|d| d.as_secs_f64())],
                 )
                 .await?;
             s.last_success = row.get(0);
@@ -84,6 +90,7 @@ pub async fn status(
             s.consecutive_failures = row.get(3);
             s.pending_keys = row.get(4);
             s.oldest_pending_age_seconds = row.get(5);
+            s.next_scheduled_refresh = row.get(6);
         }
         views.push(s);
     }
@@ -93,12 +100,20 @@ pub async fn status(
 /// The readable table of `mvrefresh status`.
 pub fn render_table(status: &Status) -> String {
     let mut out = format!(
-        "{:<36} {:<13} {:<28} {:>10} {:>8} {:>8} {:>10}  {}\n",
-        "VIEW", "MODE", "LAST SUCCESS", "DURATION", "FAILS", "PENDING", "OLDEST", "LAST ERROR"
+        "{:<36} {:<13} {:<28} {:>10} {:>6} {:>8} {:>10} {:<28} {}\n",
+        "VIEW",
+        "MODE",
+        "LAST SUCCESS",
+        "DURATION",
+        "FAILS",
+        "PENDING",
+        "OLDEST",
+        "NEXT SCHEDULED",
+        "LAST ERROR"
     );
     for v in &status.views {
         out.push_str(&format!(
-            "{:<36} {:<13} {:<28} {:>10} {:>8} {:>8} {:>10}  {}\n",
+            "{:<36} {:<13} {:<28} {:>10} {:>6} {:>8} {:>10} {:<28} {}\n",
             v.name,
             v.mode,
             v.last_success.as_deref().unwrap_or("never"),
@@ -108,6 +123,7 @@ pub fn render_table(status: &Status) -> String {
             v.pending_keys,
             v.oldest_pending_age_seconds
                 .map_or("-".into(), |a| format!("{a:.1}s")),
+            v.next_scheduled_refresh.as_deref().unwrap_or("-"),
             v.last_error.as_deref().unwrap_or("")
         ));
     }

@@ -37,7 +37,7 @@ fn text(o: &Output) -> String {
 fn config_text(url: &str, body: &str) -> String {
     format!(
         "[database]\nurl = \"{url}\"\n[debounce]\nquiet = \"100ms\"\nmax_wait = \"1s\"\n\
-         [refresh]\nshutdown_deadline = \"1s\"\n{}{body}",
+         [refresh]\nshutdown_deadline = \"1s\"\n[http]\nlisten = \"127.0.0.1:0\"\n{}{body}",
         harness::CAPTURE
     )
 }

@@ -8,4 +8,5 @@ mod daemon;
 mod discovery;
 mod faults;
 mod harness;
+mod observe;
 mod proxy;
