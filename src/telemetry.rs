@@ -101,7 +101,8 @@ impl Metrics {
         self.refreshes
             .add(1, &[view.clone(), KeyValue::new("outcome", outcome)]);
         if let Some(d) = duration {
-            self.duration.record(d.as_secs_f64(), std::slice::from_ref(&view));
+            self.duration
+                .record(d.as_secs_f64(), std::slice::from_ref(&view));
         }
         if let Some(k) = keys {
             self.keys.record(k as u64, &[view]);
