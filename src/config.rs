@@ -775,7 +775,10 @@ channels = ["c"]
     fn bad_tls_settings_name_key_and_file_without_the_password() {
         let cases = [
             ("sslmode=verify_full", "sslmode=verify_full is not one of"),
-            ("sslmode=verify-full", "sslmode=verify-full needs sslrootcert"),
+            (
+                "sslmode=verify-full",
+                "sslmode=verify-full needs sslrootcert",
+            ),
             (
                 "sslmode=verify-ca&sslrootcert=%2Fno%2Fsuch%2Fca.pem",
                 "sslrootcert=/no/such/ca.pem: cannot read",

@@ -42,7 +42,7 @@ impl UrlError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("cannot connect to {target} (sslmode={mode}): {source}")]
+    #[error("cannot connect to {target} (sslmode={mode}): {}", causes(source))]
     Connect {
         target: String,
         mode: SslMode,
@@ -73,6 +73,7 @@ pub struct Db {
     settings: DatabaseConfig,
     /// `sslmode` as libpq means it (the driver's own is coarser).
     mode: SslMode,
+    verifies_chain: bool,
     tls: MakeTls,
 }
 
@@ -106,6 +107,7 @@ impl Db {
             config,
             settings: settings.clone(),
             mode,
+            verifies_chain: params.verifies_chain(),
             tls,
         })
     }
@@ -113,6 +115,12 @@ impl Db {
     /// The `sslmode` in force.
     pub fn ssl_mode(&self) -> SslMode {
         self.mode
+    }
+
+    /// Whether the server's certificate chain is checked (`verify-*`, or `require` with
+    /// `sslrootcert`).
+    pub fn verifies_chain(&self) -> bool {
+        self.verifies_chain
     }
 
     /// Cancels what `client` is running, server-side, over the same TLS settings.
@@ -144,10 +152,7 @@ impl Db {
 
     /// A dedicated connection with `application_name` set to `app`. The caller drives the
     /// returned `Connection` (spawn it, or poll it for notifications).
-    pub async fn connect(
-        &self,
-        app: &str,
-    ) -> Result<(Client, DbConnection), DbError> {
+    pub async fn connect(&self, app: &str) -> Result<(Client, DbConnection), DbError> {
         let mut config = self.config.clone();
         config.application_name(app);
         let timeout = self.settings.connect_timeout;
@@ -221,6 +226,48 @@ pub struct Canceller {
 impl Canceller {
     pub async fn cancel(&self) -> Result<(), tokio_postgres::Error> {
         self.token.cancel_query(self.tls.clone()).await
+    }
+}
+
+/// `e` and its causes, `: `-separated: tokio-postgres's own message is only the kind ("error
+/// performing TLS handshake", "db error"); the why is in the causes.
+fn causes(e: &tokio_postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    let mut hint = None;
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        // tokio-rustls wraps the rustls error in an io::Error, whose source() skips it.
+        let tls = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        hint = hint.or_else(|| tls.and_then(tls_hint));
+        cause = c.source();
+    }
+    if let Some(hint) = hint {
+        text.push_str(" (");
+        text.push_str(hint);
+        text.push(')');
+    }
+    text
+}
+
+/// What an operator should look at when the server's certificate is refused.
+fn tls_hint(e: &rustls::Error) -> Option<&'static str> {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => {
+            Some("the server's certificate is not issued by a CA in sslrootcert")
+        }
+        rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            Some("the host in database.url is not a name in the server's certificate: connect by a name it lists, or use sslmode=verify-ca")
+        }
+        _ => None,
     }
 }
 

@@ -313,6 +313,15 @@ impl TlsParams {
         }
     }
 
+    /// Whether the server's certificate chain is checked against `sslrootcert`.
+    pub fn verifies_chain(&self) -> bool {
+        match self.mode() {
+            SslMode::VerifyCa | SslMode::VerifyFull => true,
+            SslMode::Require => self.root_cert.is_some(),
+            SslMode::Disable | SslMode::Allow | SslMode::Prefer => false,
+        }
+    }
+
     /// The connector for these settings: reads and checks the certificate files.
     pub fn connector(&self) -> Result<MakeTls, TlsError> {
         let mode = self.mode();
@@ -324,8 +333,9 @@ impl TlsParams {
             (m, Some(RootCert::System)) if m != SslMode::VerifyFull => {
                 return Err(TlsError::SystemNeedsVerifyFull(m))
             }
-            (SslMode::Disable | SslMode::Allow | SslMode::Prefer, _)
-            | (SslMode::Require, None) => Arc::new(NoVerification(provider.clone())),
+            (SslMode::Disable | SslMode::Allow | SslMode::Prefer, _) | (SslMode::Require, None) => {
+                Arc::new(NoVerification(provider.clone()))
+            }
             (SslMode::Require | SslMode::VerifyCa, Some(root)) => Arc::new(ChainOnly {
                 roots: Arc::new(load_roots(root)?),
                 provider: provider.clone(),
@@ -456,7 +466,12 @@ impl ServerCertVerifier for NoVerification {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -465,7 +480,12 @@ impl ServerCertVerifier for NoVerification {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -620,10 +640,7 @@ mod tests {
     #[test]
     fn key_value_escaped_quote_in_tls_value() {
         let (_, p) = split(r"sslrootcert='/tmp/o\'brien.pem' host=db").unwrap();
-        assert_eq!(
-            p.root_cert,
-            Some(RootCert::File("/tmp/o'brien.pem".into()))
-        );
+        assert_eq!(p.root_cert, Some(RootCert::File("/tmp/o'brien.pem".into())));
         let e = split("host=db sslrootcert='/tmp/x").unwrap_err();
         assert!(e.to_string().contains("sslrootcert"), "{e}");
     }

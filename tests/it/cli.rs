@@ -8,7 +8,7 @@ use crate::harness::{self, Cluster};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mvrefresh");
 
-fn write_config(name: &str, text: &str) -> PathBuf {
+pub(crate) fn write_config(name: &str, text: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("mvrefresh-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
@@ -16,7 +16,7 @@ fn write_config(name: &str, text: &str) -> PathBuf {
     path
 }
 
-fn mvrefresh(config: &PathBuf, args: &[&str]) -> Output {
+pub(crate) fn mvrefresh(config: &PathBuf, args: &[&str]) -> Output {
     Command::new(BIN)
         .arg("--config")
         .arg(config)
@@ -26,7 +26,7 @@ fn mvrefresh(config: &PathBuf, args: &[&str]) -> Output {
         .expect("run mvrefresh")
 }
 
-fn text(o: &Output) -> String {
+pub(crate) fn text(o: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
@@ -34,7 +34,7 @@ fn text(o: &Output) -> String {
     )
 }
 
-fn config_text(url: &str, body: &str) -> String {
+pub(crate) fn config_text(url: &str, body: &str) -> String {
     format!(
         "[database]\nurl = \"{url}\"\n[debounce]\nquiet = \"100ms\"\nmax_wait = \"1s\"\n\
          [refresh]\nshutdown_deadline = \"1s\"\n[http]\nlisten = \"127.0.0.1:0\"\n{}{body}",

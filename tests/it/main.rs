@@ -10,3 +10,4 @@ mod faults;
 mod harness;
 mod observe;
 mod proxy;
+mod tls;
