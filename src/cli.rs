@@ -253,10 +253,13 @@ async fn encryption_line(
                 "the server's certificate is"
             }
         ),
+        (false, _) if db.unix_only() => {
+            "connection over a Unix socket (not encrypted; TLS does not apply)".to_owned()
+        }
         (false, SslMode::Disable) => "connection not encrypted (sslmode=disable)".to_owned(),
         (false, _) => format!(
-            "connection not encrypted: sslmode={mode} fell back to plaintext (the server offers \
-             no TLS, or this is a Unix socket); use sslmode=verify-full with sslrootcert over TCP"
+            "connection not encrypted: the server offers no TLS and sslmode={mode} fell back to \
+             plaintext; use sslmode=verify-full with sslrootcert"
         ),
     };
     Ok(status::CheckLine { ok: true, text })

@@ -116,7 +116,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     let db = Db::new(&config.database)?;
-    if db.ssl_mode().may_be_plaintext() && db.ssl_mode() != crate::tls::SslMode::Disable {
+    if db.ssl_mode().may_be_plaintext()
+        && db.ssl_mode() != crate::tls::SslMode::Disable
+        && !db.unix_only()
+    {
         tracing::warn!(
             sslmode = %db.ssl_mode(),
             "database.url: sslmode={} falls back to plaintext when the server does not offer TLS, \

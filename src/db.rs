@@ -74,6 +74,8 @@ pub struct Db {
     /// `sslmode` as libpq means it (the driver's own is coarser).
     mode: SslMode,
     verifies_chain: bool,
+    /// Every host is a Unix socket: no TLS, whatever `sslmode` says.
+    unix_only: bool,
     tls: MakeTls,
 }
 
@@ -93,7 +95,18 @@ impl Db {
         let (url, params) = tls::split(&settings.url)?;
         let mut config: tokio_postgres::Config = url.parse().map_err(UrlError::Parse)?;
         let mode = params.mode();
-        config.ssl_mode(mode.driver_mode());
+        let hosts = config.get_hosts();
+        let unix_only = !hosts.is_empty()
+            && hosts
+                .iter()
+                .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)));
+        // As libpq: TLS does not apply to Unix sockets (the server refuses it there), whatever
+        // the mode.
+        config.ssl_mode(if unix_only {
+            tokio_postgres::config::SslMode::Disable
+        } else {
+            mode.driver_mode()
+        });
         let tls = params.connector()?;
         if config.get_application_name().is_none() {
             config.application_name(&settings.application_name);
@@ -108,6 +121,7 @@ impl Db {
             settings: settings.clone(),
             mode,
             verifies_chain: params.verifies_chain(),
+            unix_only,
             tls,
         })
     }
@@ -115,6 +129,11 @@ impl Db {
     /// The `sslmode` in force.
     pub fn ssl_mode(&self) -> SslMode {
         self.mode
+    }
+
+    /// Whether every host is a Unix socket (where TLS does not apply).
+    pub fn unix_only(&self) -> bool {
+        self.unix_only
     }
 
     /// Whether the server's certificate chain is checked (`verify-*`, or `require` with

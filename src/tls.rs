@@ -18,6 +18,7 @@
 //! store (as in libpq 16, `system` makes `verify-full` the default and refuses weaker modes: any
 //! public CA can issue a certificate for some other host). `sslcert` + `sslkey` (PEM) present a
 //! client certificate. libpq's implicit `~/.postgresql/root.crt` is not read: name the file.
+//! Over a Unix socket TLS does not apply, as in libpq ([`crate::db::Db::new`] sees to that).
 //!
 //! Errors name the key and the file, never the connection string (it may hold a password).
 

@@ -432,3 +432,19 @@ async fn cli_install_and_check_over_verify_full() {
     assert!(msg.contains("nowhere.pem: cannot read"), "{msg}");
     assert!(!msg.contains(PASSWORD), "{msg}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_socket_connects_without_tls_whatever_the_mode() {
+    // As libpq: TLS does not apply to Unix sockets, so verify-full there is not an error.
+    let tls = tls();
+    let db = tls.cluster.create_db().await;
+    let conn = format!(
+        "{} sslmode=verify-full sslrootcert='{}'",
+        db.url,
+        tls.ca.display()
+    );
+    let client = connect(&conn)
+        .await
+        .expect("verify-full over the Unix socket");
+    assert!(!encrypted(&client).await);
+}
