@@ -127,6 +127,21 @@ async fn install_check_refresh_status() {
     assert_eq!(unknown.status.code(), Some(1));
     assert!(text(&unknown).contains("mv_nope"));
 
+    assert!(text(&check).contains("capture submissions on submissions installed and current"));
+    assert!(text(&check).contains("pg_cron"), "{}", text(&check));
+    // The capture in the config changed since the install.
+    let changed = write_config(
+        "changed.toml",
+        &config_text(&db.url, harness::VIEW_COUNTS).replace("[\"score\"]", "[\"score\", \"note\"]"),
+    );
+    let check = mvrefresh(&changed, &["check"]);
+    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
+    assert!(
+        text(&check).contains("installed from a different configuration"),
+        "{}",
+        text(&check)
+    );
+
     c.batch_execute("DROP INDEX mv_counts_challenge_id_idx")
         .await
         .unwrap();
