@@ -34,6 +34,8 @@ ensure_postgres() {
     command -v psql >/dev/null || apt_install postgresql-client
     # The TLS tests make a throwaway CA and server certificate with the openssl CLI.
     command -v openssl >/dev/null || apt_install openssl
+    # The unit-file test runs `systemd-analyze verify`.
+    command -v systemd-analyze >/dev/null || apt_install systemd
     export PG_BIN PG_VERSION
     export MVREFRESH_TEST_PG_BIN="$PG_BIN"
 }

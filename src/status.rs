@@ -158,6 +158,76 @@ pub async fn check(
     } else {
         say(true, "the server is a primary".into());
     }
+    let has_meta: bool = client
+        .query_one("SELECT to_regclass('mvrefresh.meta') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    let installed: Option<String> = if has_meta {
+        client
+            .query_opt(
+                "SELECT value FROM mvrefresh.meta WHERE key = 'schema_version'",
+                &[],
+            )
+            .await?
+            .map(|r| r.get(0))
+    } else {
+        None
+    };
+    let installed = match installed {
+        Some(v) if v == crate::install::SCHEMA_VERSION => {
+            say(true, format!("mvrefresh schema installed (version {v})"));
+            let privileges: Vec<String> = client
+                .query(
+                    "SELECT t.name || ' (' || t.privs || ')' FROM (VALUES
+                         ('mvrefresh.change_log', 'SELECT,INSERT,DELETE'),
+                         ('mvrefresh.refresh_history', 'SELECT,INSERT,DELETE'),
+                         ('mvrefresh.subscription', 'SELECT,INSERT')) AS t(name, privs)
+                     WHERE NOT has_table_privilege(t.name, t.privs)",
+                    &[],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if privileges.is_empty() {
+                say(true, "privileges on the mvrefresh schema suffice".into());
+            } else {
+                say(
+                    false,
+                    format!(
+                        "missing privileges on {}; fix: GRANT them to this role, or connect as the role that ran `mvrefresh install`",
+                        privileges.join(", ")
+                    ),
+                );
+            }
+            true
+        }
+        Some(v) => {
+            say(
+                false,
+                format!(
+                    "mvrefresh schema version {v} installed, this binary expects {}; fix: run `mvrefresh install`",
+                    crate::install::SCHEMA_VERSION
+                ),
+            );
+            true
+        }
+        None => false,
+    };
+    let cron: Option<String> = client
+        .query_opt(
+            "SELECT extversion FROM pg_extension WHERE extname = 'pg_cron'",
+            &[],
+        )
+        .await?
+        .map(|r| r.get(0));
+    match cron {
+        Some(v) => say(true, format!("pg_cron {v} installed in this database")),
+        None => say(
+            true,
+            "pg_cron not installed in this database (optional: failed-job alerts and database-side backstops)".into(),
+        ),
+    }
     match Plan::load(client, config).await {
         Ok(plan) => {
             say(
@@ -190,8 +260,33 @@ pub async fn check(
             )
             .await?
             .get(0);
-        if found == names.len() as i64 {
-            say(true, format!("capture {} on {} installed", c.name, c.table));
+        let current: bool = if installed {
+            client
+                .query_one(
+                    "SELECT coalesce((SELECT value = $2 FROM mvrefresh.meta WHERE key = $1), false)",
+                    &[
+                        &crate::install::fingerprint_key(c),
+                        &crate::install::fingerprint(c),
+                    ],
+                )
+                .await?
+                .get(0)
+        } else {
+            false
+        };
+        if found == names.len() as i64 && current {
+            say(
+                true,
+                format!("capture {} on {} installed and current", c.name, c.table),
+            );
+        } else if found == names.len() as i64 {
+            say(
+                false,
+                format!(
+                    "capture {} on {}: installed from a different configuration; fix: run `mvrefresh install`",
+                    c.name, c.table
+                ),
+            );
         } else {
             say(
                 false,

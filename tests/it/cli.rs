@@ -127,6 +127,21 @@ async fn install_check_refresh_status() {
     assert_eq!(unknown.status.code(), Some(1));
     assert!(text(&unknown).contains("mv_nope"));
 
+    assert!(text(&check).contains("capture submissions on submissions installed and current"));
+    assert!(text(&check).contains("pg_cron"), "{}", text(&check));
+    // The capture in the config changed since the install.
+    let changed = write_config(
+        "changed.toml",
+        &config_text(&db.url, harness::VIEW_COUNTS).replace("[\"score\"]", "[\"score\", \"note\"]"),
+    );
+    let check = mvrefresh(&changed, &["check"]);
+    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
+    assert!(
+        text(&check).contains("installed from a different configuration"),
+        "{}",
+        text(&check)
+    );
+
     c.batch_execute("DROP INDEX mv_counts_challenge_id_idx")
         .await
         .unwrap();
@@ -144,24 +159,8 @@ async fn sigterm_mid_refresh_exits_0_and_cancels_the_refresh() {
     let db = Cluster::shared().create_db().await;
     let c = db.client().await;
     c.batch_execute(harness::SCHEMA).await.unwrap();
-    c.batch_execute(
-        "CREATE TABLE knobs (sleep_s float8 NOT NULL);
-         INSERT INTO knobs VALUES (0);
-         CREATE MATERIALIZED VIEW mv_slow AS
-             SELECT challenge_id, count(*) AS n
-             FROM submissions, (SELECT pg_sleep((SELECT sleep_s FROM knobs))) z
-             WHERE status = 'scored' GROUP BY challenge_id;
-         CREATE UNIQUE INDEX ON mv_slow (challenge_id);",
-    )
-    .await
-    .unwrap();
-    let path = write_config(
-        "slow.toml",
-        &config_text(
-            &db.url,
-            "[[view]]\nname = \"mv_slow\"\nmode = \"concurrently\"\nchannels = [\"submission_scored\"]\n",
-        ),
-    );
+    c.batch_execute(harness::SLOW_SCHEMA).await.unwrap();
+    let path = write_config("slow.toml", &config_text(&db.url, harness::VIEW_SLOW));
     let install = mvrefresh(&path, &["install"]);
     assert!(install.status.success(), "{}", text(&install));
     let mut child = Command::new(BIN)
@@ -180,15 +179,8 @@ async fn sigterm_mid_refresh_exits_0_and_cancels_the_refresh() {
         .await
         .unwrap();
     harness::score(&c, 1, 1).await;
-    harness::wait_for("a refresh to be running", || async {
-        c.query_opt(
-            "SELECT 1 FROM pg_stat_activity WHERE state = 'active'
-               AND query LIKE 'REFRESH MATERIALIZED VIEW%' AND datname = current_database()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .is_some()
+    harness::wait_some("a refresh to be running", || {
+        harness::refreshing(&c, "mv_slow")
     })
     .await;
     let kill = Command::new("kill")

@@ -494,6 +494,39 @@ CREATE MATERIALIZED VIEW mv_counts AS
 CREATE UNIQUE INDEX ON mv_counts (challenge_id);
 ";
 
+/// A view whose refresh sleeps `knobs.sleep_s` seconds (0 at first), for mid-refresh faults.
+pub const SLOW_SCHEMA: &str = "
+CREATE TABLE knobs (sleep_s float8 NOT NULL);
+INSERT INTO knobs VALUES (0);
+CREATE MATERIALIZED VIEW mv_slow AS
+    SELECT challenge_id, count(*) AS n
+    FROM submissions, (SELECT pg_sleep((SELECT sleep_s FROM knobs))) z
+    WHERE status = 'scored' GROUP BY challenge_id;
+CREATE UNIQUE INDEX ON mv_slow (challenge_id);
+";
+
+pub const VIEW_SLOW: &str = r#"
+[[view]]
+name = "mv_slow"
+mode = "concurrently"
+channels = ["submission_scored"]
+"#;
+
+/// The `application_name` of the backend running a `REFRESH` of `view` right now, if any.
+pub async fn refreshing(client: &Client, view: &str) -> Option<String> {
+    client
+        .query_opt(
+            "SELECT application_name FROM pg_stat_activity
+             WHERE state = 'active' AND query LIKE 'REFRESH MATERIALIZED VIEW%' || $1 || '%'
+               AND datname = current_database()
+             LIMIT 1",
+            &[&view],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
 pub const CAPTURE: &str = r#"
 [[capture]]
 name = "submissions"
@@ -574,6 +607,16 @@ impl Daemon {
         let stats = self.stats.clone();
         wait_for("the listener to connect", || {
             let ok = stats.listener_connected.get() && stats.ready.get();
+            async move { ok }
+        })
+        .await;
+    }
+
+    /// Waits until the listener has reconnected more than `before` times and is connected.
+    pub async fn wait_reconnected(&self, before: u64) {
+        let stats = self.stats.clone();
+        wait_for("the listener to reconnect", || {
+            let ok = stats.listener_reconnects.get() > before && stats.listener_connected.get();
             async move { ok }
         })
         .await;
