@@ -273,6 +273,11 @@ impl Cluster {
             .expect("spawn the cluster watcher");
     }
 
+    /// The cluster's directory, removed with it (for files a test wants gone afterwards).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn data(&self) -> PathBuf {
         self.dir.join("data")
     }

@@ -20,16 +20,6 @@ struct Tls {
     ca: PathBuf,
     /// A CA that did not.
     other_ca: PathBuf,
-    /// Removed when the process exits (the cluster watcher removes the cluster, not this).
-    _dir: TempDir,
-}
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -136,17 +126,19 @@ fn tls() -> &'static Tls {
             cert: &dir.join("server.crt"),
             key: &dir.join("server.key"),
         });
+        // Into the cluster's directory, which is removed with the cluster.
+        let certs = cluster.dir().join("certs");
+        std::fs::rename(&dir, &certs).expect("move the certificates");
         Tls {
             cluster,
-            ca,
-            other_ca,
-            _dir: TempDir(dir),
+            ca: certs.join(ca.file_name().unwrap()),
+            other_ca: certs.join(other_ca.file_name().unwrap()),
         }
     })
 }
 
-/// A percent-encoded path for a URL query (the test directory has no exotic characters, but the
-/// encoding is what an operator writes for a path with spaces).
+/// `path` with its slashes percent-encoded, as a path is written in a URL query (so the tests
+/// go through the decoding).
 fn encode(path: &Path) -> String {
     path.display().to_string().replace('/', "%2F")
 }
