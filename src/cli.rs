@@ -62,7 +62,11 @@ pub enum Command {
         all: bool,
     },
     /// Validate the configuration and the database; print a report.
-    Check,
+    Check {
+        /// Also post a `test` alert to the webhook and report the answer.
+        #[arg(long)]
+        test_alert: bool,
+    },
     /// Per view: last success, duration, last error, pending keys, oldest pending change.
     Status {
         /// Print JSON instead of a table.
@@ -81,7 +85,7 @@ pub async fn execute(command: Command, config: Config) -> ExitCode {
             dry_run,
         } => install_cmd(config, analytics, pg_cron, dry_run).await,
         Command::Refresh { views, all } => refresh_cmd(config, views, all).await,
-        Command::Check => check_cmd(config).await,
+        Command::Check { test_alert } => check_cmd(config, test_alert).await,
         Command::Status { json } => status_cmd(config, json).await,
     };
     match result {
@@ -109,15 +113,25 @@ async fn install_cmd(
     pg_cron: bool,
     dry_run: bool,
 ) -> anyhow::Result<ExitCode> {
-    if pg_cron {
-        anyhow::bail!("--pg-cron is not available in this version yet");
-    }
     let steps = install::script(&config, install::Options { analytics });
+    let db = Db::new(&config.database)?;
+    // Checked before anything runs, so a bad schedule changes nothing.
+    let cron_sql = if pg_cron {
+        Some(crate::pgcron::jobs_sql(&config, &db.dbname())?)
+    } else {
+        None
+    };
     if dry_run {
         print!("{}", install::render(&steps));
+        if let Some(sql) = cron_sql {
+            let cron = crate::pgcron::cron_db(&config, &db)?;
+            print!(
+                "\n-- pg_cron jobs, in {}\nBEGIN;\n{sql}COMMIT;\n",
+                cron.target()
+            );
+        }
         return Ok(ExitCode::SUCCESS);
     }
-    let db = Db::new(&config.database)?;
     let mut client = db.connect_simple("mvrefresh-install").await?;
     db.ensure_primary(&client).await?;
     install::run(&mut client, &steps).await?;
@@ -128,6 +142,25 @@ async fn install_cmd(
         config.captures.len(),
         config.views.iter().map(|v| v.channels.len()).sum::<usize>()
     );
+    if pg_cron {
+        let cron = crate::pgcron::cron_db(&config, &db)?;
+        let mut client = cron.connect_simple("mvrefresh-install").await?;
+        cron.ensure_primary(&client).await?;
+        let jobs = crate::pgcron::install_jobs(&mut client, &config, &db.dbname()).await?;
+        println!(
+            "pg_cron jobs in {} for database {}: {}",
+            cron.target(),
+            db.dbname(),
+            if jobs.is_empty() {
+                "none (no view has a schedule)".to_owned()
+            } else {
+                jobs.iter()
+                    .map(|(name, schedule)| format!("{name} [{schedule}]"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -195,8 +228,9 @@ async fn refresh_cmd(config: Config, names: Vec<String>, all: bool) -> anyhow::R
     })
 }
 
-async fn check_cmd(config: Config) -> anyhow::Result<ExitCode> {
+async fn check_cmd(config: Config, test_alert: bool) -> anyhow::Result<ExitCode> {
     println!("ok: configuration is valid");
+    let webhook_ok = check_webhook(&config, test_alert).await;
     let db = Db::new(&config.database)?;
     let client = match db.connect_simple("mvrefresh-check").await {
         Ok(c) => c,
@@ -209,7 +243,7 @@ async fn check_cmd(config: Config) -> anyhow::Result<ExitCode> {
         }
     };
     let lines = status::check(&client, &config, &db.target()).await?;
-    let mut ok = true;
+    let mut ok = webhook_ok;
     for l in &lines {
         println!("{}: {}", if l.ok { "ok" } else { "problem" }, l.text);
         ok &= l.ok;
@@ -219,6 +253,61 @@ async fn check_cmd(config: Config) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Prints whether the webhook answers (and, with `test_alert`, accepts a `test` alert).
+/// Never prints the URL.
+async fn check_webhook(config: &Config, test_alert: bool) -> bool {
+    use crate::alert::{Event, Kind, Webhook};
+    let webhook = match Webhook::new(&config.alert) {
+        Ok(Some(w)) => w,
+        Ok(None) => {
+            println!(
+                "{}: no alert webhook configured (alerts are only logged; set alert.webhook_url or {})",
+                if test_alert { "problem" } else { "ok" },
+                crate::config::ENV_ALERT_WEBHOOK_URL
+            );
+            return !test_alert;
+        }
+        Err(e) => {
+            println!("problem: alert webhook: {e}");
+            return false;
+        }
+    };
+    let signed = if config.alert.secret.is_some() {
+        "signed"
+    } else {
+        "unsigned"
+    };
+    if test_alert {
+        let alert = Event::new(
+            Kind::Test,
+            "test",
+            "test alert from `mvrefresh check --test-alert`",
+        )
+        .into_alert(&format!("cli:{}", std::process::id()));
+        match webhook.post(&alert).await {
+            Ok(()) => {
+                println!("ok: alert webhook accepted a test alert ({signed})");
+                true
+            }
+            Err(e) => {
+                println!("problem: alert webhook did not accept a test alert: {e}; fix: check alert.webhook_url / {}", crate::config::ENV_ALERT_WEBHOOK_URL);
+                false
+            }
+        }
+    } else {
+        match webhook.probe().await {
+            Ok(code) => {
+                println!("ok: alert webhook answers (HTTP {code} to HEAD; {signed}; `check --test-alert` posts a test alert)");
+                true
+            }
+            Err(e) => {
+                println!("problem: alert webhook does not answer: {e}; fix: check alert.webhook_url / {}", crate::config::ENV_ALERT_WEBHOOK_URL);
+                false
+            }
+        }
+    }
 }
 
 async fn status_cmd(config: Config, json: bool) -> anyhow::Result<ExitCode> {

@@ -17,7 +17,9 @@
 //! | [`debounce`] | per-key `quiet` / `max_wait` debouncing |
 //! | [`graph`] | resolving views in the catalog, dependency order |
 //! | [`refresh`] | one refresh transaction: lock, consume the log, refresh, record |
-//! | [`daemon`] | the main loop tying them together; two-phase shutdown |
+//! | [`daemon`] | the main loop tying them together; two-phase shutdown; circuit breaker |
+//! | [`alert`] | alert lifecycle per subject, webhook delivery (queue, retries, signature) |
+//! | [`pgcron`] | pg_cron: watch of failed job runs, `install --pg-cron` jobs |
 //! | [`status`] | `status` and `check` reports from the database |
 //! | [`stats`] | live counters shared by tasks and readers |
 //! | [`shutdown`] | SIGTERM/SIGINT |
@@ -27,7 +29,10 @@
 //! (change-log rows + `pg_notify`) → [`listener`] → [`daemon`] notes the key in the view's
 //! [`debounce::Debouncer`] → when due and not waiting on a dependency, a task runs
 //! [`refresh::refresh`] on a pooled connection → outcome back to [`daemon`], dependents noted.
+//! Failures and recoveries seen there (and by the listener and the [`pgcron`] watch) go through
+//! an [`alert::Tracker`] to [`alert::Alerts`], whose own task posts them to the webhook.
 
+pub mod alert;
 pub mod changelog;
 pub mod cli;
 pub mod config;
@@ -37,6 +42,7 @@ pub mod debounce;
 pub mod graph;
 pub mod install;
 pub mod listener;
+pub mod pgcron;
 pub mod refresh;
 pub mod shutdown;
 pub mod sql;
