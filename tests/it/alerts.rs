@@ -13,6 +13,7 @@ use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::harness::{self, Cluster, Daemon, TestDb};
+use crate::proxy::Proxy;
 
 /// A view whose refresh raises while `knobs.fail` is true.
 const FRAGILE: &str = "
@@ -619,4 +620,34 @@ async fn check_test_alert_posts_a_signed_test_alert_without_printing_the_url() {
     assert_eq!(got[0]["status"], "test");
     let request = &sink.received_requests().await.unwrap()[0];
     assert!(request.headers.contains_key("x-mvrefresh-signature"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_down_too_long_alerts_and_recovers() {
+    let sink = sink().await;
+    let (db, _c, _) = setup(&sink, "", harness::VIEW_COUNTS).await;
+    let proxy = Proxy::start(db.port).await;
+    let config = harness::config(
+        &db.url_via(proxy.port),
+        &format!(
+            "[alert]\nwebhook_url = \"{}/hook\"\nlistener_down_after = \"300ms\"\n{}{}",
+            sink.uri(),
+            harness::CAPTURE,
+            harness::VIEW_COUNTS
+        ),
+    );
+    let daemon = Daemon::start(config);
+    daemon.wait_listening().await;
+    proxy.refuse(true);
+    proxy.cut();
+    let down = wait_alert(&sink, "listener_down", "listener").await;
+    assert_eq!(down["status"], "firing");
+    assert!(down["details"]["down_seconds"].as_f64().unwrap() >= 0.3);
+    assert!(down["error"].is_string());
+    proxy.refuse(false);
+    let up = wait_alert(&sink, "listener_recovered", "listener").await;
+    assert_eq!(up["status"], "resolved");
+    assert_eq!(up["first_failure_at"], down["first_failure_at"]);
+    assert_eq!(alerts_of(&sink, "listener_down", "listener").await.len(), 1);
+    daemon.stop().await;
 }
