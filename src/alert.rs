@@ -689,6 +689,32 @@ mod tests {
     }
 
     #[test]
+    fn a_full_queue_drops_the_oldest_and_counts_it() {
+        let stats = Arc::new(Stats::default());
+        let queue = Arc::new(Queue {
+            items: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+            capacity: 3,
+        });
+        let alerts = Alerts {
+            queue: Some(queue.clone()),
+            stats: stats.clone(),
+        };
+        for n in 1..=5 {
+            alerts.send(failed(n).into_alert("h:1"));
+        }
+        assert_eq!(stats.alerts_dropped.get(), 2);
+        let kept: Vec<Option<u64>> = queue
+            .items
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|a| a.consecutive_failures)
+            .collect();
+        assert_eq!(kept, vec![Some(3), Some(4), Some(5)]);
+    }
+
+    #[test]
     fn webhook_debug_masks_url_and_secret() {
         let config = AlertConfig {
             webhook_url: Some(Secret::new("https://hooks.example/T0K3N")),

@@ -243,7 +243,7 @@ async fn check_cmd(config: Config, test_alert: bool) -> anyhow::Result<ExitCode>
         }
     };
     let lines = status::check(&client, &config, &db.target()).await?;
-    let mut ok = webhook_ok;
+    let mut ok = webhook_ok && check_pg_cron(&config, &db).await;
     for l in &lines {
         println!("{}: {}", if l.ok { "ok" } else { "problem" }, l.text);
         ok &= l.ok;
@@ -253,6 +253,74 @@ async fn check_cmd(config: Config, test_alert: bool) -> anyhow::Result<ExitCode>
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Prints what the pg_cron watch will see. False only when `[pg_cron] database_url` is set but
+/// unusable.
+async fn check_pg_cron(config: &Config, db: &Db) -> bool {
+    if !config.pg_cron.watch {
+        println!("ok: pg_cron watch off (pg_cron.watch = false)");
+        return true;
+    }
+    let explicit = config.pg_cron.database_url.is_some();
+    let work = async {
+        let cron = crate::pgcron::cron_db(config, db)?;
+        let client = cron.connect_simple("mvrefresh-check").await?;
+        let present: bool = client
+            .query_one(
+                "SELECT to_regclass('cron.job_run_details') IS NOT NULL
+                        AND to_regclass('cron.job') IS NOT NULL",
+                &[],
+            )
+            .await?
+            .get(0);
+        let jobs: Option<i64> = if present {
+            Some(
+                client
+                    .query_one(
+                        "SELECT count(*) FROM cron.job WHERE jobname LIKE 'mvrefresh:%' AND database = $1",
+                        &[&db.dbname()],
+                    )
+                    .await?
+                    .get(0),
+            )
+        } else {
+            None
+        };
+        Ok::<_, crate::pgcron::PgCronError>((cron.target(), present, jobs))
+    };
+    match work.await {
+        Ok((target, true, jobs)) => {
+            println!(
+                "ok: pg_cron watch: failed runs in {target} will be alerted; {} job(s) mvrefresh:* for this database",
+                jobs.unwrap_or(0)
+            );
+            true
+        }
+        Ok((target, false, _)) => {
+            println!(
+                "ok: pg_cron watch idle: no cron.job_run_details in {target}{}",
+                if explicit {
+                    ""
+                } else {
+                    " (set pg_cron.database_url when pg_cron lives in another database)"
+                }
+            );
+            true
+        }
+        Err(e) => {
+            println!(
+                "{}: pg_cron watch: {e}{}",
+                if explicit { "problem" } else { "ok" },
+                if explicit {
+                    "; fix: check pg_cron.database_url"
+                } else {
+                    ""
+                }
+            );
+            !explicit
+        }
+    }
 }
 
 /// Prints whether the webhook answers (and, with `test_alert`, accepts a `test` alert).

@@ -18,8 +18,8 @@
 //!    `job startup timeout` or is `server restarted` (pg_cron's words for runs that never
 //!    started or were cut by a restart);
 //! 2. the cursor moves over the leading runs that are finished (a run still `running` stops it,
-//!    so its failure is seen later); failed runs beyond it that were reported are remembered in
-//!    `alerted`;
+//!    so its failure is seen later, unless it has been unfinished for a day: then it is given
+//!    up); failed runs beyond it that were reported are remembered in `alerted`;
 //! 3. the cursor row is updated (only if no other replica moved it since it was read: replicas
 //!    take turns), *then* one `pg_cron_job_failed` alert per newly failed run is queued. A
 //!    restart therefore neither repeats nor skips a run.
@@ -48,6 +48,9 @@ use crate::stats::Stats;
 pub const JOB_PREFIX: &str = "mvrefresh:";
 /// At most this many runs are read per poll.
 const BATCH: i64 = 1000;
+/// A run still unfinished after this long (its worker died without pg_cron noticing) stops
+/// holding the cursor back; a failure it records later is not reported.
+const STUCK_AFTER: Duration = Duration::from_secs(24 * 3600);
 /// Second key of the advisory lock `install --pg-cron` takes in pg_cron's database.
 const INSTALL_LOCK: i32 = 1;
 
@@ -276,6 +279,8 @@ struct Run {
     message: Option<String>,
     start: Option<String>,
     end: Option<String>,
+    /// Since it started.
+    age: Duration,
 }
 
 impl Watcher {
@@ -322,7 +327,8 @@ impl Watcher {
                 "SELECT d.runid, d.jobid, j.jobname, d.database, d.command, d.status,
                         d.return_message,
                         to_char(d.start_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
-                        to_char(d.end_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')
+                        to_char(d.end_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
+                        extract(epoch FROM now() - coalesce(d.start_time, now()))::float8
                  FROM cron.job_run_details d LEFT JOIN cron.job j ON j.jobid = d.jobid
                  WHERE d.runid > $1 ORDER BY d.runid LIMIT $2",
                 &[&cursor, &BATCH],
@@ -340,6 +346,7 @@ impl Watcher {
                 message: r.get(6),
                 start: r.get(7),
                 end: r.get(8),
+                age: Duration::from_secs_f64(r.get::<_, f64>(9).max(0.0)),
             })
             .collect();
         let mut next = cursor;
@@ -347,7 +354,8 @@ impl Watcher {
         let mut seen = alerted.clone();
         let mut fresh = Vec::new();
         for run in &runs {
-            let finished = is_finished(&run.status, run.message.as_deref());
+            let finished =
+                is_finished(&run.status, run.message.as_deref()) || run.age > STUCK_AFTER;
             if is_failure(&run.status, run.message.as_deref()) && !seen.contains(&run.runid) {
                 seen.push(run.runid);
                 fresh.push(run);

@@ -651,3 +651,130 @@ async fn a_listener_down_too_long_alerts_and_recovers() {
     assert_eq!(alerts_of(&sink, "listener_down", "listener").await.len(), 1);
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pg_cron_job_without_success_within_max_staleness_alerts_and_recovers() {
+    let cluster = Cluster::shared();
+    let cron = ensure_pg_cron(cluster).await;
+    let sink = sink().await;
+    let view = format!(
+        "{}schedule = \"1m\"\nmax_staleness = \"1s\"\n",
+        harness::VIEW_COUNTS
+    );
+    let (db, _c, mut config) = setup(&sink, "", &view).await;
+    config.pg_cron.database_url = Some(Secret::new(cluster.url("postgres")));
+    config.pg_cron.poll_interval = Duration::from_millis(100);
+    let dbname = dbname_of(&config);
+    let mut client = harness::connect(&cluster.url("postgres")).await;
+    mvrefresh::pgcron::install_jobs(&mut client, &config, &dbname)
+        .await
+        .unwrap();
+    let jobid: i64 = cron
+        .query_one(
+            "SELECT jobid FROM cron.job WHERE jobname = 'mvrefresh:mv_counts' AND database = $1",
+            &[&dbname],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let run = |status: &'static str, offset: &'static str| {
+        let cron = &cron;
+        let dbname = dbname.clone();
+        async move {
+            cron.execute(
+                &format!(
+                    "INSERT INTO cron.job_run_details
+                         (jobid, job_pid, database, username, command, status, return_message,
+                          start_time, end_time)
+                     VALUES ($1, 0, $2, 'postgres', 'x', $3, 'synthetic',
+                             now() + interval '{offset}', now() + interval '{offset}')"
+                ),
+                &[&jobid, &dbname, &status],
+            )
+            .await
+            .unwrap();
+        }
+    };
+    run("failed", "-10 seconds").await;
+    let daemon = Daemon::start(config);
+    let late = wait_alert(&sink, "pg_cron_job_late", "pg_cron_job:mvrefresh:mv_counts").await;
+    assert_eq!(late["view"], "mv_counts");
+    assert_eq!(late["details"]["jobname"], "mvrefresh:mv_counts");
+    assert_eq!(late["details"]["max_staleness_seconds"], 1.0);
+    // A success recorded as just now (an hour ahead, so it stays recent for the whole test).
+    run("succeeded", "1 hour").await;
+    let ok = wait_alert(
+        &sink,
+        "pg_cron_job_recovered",
+        "pg_cron_job:mvrefresh:mv_counts",
+    )
+    .await;
+    assert_eq!(ok["status"], "resolved");
+    assert_eq!(
+        alerts_of(&sink, "pg_cron_job_late", "pg_cron_job:mvrefresh:mv_counts")
+            .await
+            .len(),
+        1
+    );
+    let _ = db;
+    cron.execute("SELECT cron.unschedule($1::bigint)", &[&jobid])
+        .await
+        .unwrap();
+    daemon.stop().await;
+}
+
+/// Runs the binary with `args` on `config_text`, off the runtime's worker threads.
+async fn run_cli(config_text: String, args: &'static [&'static str]) -> (Option<i32>, String) {
+    tokio::task::spawn_blocking(move || {
+        let dir = std::env::temp_dir().join(format!("mvrefresh-alert-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(format!("{}.toml", harness::unique()));
+        std::fs::write(&file, config_text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mvrefresh"))
+            .arg("--config")
+            .arg(&file)
+            .args(args)
+            .env_remove("MVREFRESH_DATABASE_URL")
+            .env_remove("MVREFRESH_ALERT_WEBHOOK_URL")
+            .env_remove("MVREFRESH_PG_CRON_DATABASE_URL")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_pg_cron_dry_run_prints_the_jobs_and_names_a_bad_schedule() {
+    let cluster = Cluster::shared();
+    let db = cluster.create_db().await;
+    let text = |schedule: &str| {
+        format!(
+            "[database]\nurl = \"{}\"\n[pg_cron]\ndatabase_url = \"{}\"\n{}{}schedule = \"{schedule}\"\n",
+            db.url,
+            cluster.url("postgres"),
+            harness::CAPTURE,
+            harness::VIEW_COUNTS
+        )
+    };
+    let (code, out) = run_cli(text("5m"), &["install", "--pg-cron", "--dry-run"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(
+            "cron.schedule_in_database('mvrefresh:mv_counts', '*/5 * * * *', \
+             'REFRESH MATERIALIZED VIEW CONCURRENTLY \"mv_counts\"'"
+        ),
+        "{out}"
+    );
+    let (code, out) = run_cli(text("7m"), &["install", "--pg-cron", "--dry-run"]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("view[0].schedule (mv_counts)"), "{out}");
+}
