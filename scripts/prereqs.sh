@@ -32,6 +32,8 @@ ensure_postgres() {
         apt_install "postgresql-$PG_VERSION-cron" || echo "warning: pg_cron could not be installed" >&2
     fi
     command -v psql >/dev/null || apt_install postgresql-client
+    # The unit-file test runs `systemd-analyze verify`.
+    command -v systemd-analyze >/dev/null || apt_install systemd
     export PG_BIN PG_VERSION
     export MVREFRESH_TEST_PG_BIN="$PG_BIN"
 }

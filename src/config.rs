@@ -25,6 +25,8 @@ pub const ENV_ALERT_WEBHOOK_URL: &str = "MVREFRESH_ALERT_WEBHOOK_URL";
 pub const ENV_PG_CRON_DATABASE_URL: &str = "MVREFRESH_PG_CRON_DATABASE_URL";
 /// Environment variable holding the secret that signs alert bodies (HMAC-SHA256).
 pub const ENV_ALERT_SECRET: &str = "MVREFRESH_ALERT_SECRET";
+/// Environment variable holding the bearer token of `POST /refresh` (off when unset).
+pub const ENV_ADMIN_TOKEN: &str = "MVREFRESH_ADMIN_TOKEN";
 
 /// A configuration problem: the file, the key and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +63,10 @@ pub struct Config {
     pub alert: AlertConfig,
     #[serde(default)]
     pub pg_cron: PgCronConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
     #[serde(default, rename = "capture")]
     pub captures: Vec<CaptureConfig>,
     #[serde(rename = "view")]
@@ -136,8 +142,20 @@ pub struct LogConfig {
     pub level: String,
 }
 
-/// A value that must never be printed (a URL with a token, a signing secret): `Debug` and
-/// `Display` show `***`.
+/// The admin HTTP server: `/healthz`, `/readyz`, `/metrics`, `/status`, `POST /refresh`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `host:port`; empty turns the server off. Loopback by default.
+    #[serde(default = "default_http_listen")]
+    pub listen: String,
+    /// Bearer token for `POST /refresh`, from [`ENV_ADMIN_TOKEN`] only (never the file).
+    #[serde(skip)]
+    pub admin_token: Option<Secret>,
+}
+
+/// A value that must never be printed (a URL with a token, a signing secret): `Debug` shows `***`;
+/// nothing else prints it.
 #[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
@@ -154,7 +172,7 @@ impl Secret {
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
+        f.write_str("***")
     }
 }
 
@@ -224,6 +242,21 @@ pub struct PgCronConfig {
     /// How often failed runs are looked for.
     #[serde(default = "default_pg_cron_poll_interval", with = "humantime_serde")]
     pub poll_interval: Duration,
+}
+
+/// OpenTelemetry metrics export (the Prometheus endpoint is always there with `[http]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP endpoint (`http://collector:4318`); else `OTEL_EXPORTER_OTLP_ENDPOINT`; else off.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    #[serde(default = "default_export_interval", with = "humantime_serde")]
+    pub export_interval: Duration,
+    #[serde(default = "default_export_timeout", with = "humantime_serde")]
+    pub export_timeout: Duration,
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -416,6 +449,28 @@ impl Default for AlertConfig {
     }
 }
 
+fn default_http_listen() -> String {
+    "127.0.0.1:9187".to_owned()
+}
+fn default_export_interval() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_export_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_service_name() -> String {
+    "mvrefresh".to_owned()
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_http_listen(),
+            admin_token: None,
+        }
+    }
+}
+
 impl Default for PgCronConfig {
     fn default() -> Self {
         Self {
@@ -423,6 +478,25 @@ impl Default for PgCronConfig {
             database_url: None,
             poll_interval: default_pg_cron_poll_interval(),
         }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            export_interval: default_export_interval(),
+            export_timeout: default_export_timeout(),
+            service_name: default_service_name(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The address to bind, or `None` when the server is off.
+    pub fn address(&self) -> Option<std::net::SocketAddr> {
+        let l = self.listen.trim();
+        (!l.is_empty()).then(|| l.parse().expect("validated at load"))
     }
 }
 
@@ -540,6 +614,10 @@ impl Config {
             .get(ENV_ALERT_SECRET)
             .filter(|s| !s.is_empty())
             .map(|s| Secret::new(s.clone()));
+        config.http.admin_token = env
+            .get(ENV_ADMIN_TOKEN)
+            .filter(|t| !t.is_empty())
+            .map(|t| Secret(t.clone()));
         config
             .validate()
             .map_err(|(key, message)| invalid(String::new(), key, message))?;
@@ -610,6 +688,25 @@ impl Config {
             );
         }
         self.validate_alert()?;
+        let listen = self.http.listen.trim();
+        if !listen.is_empty() && listen.parse::<std::net::SocketAddr>().is_err() {
+            return err(
+                "http.listen",
+                &format!(
+                    "`{listen}` is not an address like 127.0.0.1:9187 (empty turns the server off)"
+                ),
+            );
+        }
+        positive("telemetry.export_interval", self.telemetry.export_interval)?;
+        positive("telemetry.export_timeout", self.telemetry.export_timeout)?;
+        if let Some(e) = &self.telemetry.otlp_endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return err(
+                    "telemetry.otlp_endpoint",
+                    "must be an http:// or https:// URL",
+                );
+            }
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return err("log.level", &format!("is not a valid filter: {e}"));
         }

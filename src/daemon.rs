@@ -50,9 +50,11 @@ use crate::config::{Config, ListenerConfig};
 use crate::db::{Db, DbError};
 use crate::debounce::{Batch, Debouncer, ALL};
 use crate::graph::{Plan, PlanError};
+use crate::http::{self, ManualRefresh};
 use crate::listener::{self, ListenerEvent};
 use crate::refresh::{self, Outcome, Reason, RefreshError, Request, Settings};
-use crate::stats::Stats;
+use crate::stats::{Stats, ViewGauges};
+use crate::telemetry::{Metrics, Telemetry};
 
 /// A catch-up read of the change log that takes longer has lost its connection.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -76,6 +78,14 @@ pub enum DaemonError {
     Query(#[from] tokio_postgres::Error),
     #[error("cannot set up alert delivery: {0}")]
     Alert(String),
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
+    #[error("cannot listen on {addr} (http.listen): {source}")]
+    Http {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Why a refresh task failed.
@@ -102,9 +112,9 @@ enum Internal {
 
 struct InFlight {
     whole: bool,
-    /// The oldest change this refresh covers (for staleness).
-    oldest: Option<Instant>,
     keys: BTreeSet<String>,
+    /// The oldest change the refresh covers.
+    oldest: Option<Instant>,
     cancel: Arc<Mutex<Option<CancelToken>>>,
     task: JoinHandle<()>,
 }
@@ -149,6 +159,33 @@ pub async fn run(
         changelog::ensure_subscriptions(&**client, &pairs).await?;
         plan
     };
+    let last_success = last_success_ages(&pool, &plan).await?;
+    let telemetry = Arc::new(Telemetry::new(&config.telemetry, stats.clone())?);
+    let config = Arc::new(config);
+    let (manual_tx, manual_rx) = mpsc::channel(16);
+    let stop_http = CancellationToken::new();
+    let http = match config.http.address() {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| DaemonError::Http { addr, source: e })?;
+            let bound = listener.local_addr().ok();
+            if let Ok(mut slot) = stats.http_addr.lock() {
+                *slot = bound;
+            }
+            tracing::info!(listen = ?bound, "admin HTTP server listening");
+            Some(tokio::spawn(http::serve(
+                listener,
+                stats.clone(),
+                telemetry.clone(),
+                pool.clone(),
+                config.clone(),
+                manual_tx,
+                stop_http.clone(),
+            )))
+        }
+        None => None,
+    };
     tracing::info!(
         target = %db.target(),
         order = %plan.describe_order(),
@@ -158,8 +195,25 @@ pub async fn run(
     let (alerts, delivery) = Alerts::start(&config.alert, stats.clone(), cancel_alerts.clone())
         .map_err(|e| DaemonError::Alert(e.to_string()))?;
     let alert_patience = config.alert.timeout + Duration::from_secs(1);
-    let mut daemon = Daemon::new(config, db, pool, Arc::new(plan), stats, alerts);
+    let mut daemon = Daemon::new(
+        config,
+        db,
+        pool,
+        Arc::new(plan),
+        stats,
+        telemetry.metrics.clone(),
+        manual_rx,
+        alerts,
+    );
+    let now = Instant::now();
+    for (st, age) in daemon.views.iter_mut().zip(last_success) {
+        st.last_success = age.and_then(|a| now.checked_sub(a));
+    }
     daemon.main_loop(shutdown).await;
+    stop_http.cancel();
+    if let Some(http) = http {
+        let _ = http.await;
+    }
     // Last: alerts raised during shutdown still get one delivery attempt.
     cancel_alerts.cancel();
     if let Some(task) = delivery {
@@ -168,11 +222,36 @@ pub async fn run(
             abort.abort();
         }
     }
+    // Flush telemetry off the async runtime: the OTLP reader uses a blocking client.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     Ok(())
 }
 
+/// Age of each view's last successful refresh, from the history.
+async fn last_success_ages(pool: &Pool, plan: &Plan) -> Result<Vec<Option<Duration>>, DaemonError> {
+    let client = pool.get().await.map_err(DbError::from)?;
+    let names: Vec<&str> = plan.views.iter().map(|v| v.name.as_str()).collect();
+    let rows = client
+        .query(
+            "SELECT n.name,
+                    (SELECT extract(epoch FROM clock_timestamp() - max(h.finished_at))::float8
+                     FROM mvrefresh.refresh_history h
+                     WHERE h.view_name = n.name AND h.outcome = 'success')
+             FROM unnest($1::text[]) AS n(name)",
+            &[&names],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            r.get::<_, Option<f64>>(1)
+                .map(|s| Duration::from_secs_f64(s.max(0.0)))
+        })
+        .collect())
+}
+
 struct Daemon {
-    config: Config,
+    config: Arc<Config>,
     db: Db,
     pool: Pool,
     plan: Arc<Plan>,
@@ -189,6 +268,9 @@ struct Daemon {
     catch_up_again: bool,
     last_prune: Option<Instant>,
     replica: String,
+    metrics: Metrics,
+    /// Manual refreshes asked over HTTP; [`crate::http`] holds the senders.
+    manual_rx: mpsc::Receiver<ManualRefresh>,
     /// Queues alerts for the delivery task.
     alerts: Alerts,
     tracker: Tracker,
@@ -197,12 +279,18 @@ struct Daemon {
 }
 
 impl Daemon {
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "private constructor called once, each argument a distinct collaborator"
+    )]
     fn new(
-        config: Config,
+        config: Arc<Config>,
         db: Db,
         pool: Pool,
         plan: Arc<Plan>,
         stats: Arc<Stats>,
+        metrics: Metrics,
+        manual_rx: mpsc::Receiver<ManualRefresh>,
         alerts: Alerts,
     ) -> Self {
         let now = Instant::now();
@@ -267,6 +355,8 @@ impl Daemon {
             catch_up_again: false,
             last_prune: None,
             replica,
+            metrics,
+            manual_rx,
             alerts,
             tracker,
             listener_down: None,
@@ -295,7 +385,7 @@ impl Daemon {
             tokio::spawn(crate::pgcron::watch(
                 self.db.clone(),
                 self.pool.clone(),
-                self.config.clone(),
+                (*self.config).clone(),
                 self.replica.clone(),
                 self.alerts.clone(),
                 self.stats.clone(),
@@ -309,6 +399,7 @@ impl Daemon {
         loop {
             let now = Instant::now();
             self.dispatch(now);
+            self.publish_gauges();
             let wake = self.next_wake(now);
             tokio::select! {
                 biased;
@@ -324,6 +415,7 @@ impl Daemon {
                         }
                     }
                 }
+                Some(request) = self.manual_rx.recv() => self.on_manual(request),
                 _ = catch_up.tick() => self.start_catch_up(),
                 _ = health.tick() => self.check_health(Instant::now()),
                 _ = watchdog_tick.tick(), if watchdog.is_some() => {
@@ -576,6 +668,13 @@ impl Daemon {
         match result {
             Ok(Outcome::Refreshed { keys, duration }) => {
                 self.stats.refreshes_succeeded.inc();
+                self.metrics.refresh(
+                    &name,
+                    "success",
+                    Some(duration),
+                    keys.as_ref().map(Vec::len),
+                );
+                st.last_success = Some(now);
                 if st.failures > 0 {
                     tracing::info!(view = %name, after_failures = st.failures, "refresh recovered");
                 }
@@ -596,7 +695,6 @@ impl Daemon {
                     .view(&name);
                     self.alerts.send_opt(self.tracker.recover(closed, now));
                 }
-                st.last_success = Some(now);
                 st.failures = 0;
                 st.busy = 0;
                 st.retry_at = None;
@@ -622,11 +720,13 @@ impl Daemon {
             }
             Ok(Outcome::NothingToDo) => {
                 self.stats.refreshes_skipped.inc();
+                self.metrics.refresh(&name, "skipped", None, None);
                 st.busy = 0;
                 st.retry_at = None;
                 tracing::debug!(view = %name, "nothing left to refresh (another replica covered it)");
             }
             Ok(Outcome::Busy) => {
+                self.metrics.refresh(&name, "busy", None, None);
                 st.debouncer.restore(batch);
                 let delay = BUSY_RETRY
                     .saturating_mul(1 << st.busy.min(8))
@@ -637,6 +737,7 @@ impl Daemon {
             }
             Err(e) => {
                 self.stats.refreshes_failed.inc();
+                self.metrics.refresh(&name, "failure", None, None);
                 st.debouncer.restore(batch);
                 st.failures += 1;
                 let threshold = self.config.alert.circuit_failures;
@@ -817,8 +918,10 @@ impl Daemon {
             },
             ListenerEvent::Notification(n) => {
                 self.stats.notifications_received.inc();
+                self.metrics.notification(&n.channel);
                 let Some((views, captured)) = self.channels.get(&n.channel) else {
                     self.stats.notifications_rejected.inc();
+                    self.metrics.rejected(&n.channel, "unknown_channel");
                     return;
                 };
                 match changelog::parse_payload(&n.payload, &self.config.listener.payload_key) {
@@ -831,11 +934,68 @@ impl Daemon {
                     }
                     Err(e) => {
                         self.stats.notifications_rejected.inc();
+                        self.metrics.rejected(&n.channel, e.reason());
                         let shown: String = n.payload.chars().take(200).collect();
                         tracing::warn!(channel = %n.channel, payload = %shown, reason = e.reason(), "notification rejected: {e}");
                     }
                 }
             }
+        }
+    }
+
+    /// Queues a manual refresh of one view or all (`POST /refresh[/{view}]`).
+    fn on_manual(&mut self, request: ManualRefresh) {
+        let targets: Vec<usize> = match &request.view {
+            None => (0..self.views.len()).collect(),
+            Some(name) => match self.plan.index(name) {
+                Some(i) => vec![i],
+                None => {
+                    let _ = request
+                        .reply
+                        .send(Err(format!("`{name}` is not a configured [[view]]")));
+                    return;
+                }
+            },
+        };
+        let now = Instant::now();
+        for &i in &targets {
+            let st = &mut self.views[i];
+            st.debouncer.note_due(ALL, now, now, true);
+            st.reason = Some(Reason::Manual);
+            st.retry_at = None;
+        }
+        tracing::info!(views = targets.len(), "manual refresh queued");
+        let names = targets
+            .iter()
+            .map(|&i| self.plan.views[i].name.clone())
+            .collect();
+        let _ = request.reply.send(Ok(names));
+    }
+
+    /// Publishes each view's pending keys, oldest change and last success for the gauges.
+    fn publish_gauges(&self) {
+        let gauges = self
+            .plan
+            .views
+            .iter()
+            .zip(&self.views)
+            .map(|(v, st)| {
+                let in_flight = st.in_flight.as_ref().map_or(0, |f| f.keys.len());
+                ViewGauges {
+                    name: v.name.clone(),
+                    pending_keys: st.debouncer.len() + in_flight,
+                    oldest_pending: st
+                        .debouncer
+                        .oldest()
+                        .into_iter()
+                        .chain(st.in_flight.as_ref().and_then(|f| f.oldest))
+                        .min(),
+                    last_success: st.last_success,
+                }
+            })
+            .collect();
+        if let Ok(mut slot) = self.stats.views.lock() {
+            *slot = gauges;
         }
     }
 

@@ -17,6 +17,9 @@ use crate::sql::{ident, literal, Relation};
 /// The daemon's own schema.
 pub const CORE_SQL: &str = include_str!("../sql/mvrefresh.sql");
 
+/// The `schema_version` that [`CORE_SQL`] installs (kept equal by a unit test).
+pub const SCHEMA_VERSION: &str = "2";
+
 /// The bundled analytics of SPEC §1, in the order they run.
 pub const ANALYTICS_SQL: &[(&str, &str)] = &[
     (
@@ -205,6 +208,12 @@ COMMENT ON FUNCTION {function}() IS {comment};
             ident(&trigger_name(c, op)),
         ));
     }
+    // What `check` compares to tell whether the installed capture is current.
+    sql.push_str(&format!(
+        "INSERT INTO mvrefresh.meta (key, value) VALUES ({}, {})\n    ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value\n    WHERE mvrefresh.meta.value <> EXCLUDED.value;\n",
+        literal(&fingerprint_key(c)),
+        literal(&fingerprint(c))
+    ));
     // Plan the comparison once now, so a bad column, predicate or a type without equality
     // fails the install instead of the first write.
     sql.push_str(&format!(
@@ -215,12 +224,42 @@ COMMENT ON FUNCTION {function}() IS {comment};
     sql
 }
 
+/// The `mvrefresh.meta` key holding a capture's fingerprint.
+pub fn fingerprint_key(c: &CaptureConfig) -> String {
+    format!("capture:{}", c.name)
+}
+
+/// A fingerprint of everything a capture's triggers are generated from (64-bit FNV-1a of its
+/// definition), so `check` can tell an installed capture that no longer matches the config.
+pub fn fingerprint(c: &CaptureConfig) -> String {
+    let definition = format!(
+        "{}\u{0}{}\u{0}{}\u{0}{}\u{0}{:?}\u{0}{}",
+        c.table,
+        c.channel,
+        c.key,
+        c.when.as_deref().unwrap_or(""),
+        c.columns,
+        TRIGGER_TEMPLATE_VERSION
+    );
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in definition.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// Bumped whenever [`capture_sql`] changes what it generates.
+const TRIGGER_TEMPLATE_VERSION: u32 = 1;
+
 fn drop_stale_captures_sql(config: &Config) -> String {
     let keep: Vec<String> = config
         .captures
         .iter()
         .map(|c| literal(&format!("capture_{}", c.name)))
         .collect();
+    let names: Vec<String> = config.captures.iter().map(|c| literal(&c.name)).collect();
+    let keep_names = format!("ARRAY[{}]::text[]", names.join(", "));
     let keep = if keep.is_empty() {
         "ARRAY[]::text[]".to_owned()
     } else {
@@ -266,6 +305,8 @@ BEGIN
     LOOP
         EXECUTE format('DROP FUNCTION %s', t.fn);
     END LOOP;
+    DELETE FROM mvrefresh.meta
+    WHERE key LIKE 'capture:%' AND substr(key, 9) <> ALL ({keep_names});
 END
 $mvrefresh$;
 "#
@@ -318,6 +359,27 @@ DROP TABLE mvrefresh_desired;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn schema_version_matches_the_sql() {
+        assert!(CORE_SQL.contains(&format!("VALUES ('schema_version', '{SCHEMA_VERSION}')")));
+    }
+
+    #[test]
+    fn fingerprint_changes_with_the_capture() {
+        let c = CaptureConfig {
+            name: "x".into(),
+            table: "t".into(),
+            channel: "c".into(),
+            key: "k".into(),
+            when: None,
+            columns: vec!["a".into()],
+        };
+        let mut d = c.clone();
+        d.columns.push("b".into());
+        assert_ne!(fingerprint(&c), fingerprint(&d));
+        assert_eq!(fingerprint(&c), fingerprint(&c.clone()));
+    }
 
     #[test]
     fn every_analytics_file_is_installed_in_order() {

@@ -21,6 +21,8 @@
 //! | [`alert`] | alert lifecycle per subject, webhook delivery (queue, retries, signature) |
 //! | [`pgcron`] | pg_cron: watch of failed job runs, `install --pg-cron` jobs |
 //! | [`status`] | `status` and `check` reports from the database |
+//! | [`telemetry`] | OpenTelemetry metrics: Prometheus registry and OTLP push |
+//! | [`http`] | the admin server: health, readiness, metrics, status, manual refresh |
 //! | [`stats`] | live counters shared by tasks and readers |
 //! | [`shutdown`] | SIGTERM/SIGINT |
 //! | [`sql`] | quoting of identifiers and literals |
@@ -40,6 +42,7 @@ pub mod daemon;
 pub mod db;
 pub mod debounce;
 pub mod graph;
+pub mod http;
 pub mod install;
 pub mod listener;
 pub mod pgcron;
@@ -48,6 +51,7 @@ pub mod shutdown;
 pub mod sql;
 pub mod stats;
 pub mod status;
+pub mod telemetry;
 
 /// Sets up `tracing` output as `[log]` asks; `RUST_LOG` wins over `level` when set.
 pub fn init_logging(log: &config::LogConfig) {

@@ -1,8 +1,10 @@
 //! Live counters and gauges of the running daemon, shared (behind an `Arc`) by the tasks that
 //! move them and the readers that report them (tests, the admin endpoints).
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
@@ -49,6 +51,17 @@ impl DurationGauge {
     }
 }
 
+/// One view's live state, published by the main loop after every step.
+#[derive(Debug, Clone)]
+pub struct ViewGauges {
+    pub name: String,
+    /// Keys waiting for a refresh (pending or in flight).
+    pub pending_keys: usize,
+    /// The oldest change not yet reflected.
+    pub oldest_pending: Option<Instant>,
+    pub last_success: Option<Instant>,
+}
+
 #[derive(Debug, Default)]
 pub struct Stats {
     pub listener_connected: Flag,
@@ -76,6 +89,9 @@ pub struct Stats {
     pub pg_cron_failed_runs: Counter,
     /// Polls of `cron.job_run_details` completed.
     pub pg_cron_polls: Counter,
-    /// Set once start-up is complete and the main loop runs.
+    /// Set once start-up is complete and the main loop runs; cleared at shutdown.
     pub ready: Flag,
+    pub views: Mutex<Vec<ViewGauges>>,
+    /// Where the admin HTTP server listens, once bound.
+    pub http_addr: Mutex<Option<SocketAddr>>,
 }

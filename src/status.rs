@@ -19,6 +19,8 @@ pub struct ViewStatus {
     pub consecutive_failures: i64,
     pub pending_keys: i64,
     pub oldest_pending_age_seconds: Option<f64>,
+    /// RFC 3339, UTC: when the `schedule` backstop refreshes next (last success + schedule).
+    pub next_scheduled_refresh: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -53,6 +55,7 @@ pub async fn status(
             consecutive_failures: 0,
             pending_keys: 0,
             oldest_pending_age_seconds: None,
+            next_scheduled_refresh: None,
         };
         if installed {
             let row = client
@@ -74,8 +77,11 @@ pub async fn status(
                             (SELECT n FROM failures),
                             (SELECT count(DISTINCT key) FROM mvrefresh.change_log WHERE view_name = $1),
                             (SELECT extract(epoch FROM clock_timestamp() - min(changed_at))::float8
-                             FROM mvrefresh.change_log WHERE view_name = $1)",
-                    &[name],
+                             FROM mvrefresh.change_log WHERE view_name = $1),
+                            to_char((coalesce((SELECT finished_at FROM last_ok), clock_timestamp())
+                                     + make_interval(secs => $2)) AT TIME ZONE 'UTC',
+                                    'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+                    &[name, &v.schedule.map(|d| d.as_secs_f64())],
                 )
                 .await?;
             s.last_success = row.get(0);
@@ -84,6 +90,7 @@ pub async fn status(
             s.consecutive_failures = row.get(3);
             s.pending_keys = row.get(4);
             s.oldest_pending_age_seconds = row.get(5);
+            s.next_scheduled_refresh = row.get(6);
         }
         views.push(s);
     }
@@ -93,12 +100,20 @@ pub async fn status(
 /// The readable table of `mvrefresh status`.
 pub fn render_table(status: &Status) -> String {
     let mut out = format!(
-        "{:<36} {:<13} {:<28} {:>10} {:>8} {:>8} {:>10}  {}\n",
-        "VIEW", "MODE", "LAST SUCCESS", "DURATION", "FAILS", "PENDING", "OLDEST", "LAST ERROR"
+        "{:<36} {:<13} {:<28} {:>10} {:>6} {:>8} {:>10} {:<28} {}\n",
+        "VIEW",
+        "MODE",
+        "LAST SUCCESS",
+        "DURATION",
+        "FAILS",
+        "PENDING",
+        "OLDEST",
+        "NEXT SCHEDULED",
+        "LAST ERROR"
     );
     for v in &status.views {
         out.push_str(&format!(
-            "{:<36} {:<13} {:<28} {:>10} {:>8} {:>8} {:>10}  {}\n",
+            "{:<36} {:<13} {:<28} {:>10} {:>6} {:>8} {:>10} {:<28} {}\n",
             v.name,
             v.mode,
             v.last_success.as_deref().unwrap_or("never"),
@@ -108,6 +123,7 @@ pub fn render_table(status: &Status) -> String {
             v.pending_keys,
             v.oldest_pending_age_seconds
                 .map_or("-".into(), |a| format!("{a:.1}s")),
+            v.next_scheduled_refresh.as_deref().unwrap_or("-"),
             v.last_error.as_deref().unwrap_or("")
         ));
     }
@@ -142,6 +158,76 @@ pub async fn check(
     } else {
         say(true, "the server is a primary".into());
     }
+    let has_meta: bool = client
+        .query_one("SELECT to_regclass('mvrefresh.meta') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    let installed: Option<String> = if has_meta {
+        client
+            .query_opt(
+                "SELECT value FROM mvrefresh.meta WHERE key = 'schema_version'",
+                &[],
+            )
+            .await?
+            .map(|r| r.get(0))
+    } else {
+        None
+    };
+    let installed = match installed {
+        Some(v) if v == crate::install::SCHEMA_VERSION => {
+            say(true, format!("mvrefresh schema installed (version {v})"));
+            let privileges: Vec<String> = client
+                .query(
+                    "SELECT t.name || ' (' || t.privs || ')' FROM (VALUES
+                         ('mvrefresh.change_log', 'SELECT,INSERT,DELETE'),
+                         ('mvrefresh.refresh_history', 'SELECT,INSERT,DELETE'),
+                         ('mvrefresh.subscription', 'SELECT,INSERT')) AS t(name, privs)
+                     WHERE NOT has_table_privilege(t.name, t.privs)",
+                    &[],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if privileges.is_empty() {
+                say(true, "privileges on the mvrefresh schema suffice".into());
+            } else {
+                say(
+                    false,
+                    format!(
+                        "missing privileges on {}; fix: GRANT them to this role, or connect as the role that ran `mvrefresh install`",
+                        privileges.join(", ")
+                    ),
+                );
+            }
+            true
+        }
+        Some(v) => {
+            say(
+                false,
+                format!(
+                    "mvrefresh schema version {v} installed, this binary expects {}; fix: run `mvrefresh install`",
+                    crate::install::SCHEMA_VERSION
+                ),
+            );
+            true
+        }
+        None => false,
+    };
+    let cron: Option<String> = client
+        .query_opt(
+            "SELECT extversion FROM pg_extension WHERE extname = 'pg_cron'",
+            &[],
+        )
+        .await?
+        .map(|r| r.get(0));
+    match cron {
+        Some(v) => say(true, format!("pg_cron {v} installed in this database")),
+        None => say(
+            true,
+            "pg_cron not installed in this database (optional: failed-job alerts and database-side backstops)".into(),
+        ),
+    }
     match Plan::load(client, config).await {
         Ok(plan) => {
             say(
@@ -174,8 +260,33 @@ pub async fn check(
             )
             .await?
             .get(0);
-        if found == names.len() as i64 {
-            say(true, format!("capture {} on {} installed", c.name, c.table));
+        let current: bool = if installed {
+            client
+                .query_one(
+                    "SELECT coalesce((SELECT value = $2 FROM mvrefresh.meta WHERE key = $1), false)",
+                    &[
+                        &crate::install::fingerprint_key(c),
+                        &crate::install::fingerprint(c),
+                    ],
+                )
+                .await?
+                .get(0)
+        } else {
+            false
+        };
+        if found == names.len() as i64 && current {
+            say(
+                true,
+                format!("capture {} on {} installed and current", c.name, c.table),
+            );
+        } else if found == names.len() as i64 {
+            say(
+                false,
+                format!(
+                    "capture {} on {}: installed from a different configuration; fix: run `mvrefresh install`",
+                    c.name, c.table
+                ),
+            );
         } else {
             say(
                 false,

@@ -236,3 +236,48 @@ async fn one_notification_per_challenge_per_transaction() {
     distinct.dedup();
     assert_eq!(distinct, ["0", "1", "2", "3", "4", "5", "6"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uninstall_leaves_writers_working() {
+    let db = Cluster::shared().create_db().await;
+    let config = harness::config(
+        &db.url,
+        &include_str!("../../config.toml")[include_str!("../../config.toml")
+            .find("[[capture]]")
+            .unwrap()..],
+    );
+    let d = mvrefresh::db::Db::new(&config.database).unwrap();
+    let mut c = d.connect_simple("t").await.unwrap();
+    let steps =
+        mvrefresh::install::script(&config, mvrefresh::install::Options { analytics: true });
+    mvrefresh::install::run(&mut c, &steps).await.unwrap();
+    c.query_one("SELECT analytics_generate_sample(200, 3, 10)", &[])
+        .await
+        .unwrap();
+    c.batch_execute(&format!(
+        "BEGIN; {} COMMIT;",
+        include_str!("../../sql/uninstall.sql")
+    ))
+    .await
+    .unwrap();
+    let left: i64 = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_namespace WHERE nspname = 'mvrefresh')
+                  + (SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'mvrefresh%')
+                  + (SELECT count(*) FROM pg_proc WHERE proname LIKE 'mvrefresh%')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    // Writers are unaffected.
+    c.batch_execute(
+        "UPDATE submissions SET status = 'scored' WHERE status = 'pending';
+         UPDATE bout_results SET winner_agent_id = NULL;
+         DELETE FROM submissions WHERE status = 'failed';
+         TRUNCATE bout_results;",
+    )
+    .await
+    .unwrap();
+}

@@ -37,7 +37,7 @@ fn text(o: &Output) -> String {
 fn config_text(url: &str, body: &str) -> String {
     format!(
         "[database]\nurl = \"{url}\"\n[debounce]\nquiet = \"100ms\"\nmax_wait = \"1s\"\n\
-         [refresh]\nshutdown_deadline = \"1s\"\n{}{body}",
+         [refresh]\nshutdown_deadline = \"1s\"\n[http]\nlisten = \"127.0.0.1:0\"\n{}{body}",
         harness::CAPTURE
     )
 }
@@ -126,6 +126,21 @@ async fn install_check_refresh_status() {
     let unknown = mvrefresh(&path, &["refresh", "mv_nope"]);
     assert_eq!(unknown.status.code(), Some(1));
     assert!(text(&unknown).contains("mv_nope"));
+
+    assert!(text(&check).contains("capture submissions on submissions installed and current"));
+    assert!(text(&check).contains("pg_cron"), "{}", text(&check));
+    // The capture in the config changed since the install.
+    let changed = write_config(
+        "changed.toml",
+        &config_text(&db.url, harness::VIEW_COUNTS).replace("[\"score\"]", "[\"score\", \"note\"]"),
+    );
+    let check = mvrefresh(&changed, &["check"]);
+    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
+    assert!(
+        text(&check).contains("installed from a different configuration"),
+        "{}",
+        text(&check)
+    );
 
     c.batch_execute("DROP INDEX mv_counts_challenge_id_idx")
         .await

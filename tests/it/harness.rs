@@ -389,6 +389,15 @@ where
 
 /// A config for tests: short debounce and timeouts, `body` appended (captures and views).
 pub fn config(url: &str, body: &str) -> Config {
+    config_with_env(url, body, &Default::default())
+}
+
+/// [`config`] with `env` as the environment (for secrets such as the admin token).
+pub fn config_with_env(
+    url: &str,
+    body: &str,
+    env: &std::collections::HashMap<String, String>,
+) -> Config {
     let text = format!(
         r#"
 [database]
@@ -407,6 +416,9 @@ catch_up_interval = "2s"
 quiet = "100ms"
 max_wait = "1s"
 
+[http]
+listen = "127.0.0.1:0"
+
 [refresh]
 retry_min = "100ms"
 retry_max = "1s"
@@ -415,7 +427,7 @@ lock_timeout = "5s"
 {body}
 "#
     );
-    Config::from_str_with_env(&text, Path::new("test.toml"), &Default::default())
+    Config::from_str_with_env(&text, Path::new("test.toml"), env)
         .unwrap_or_else(|e| panic!("test config: {e}"))
 }
 

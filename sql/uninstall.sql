@@ -1,0 +1,35 @@
+-- Removes everything `mvrefresh install` created, except the bundled analytics (see the end).
+-- Run it in one transaction: psql -1 -v ON_ERROR_STOP=1 -f sql/uninstall.sql "$DATABASE_URL"
+-- Stop every mvrefresh daemon first. pg_cron jobs registered with `install --pg-cron` are named
+-- mvrefresh:<view> and removed too when pg_cron is installed in this database.
+
+-- Capture triggers call mvrefresh.record_changes(): drop them before the schema, or writes to the
+-- captured tables would fail.
+DO $uninstall$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN
+        SELECT tg.tgrelid::regclass AS rel, tg.tgname
+        FROM pg_trigger tg
+        WHERE NOT tg.tgisinternal AND tg.tgname LIKE 'mvrefresh\_capture\_%'
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
+    END LOOP;
+    IF to_regprocedure('mvrefresh_capture_bout_results()') IS NOT NULL THEN
+        DROP FUNCTION mvrefresh_capture_bout_results();
+    END IF;
+    IF to_regclass('cron.job') IS NOT NULL THEN
+        PERFORM cron.unschedule(jobid) FROM cron.job WHERE jobname LIKE 'mvrefresh:%';
+    END IF;
+END
+$uninstall$;
+
+DROP SCHEMA IF EXISTS mvrefresh CASCADE;
+
+-- The bundled analytics (`install --analytics`) are yours to keep or drop. To drop them:
+--   DROP MATERIALIZED VIEW IF EXISTS mv_weakness_patterns, mv_lane_score_distribution,
+--       mv_agent_progress, mv_time_to_first_win;
+--   DROP TABLE IF EXISTS analytics_weakness_patterns, analytics_lane_score_distribution,
+--       analytics_agent_progress, analytics_time_to_first_win;
+--   and the analytics_* functions (\df analytics_*). The operational tables are never touched.

@@ -1,0 +1,138 @@
+//! The deployment files agree with the binary: the systemd unit verifies, the Kubernetes config
+//! parses and matches its manifests, the Dockerfile keeps its promises.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+
+use mvrefresh::config::Config;
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// The number after `key:` on the first line that has it.
+fn yaml_number(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("{key}:")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in the manifest"))
+}
+
+#[test]
+fn systemd_unit_verifies() {
+    let unit = read("systemd/mvrefresh.service")
+        .replace("/usr/local/bin/mvrefresh", env!("CARGO_BIN_EXE_mvrefresh"));
+    for required in [
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "EnvironmentFile=",
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "CapabilityBoundingSet=",
+        "SystemCallFilter=@system-service",
+    ] {
+        assert!(unit.contains(required), "the unit lacks {required}");
+    }
+    let dir = std::env::temp_dir().join(format!("mvrefresh-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("mvrefresh.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (package systemd; scripts/test installs it)");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify failed:\n{said}"
+    );
+    assert!(
+        !said.contains("mvrefresh.service"),
+        "systemd-analyze verify complained:\n{said}"
+    );
+}
+
+#[test]
+fn kubernetes_config_and_manifests_agree() {
+    let env = HashMap::from([(
+        "MVREFRESH_DATABASE_URL".to_owned(),
+        "postgres://mvrefresh@postgres:5432/app".to_owned(),
+    )]);
+    let config = Config::from_str_with_env(
+        &read("deploy/kubernetes/config.toml"),
+        Path::new("deploy/kubernetes/config.toml"),
+        &env,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let addr = config.http.address().expect("the admin server is on");
+    assert!(
+        addr.ip().is_unspecified(),
+        "probes need {addr} on every interface"
+    );
+    let deadline = config.refresh.shutdown_deadline.as_secs();
+    for manifest in [
+        "deploy/kubernetes/deployment.yaml",
+        "deploy/kubernetes/sidecar.yaml",
+    ] {
+        let text = read(manifest);
+        let grace = yaml_number(&text, "terminationGracePeriodSeconds");
+        assert!(
+            grace > deadline,
+            "{manifest}: terminationGracePeriodSeconds {grace} must exceed shutdown_deadline {deadline}s"
+        );
+        assert!(
+            text.contains(&format!("containerPort: {}", addr.port())),
+            "{manifest}"
+        );
+        assert!(
+            text.contains("path: /healthz") && text.contains("path: /readyz"),
+            "{manifest}"
+        );
+        assert!(text.contains("secretRef: {name: mvrefresh}"), "{manifest}");
+        assert!(text.contains("runAsNonRoot: true"), "{manifest}");
+        assert!(text.contains("requests:"), "{manifest}");
+    }
+    let deployment = read("deploy/kubernetes/deployment.yaml");
+    assert_eq!(yaml_number(&deployment, "replicas"), 2);
+    let sidecar = read("deploy/kubernetes/sidecar.yaml");
+    let init = sidecar
+        .split("initContainers:")
+        .nth(1)
+        .and_then(|rest| rest.split("\n      containers:").next())
+        .expect("an initContainers section");
+    assert!(init.contains("restartPolicy: Always"), "a native sidecar");
+    assert!(read("deploy/kubernetes/kustomization.yaml").contains("config.toml"));
+}
+
+#[test]
+fn dockerfile_is_multistage_locked_and_non_root() {
+    let docker = read("Dockerfile");
+    assert_eq!(
+        docker.matches("\nFROM ").count() + usize::from(docker.starts_with("FROM ")),
+        2
+    );
+    assert!(docker.contains("--locked"));
+    assert!(docker.contains("COPY --from=build"));
+    assert!(docker.contains("COPY sql"));
+    assert!(!docker.contains("HEALTHCHECK"));
+    assert!(docker.contains("EXPOSE 9187"));
+    let user = docker
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
+        .expect("a USER line");
+    assert!(
+        !user.trim().starts_with("root") && !user.trim().starts_with("0"),
+        "{user}"
+    );
+}
