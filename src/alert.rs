@@ -408,8 +408,7 @@ impl Webhook {
         let Some(url) = config.webhook_url.clone() else {
             return Ok(None);
         };
-        // rustls needs a process-wide crypto provider; a second install is a no-op error.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::install_tls_provider();
         let client = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout)

@@ -53,6 +53,13 @@ pub mod stats;
 pub mod status;
 pub mod telemetry;
 
+/// Installs the process-wide rustls crypto provider (ring) that every HTTP client needs (the
+/// alert webhook, the OTLP exporter: reqwest is built without a provider of its own). Idempotent.
+pub fn install_tls_provider() {
+    // Err means a provider is already installed: fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Sets up `tracing` output as `[log]` asks; `RUST_LOG` wins over `level` when set.
 pub fn init_logging(log: &config::LogConfig) {
     use tracing_subscriber::EnvFilter;
