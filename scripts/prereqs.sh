@@ -1,4 +1,4 @@
-# Sourced by the scripts: makes sure PostgreSQL server binaries and pg_cron are installed
+# Sourced by the scripts: makes sure PostgreSQL server binaries, pg_cron and openssl are installed
 # (Debian/Ubuntu packages), installing what is missing. Sets PG_BIN to the newest server's bin
 # directory.
 
@@ -32,6 +32,8 @@ ensure_postgres() {
         apt_install "postgresql-$PG_VERSION-cron" || echo "warning: pg_cron could not be installed" >&2
     fi
     command -v psql >/dev/null || apt_install postgresql-client
+    # The TLS tests make a throwaway CA and server certificate with the openssl CLI.
+    command -v openssl >/dev/null || apt_install openssl
     # The unit-file test runs `systemd-analyze verify`.
     command -v systemd-analyze >/dev/null || apt_install systemd
     export PG_BIN PG_VERSION

@@ -12,6 +12,7 @@ use crate::debounce::ALL;
 use crate::graph::Plan;
 use crate::refresh::{self, Outcome, Reason, Request, Settings};
 use crate::stats::Stats;
+use crate::tls::SslMode;
 use crate::{daemon, install, status};
 
 /// Exit code for a bad configuration file (`EX_CONFIG` from sysexits.h).
@@ -242,7 +243,8 @@ async fn check_cmd(config: Config, test_alert: bool) -> anyhow::Result<ExitCode>
             return Ok(ExitCode::from(1));
         }
     };
-    let lines = status::check(&client, &config, &db.target()).await?;
+    let mut lines = status::check(&client, &config, &db.target()).await?;
+    lines.insert(1.min(lines.len()), encryption_line(&client, &db).await?);
     let mut ok = webhook_ok && check_pg_cron(&config, &db).await;
     for l in &lines {
         println!("{}: {}", if l.ok { "ok" } else { "problem" }, l.text);
@@ -376,6 +378,48 @@ async fn check_webhook(config: &Config, test_alert: bool) -> bool {
             }
         }
     }
+}
+
+/// Whether the check's own connection is encrypted, and how far the server is verified.
+async fn encryption_line(
+    client: &tokio_postgres::Client,
+    db: &Db,
+) -> Result<status::CheckLine, tokio_postgres::Error> {
+    let mode = db.ssl_mode();
+    let row = client
+        .query_opt(
+            "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await?;
+    let (ssl, version) = row
+        .map(|r| (r.get::<_, bool>(0), r.get::<_, Option<String>>(1)))
+        .unwrap_or((false, None));
+    let text = match (ssl, mode) {
+        (true, SslMode::VerifyFull) => format!(
+            "connection encrypted ({}, sslmode={mode}: certificate and host name verified)",
+            version.unwrap_or_default()
+        ),
+        (true, _) => format!(
+            "connection encrypted ({}, sslmode={mode}); {} not verified: consider \
+             sslmode=verify-full with sslrootcert",
+            version.unwrap_or_default(),
+            if db.verifies_chain() {
+                "the server's host name is"
+            } else {
+                "the server's certificate is"
+            }
+        ),
+        (false, _) if db.unix_only() => {
+            "connection over a Unix socket (not encrypted; TLS does not apply)".to_owned()
+        }
+        (false, SslMode::Disable) => "connection not encrypted (sslmode=disable)".to_owned(),
+        (false, _) => format!(
+            "connection not encrypted: the server offers no TLS and sslmode={mode} fell back to \
+             plaintext; use sslmode=verify-full with sslrootcert"
+        ),
+    };
+    Ok(status::CheckLine { ok: true, text })
 }
 
 async fn status_cmd(config: Config, json: bool) -> anyhow::Result<ExitCode> {

@@ -634,12 +634,9 @@ impl Config {
                 &format!("is empty; set it or the environment variable {ENV_DATABASE_URL}"),
             );
         }
-        if let Err(e) = self.database.url.parse::<tokio_postgres::Config>() {
-            // The parser's message never echoes the URL, so no password can leak here.
-            return err(
-                "database.url",
-                &format!("is not a valid connection string: {e}"),
-            );
+        // The whole connection setup, TLS files included: a bad one is a configuration error.
+        if let Err(e) = crate::db::Db::new(&self.database) {
+            return err("database.url", &e.problem());
         }
         if self.database.pool_size < 2 {
             return err("database.pool_size", "must be at least 2");
@@ -829,8 +826,11 @@ impl Config {
         }
         positive("pg_cron.poll_interval", self.pg_cron.poll_interval)?;
         if let Some(url) = &self.pg_cron.database_url {
-            if url.expose().parse::<tokio_postgres::Config>().is_err() {
-                return err("pg_cron.database_url", "is not a valid connection string");
+            // Same checks as database.url (TLS files included); the problem never echoes the URL.
+            let mut settings = self.database.clone();
+            settings.url = url.expose().to_owned();
+            if let Err(e) = crate::db::Db::new(&settings) {
+                return err("pg_cron.database_url", &e.problem());
             }
         }
         Ok(())
@@ -1033,5 +1033,29 @@ channels = ["c"]
         let msg = parse(&text).unwrap_err().to_string();
         assert!(msg.contains("database.url"), "{msg}");
         assert!(!msg.contains("s3cret"), "{msg}");
+    }
+
+    #[test]
+    fn bad_tls_settings_name_key_and_file_without_the_password() {
+        let cases = [
+            ("sslmode=verify_full", "sslmode=verify_full is not one of"),
+            (
+                "sslmode=verify-full",
+                "sslmode=verify-full needs sslrootcert",
+            ),
+            (
+                "sslmode=verify-ca&sslrootcert=%2Fno%2Fsuch%2Fca.pem",
+                "sslrootcert=/no/such/ca.pem: cannot read",
+            ),
+        ];
+        for (query, expected) in cases {
+            let url = format!("postgres://u:s3cret@localhost/app?{query}");
+            let msg = parse(&MINIMAL.replace("postgres://localhost/app", &url))
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains("key `database.url`"), "{msg}");
+            assert!(msg.contains(expected), "{msg}");
+            assert!(!msg.contains("s3cret"), "{msg}");
+        }
     }
 }

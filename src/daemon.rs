@@ -41,13 +41,12 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_postgres::{CancelToken, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use crate::alert::{Alerts, Event, Kind, Tracker};
 use crate::changelog::{self, PendingRow};
 use crate::config::{Config, ListenerConfig};
-use crate::db::{Db, DbError};
+use crate::db::{Canceller, Db, DbError, UrlError};
 use crate::debounce::{Batch, Debouncer, ALL};
 use crate::graph::{Plan, PlanError};
 use crate::http::{self, ManualRefresh};
@@ -68,8 +67,8 @@ const BUSY_RETRY_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("invalid database URL: {0}")]
-    Url(#[source] tokio_postgres::Error),
+    #[error(transparent)]
+    Url(#[from] UrlError),
     #[error(transparent)]
     Db(#[from] DbError),
     #[error(transparent)]
@@ -115,7 +114,7 @@ struct InFlight {
     keys: BTreeSet<String>,
     /// The oldest change the refresh covers.
     oldest: Option<Instant>,
-    cancel: Arc<Mutex<Option<CancelToken>>>,
+    cancel: Arc<Mutex<Option<Canceller>>>,
     task: JoinHandle<()>,
 }
 
@@ -140,7 +139,18 @@ pub async fn run(
     stats: Arc<Stats>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
-    let db = Db::new(&config.database).map_err(DaemonError::Url)?;
+    let db = Db::new(&config.database)?;
+    if db.ssl_mode().may_be_plaintext()
+        && db.ssl_mode() != crate::tls::SslMode::Disable
+        && !db.unix_only()
+    {
+        tracing::warn!(
+            sslmode = %db.ssl_mode(),
+            "database.url: sslmode={} falls back to plaintext when the server does not offer TLS, \
+             and does not verify the server's certificate; use sslmode=verify-full with sslrootcert",
+            db.ssl_mode()
+        );
+    }
     let pool = db.pool(config.database.pool_size);
     let plan = {
         let client = pool.get().await.map_err(DbError::from)?;
@@ -448,7 +458,7 @@ impl Daemon {
                 .and_then(|f| f.cancel.lock().ok().and_then(|t| t.clone()));
             tracing::warn!(view = %self.plan.views[i].name, "shutdown deadline passed: cancelling the refresh");
             if let Some(token) = token {
-                if let Err(e) = token.cancel_query(NoTls).await {
+                if let Err(e) = token.cancel().await {
                     tracing::warn!(error = %e, "could not cancel the refresh query");
                 }
             }
@@ -602,9 +612,10 @@ impl Daemon {
             .iter()
             .map(|&d| self.plan.views[d].name.clone())
             .collect();
-        let cancel: Arc<Mutex<Option<CancelToken>>> = Arc::default();
+        let cancel: Arc<Mutex<Option<Canceller>>> = Arc::default();
         let task = {
             let pool = self.pool.clone();
+            let db = self.db.clone();
             let plan = self.plan.clone();
             let cancel = cancel.clone();
             let liveness = self.config.listener.clone();
@@ -614,6 +625,7 @@ impl Daemon {
                 async move {
                     let result = refresh_task(
                         &pool,
+                        &db,
                         &plan.views[i],
                         &dependents,
                         &request,
@@ -1065,18 +1077,23 @@ impl Daemon {
 /// its answer for longer than `heartbeat_timeout`, means the answer will never arrive; the
 /// refresh is then cancelled server-side and its connection discarded. A wall-clock limit
 /// (`timeout + lock_timeout + 10s`) remains as the last resort.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one refresh's whole context, each piece owned by the spawning task"
+)]
 async fn refresh_task(
     pool: &Pool,
+    db: &Db,
     view: &crate::graph::View,
     dependents: &[String],
     request: &Request,
     settings: &Settings,
     liveness: &ListenerConfig,
-    cancel: &Mutex<Option<CancelToken>>,
+    cancel: &Mutex<Option<Canceller>>,
 ) -> Result<Outcome, TaskError> {
     let mut client = pool.get().await.map_err(DbError::from)?;
     if let Ok(mut slot) = cancel.lock() {
-        *slot = Some(client.cancel_token());
+        *slot = Some(db.canceller(&client));
     }
     let pid: i32 = match tokio::time::timeout(
         liveness.heartbeat_timeout,
@@ -1116,7 +1133,7 @@ async fn refresh_task(
         // change-log rows until the server notices the client is gone (hours, with default
         // keepalives): end it, which rolls the refresh back. Cancel as a fallback.
         if !terminate_backend(pool, pid, liveness.heartbeat_timeout).await {
-            let _ = client.cancel_token().cancel_query(NoTls).await;
+            let _ = db.canceller(&client).cancel().await;
         }
         let _ = deadpool_postgres::Object::take(client);
     }

@@ -1,22 +1,51 @@
 //! Connections: the one place that knows how to reach PostgreSQL (URL, timeouts, TLS) and
 //! builds the refresh pool. The LISTEN connection is made here too but is never pooled.
+//!
+//! Every connection — pooled, LISTEN, one-shot, and the side connection of a server-side
+//! cancel — goes through the one [`MakeTls`] connector built from the URL's `sslmode` and
+//! certificate keys (see [`crate::tls`]).
 
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::{Client, Connection, NoTls, Socket};
+use tokio_postgres::{CancelToken, Client, Connection, Socket};
 
 use crate::config::DatabaseConfig;
+use crate::tls::{self, MakeTls, SslMode, TlsError, TlsStream};
+
+/// A dedicated connection's driver, as returned by [`Db::connect`].
+pub type DbConnection = Connection<Socket, TlsStream>;
 
 /// Advisory-lock namespace (first key of the two-key form): "mvrf".
 pub const LOCK_NAMESPACE: i32 = 0x6d76_7266;
 
+/// `[database] url` cannot be used. Names the key, never echoes the URL (it may hold a
+/// password).
+#[derive(Debug, thiserror::Error)]
+pub enum UrlError {
+    #[error("database.url: is not a valid connection string: {0}")]
+    Parse(#[source] tokio_postgres::Error),
+    #[error("database.url: {0}")]
+    Tls(#[from] TlsError),
+}
+
+impl UrlError {
+    /// The problem without the key (for messages that name the key themselves).
+    pub fn problem(&self) -> String {
+        match self {
+            // The parser's message never echoes the URL, so no password can leak here.
+            UrlError::Parse(e) => format!("is not a valid connection string: {e}"),
+            UrlError::Tls(e) => e.to_string(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("cannot connect to {target}: {source}")]
+    #[error("cannot connect to {target} (sslmode={mode}): {}", causes(source))]
     Connect {
         target: String,
+        mode: SslMode,
         #[source]
         source: tokio_postgres::Error,
     },
@@ -42,6 +71,12 @@ impl DbError {
 pub struct Db {
     config: tokio_postgres::Config,
     settings: DatabaseConfig,
+    /// `sslmode` as libpq means it (the driver's own is coarser).
+    mode: SslMode,
+    verifies_chain: bool,
+    /// Every host is a Unix socket: no TLS, whatever `sslmode` says.
+    unix_only: bool,
+    tls: MakeTls,
 }
 
 impl std::fmt::Debug for Db {
@@ -49,13 +84,30 @@ impl std::fmt::Debug for Db {
         // Never the URL: it may carry a password.
         f.debug_struct("Db")
             .field("target", &self.target())
+            .field("sslmode", &self.mode)
             .finish()
     }
 }
 
 impl Db {
-    pub fn new(settings: &DatabaseConfig) -> Result<Db, tokio_postgres::Error> {
-        let mut config: tokio_postgres::Config = settings.url.parse()?;
+    /// Parses the URL and builds the TLS connector (reading the certificate files it names).
+    pub fn new(settings: &DatabaseConfig) -> Result<Db, UrlError> {
+        let (url, params) = tls::split(&settings.url)?;
+        let mut config: tokio_postgres::Config = url.parse().map_err(UrlError::Parse)?;
+        let mode = params.mode();
+        let hosts = config.get_hosts();
+        let unix_only = !hosts.is_empty()
+            && hosts
+                .iter()
+                .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)));
+        // As libpq: TLS does not apply to Unix sockets (the server refuses it there), whatever
+        // the mode.
+        config.ssl_mode(if unix_only {
+            tokio_postgres::config::SslMode::Disable
+        } else {
+            mode.driver_mode()
+        });
+        let tls = params.connector()?;
         if config.get_application_name().is_none() {
             config.application_name(&settings.application_name);
         }
@@ -67,7 +119,35 @@ impl Db {
         Ok(Db {
             config,
             settings: settings.clone(),
+            mode,
+            verifies_chain: params.verifies_chain(),
+            unix_only,
+            tls,
         })
+    }
+
+    /// The `sslmode` in force.
+    pub fn ssl_mode(&self) -> SslMode {
+        self.mode
+    }
+
+    /// Whether every host is a Unix socket (where TLS does not apply).
+    pub fn unix_only(&self) -> bool {
+        self.unix_only
+    }
+
+    /// Whether the server's certificate chain is checked (`verify-*`, or `require` with
+    /// `sslrootcert`).
+    pub fn verifies_chain(&self) -> bool {
+        self.verifies_chain
+    }
+
+    /// Cancels what `client` is running, server-side, over the same TLS settings.
+    pub fn canceller(&self, client: &Client) -> Canceller {
+        Canceller {
+            token: client.cancel_token(),
+            tls: self.tls.clone(),
+        }
     }
 
     /// `user@host:port/dbname`, safe to log (no password).
@@ -100,17 +180,16 @@ impl Db {
 
     /// A dedicated connection with `application_name` set to `app`. The caller drives the
     /// returned `Connection` (spawn it, or poll it for notifications).
-    pub async fn connect(
-        &self,
-        app: &str,
-    ) -> Result<(Client, Connection<Socket, NoTlsStream>), DbError> {
+    pub async fn connect(&self, app: &str) -> Result<(Client, DbConnection), DbError> {
         let mut config = self.config.clone();
         config.application_name(app);
         let timeout = self.settings.connect_timeout;
-        match tokio::time::timeout(timeout + Duration::from_secs(1), config.connect(NoTls)).await {
+        let connect = config.connect(self.tls.clone());
+        match tokio::time::timeout(timeout + Duration::from_secs(1), connect).await {
             Ok(Ok(pair)) => Ok(pair),
             Ok(Err(source)) => Err(DbError::Connect {
                 target: self.target(),
+                mode: self.mode,
                 source,
             }),
             Err(_) => Err(DbError::ConnectTimeout {
@@ -135,7 +214,7 @@ impl Db {
     pub fn pool(&self, size: usize) -> Pool {
         let manager = Manager::from_config(
             self.config.clone(),
-            NoTls,
+            self.tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Verified,
             },
@@ -160,6 +239,63 @@ impl Db {
             });
         }
         Ok(())
+    }
+}
+
+/// Cancels one connection's running query: a side connection to the server, made with the
+/// same TLS connector as every other (a `verify-full` deployment never falls back to
+/// plaintext for it).
+#[derive(Clone)]
+pub struct Canceller {
+    token: CancelToken,
+    tls: MakeTls,
+}
+
+impl Canceller {
+    pub async fn cancel(&self) -> Result<(), tokio_postgres::Error> {
+        self.token.cancel_query(self.tls.clone()).await
+    }
+}
+
+/// `e` and its causes, `: `-separated: tokio-postgres's own message is only the kind ("error
+/// performing TLS handshake", "db error"); the why is in the causes.
+fn causes(e: &tokio_postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    let mut hint = None;
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        // tokio-rustls wraps the rustls error in an io::Error, whose source() skips it.
+        let tls = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        hint = hint.or_else(|| tls.and_then(tls_hint));
+        cause = c.source();
+    }
+    if let Some(hint) = hint {
+        text.push_str(" (");
+        text.push_str(hint);
+        text.push(')');
+    }
+    text
+}
+
+/// What an operator should look at when the server's certificate is refused.
+fn tls_hint(e: &rustls::Error) -> Option<&'static str> {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => {
+            Some("the server's certificate is not issued by a CA in sslrootcert")
+        }
+        rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            Some("the host in database.url is not a name in the server's certificate: connect by a name it lists, or use sslmode=verify-ca")
+        }
+        _ => None,
     }
 }
 

@@ -12,6 +12,7 @@
 //! | [`cli`] | the commands of SPEC §3 (`run`, `install`, `refresh`, `check`, `status`) |
 //! | [`install`] | the schema, capture triggers and subscriptions, in one transaction |
 //! | [`db`] | reaching PostgreSQL: URL, timeouts, the refresh pool, primary check |
+//! | [`tls`] | `sslmode`/`sslrootcert`/`sslcert`/`sslkey` → the one rustls connector |
 //! | [`listener`] | the LISTEN connection: reconnect with backoff, heartbeat |
 //! | [`changelog`] | the durable change log and notification payloads |
 //! | [`debounce`] | per-key `quiet` / `max_wait` debouncing |
@@ -52,6 +53,7 @@ pub mod sql;
 pub mod stats;
 pub mod status;
 pub mod telemetry;
+pub mod tls;
 
 /// Installs the process-wide rustls crypto provider (ring) that every HTTP client needs (the
 /// alert webhook, the OTLP exporter: reqwest is built without a provider of its own). Idempotent.

@@ -63,7 +63,7 @@ pub enum PgCronError {
         message: String,
     },
     #[error("invalid [pg_cron] database_url: {0}")]
-    Url(#[source] tokio_postgres::Error),
+    Url(#[source] crate::db::UrlError),
     #[error(transparent)]
     Db(#[from] DbError),
     #[error("pg_cron: {0}")]

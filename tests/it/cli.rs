@@ -8,7 +8,7 @@ use crate::harness::{self, Cluster};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mvrefresh");
 
-fn write_config(name: &str, text: &str) -> PathBuf {
+pub(crate) fn write_config(name: &str, text: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("mvrefresh-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
@@ -16,7 +16,7 @@ fn write_config(name: &str, text: &str) -> PathBuf {
     path
 }
 
-fn mvrefresh(config: &PathBuf, args: &[&str]) -> Output {
+pub(crate) fn mvrefresh(config: &PathBuf, args: &[&str]) -> Output {
     Command::new(BIN)
         .arg("--config")
         .arg(config)
@@ -26,7 +26,7 @@ fn mvrefresh(config: &PathBuf, args: &[&str]) -> Output {
         .expect("run mvrefresh")
 }
 
-fn text(o: &Output) -> String {
+pub(crate) fn text(o: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
@@ -34,7 +34,7 @@ fn text(o: &Output) -> String {
     )
 }
 
-fn config_text(url: &str, body: &str) -> String {
+pub(crate) fn config_text(url: &str, body: &str) -> String {
     format!(
         "[database]\nurl = \"{url}\"\n[debounce]\nquiet = \"100ms\"\nmax_wait = \"1s\"\n\
          [refresh]\nshutdown_deadline = \"1s\"\n[http]\nlisten = \"127.0.0.1:0\"\n{}{body}",
@@ -159,24 +159,8 @@ async fn sigterm_mid_refresh_exits_0_and_cancels_the_refresh() {
     let db = Cluster::shared().create_db().await;
     let c = db.client().await;
     c.batch_execute(harness::SCHEMA).await.unwrap();
-    c.batch_execute(
-        "CREATE TABLE knobs (sleep_s float8 NOT NULL);
-         INSERT INTO knobs VALUES (0);
-         CREATE MATERIALIZED VIEW mv_slow AS
-             SELECT challenge_id, count(*) AS n
-             FROM submissions, (SELECT pg_sleep((SELECT sleep_s FROM knobs))) z
-             WHERE status = 'scored' GROUP BY challenge_id;
-         CREATE UNIQUE INDEX ON mv_slow (challenge_id);",
-    )
-    .await
-    .unwrap();
-    let path = write_config(
-        "slow.toml",
-        &config_text(
-            &db.url,
-            "[[view]]\nname = \"mv_slow\"\nmode = \"concurrently\"\nchannels = [\"submission_scored\"]\n",
-        ),
-    );
+    c.batch_execute(harness::SLOW_SCHEMA).await.unwrap();
+    let path = write_config("slow.toml", &config_text(&db.url, harness::VIEW_SLOW));
     let install = mvrefresh(&path, &["install"]);
     assert!(install.status.success(), "{}", text(&install));
     let mut child = Command::new(BIN)
@@ -195,15 +179,8 @@ async fn sigterm_mid_refresh_exits_0_and_cancels_the_refresh() {
         .await
         .unwrap();
     harness::score(&c, 1, 1).await;
-    harness::wait_for("a refresh to be running", || async {
-        c.query_opt(
-            "SELECT 1 FROM pg_stat_activity WHERE state = 'active'
-               AND query LIKE 'REFRESH MATERIALIZED VIEW%' AND datname = current_database()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .is_some()
+    harness::wait_some("a refresh to be running", || {
+        harness::refreshing(&c, "mv_slow")
     })
     .await;
     let kill = Command::new("kill")

@@ -131,6 +131,9 @@ async fn a_chain_of_three_views_refreshes_in_dependency_order() {
     let daemon = Daemon::start(config);
     daemon.wait_listening().await;
     wait_refreshed(&c, "mv_counts", 1).await;
+    // The start-up refresh of mv_counts is followed by its dependents': let the chain finish
+    // before forgetting it, or mv_c's start-up refresh lands in the history checked below.
+    wait_refreshed(&c, "mv_c", 1).await;
     c.batch_execute("DELETE FROM mvrefresh.refresh_history")
         .await
         .unwrap();
@@ -262,4 +265,124 @@ async fn two_daemons_never_refresh_one_view_at_once() {
     assert!(replicas >= 1);
     a.stop().await;
     b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_view_stops_neither_unrelated_views_nor_recovery() {
+    let db = Cluster::shared().create_db().await;
+    let c = db.client().await;
+    c.batch_execute(harness::SCHEMA).await.unwrap();
+    // mv_fail raises while knobs.divisor is 0; mv_fail_dep reads it.
+    c.batch_execute(
+        "CREATE TABLE fail_knob (divisor int NOT NULL);
+         INSERT INTO fail_knob VALUES (1);
+         CREATE MATERIALIZED VIEW mv_fail AS
+             SELECT challenge_id, count(*) / (SELECT divisor FROM fail_knob) AS n
+             FROM submissions WHERE status = 'scored' GROUP BY challenge_id;
+         CREATE UNIQUE INDEX ON mv_fail (challenge_id);
+         CREATE MATERIALIZED VIEW mv_fail_dep AS SELECT challenge_id, n FROM mv_fail;
+         CREATE UNIQUE INDEX ON mv_fail_dep (challenge_id);",
+    )
+    .await
+    .unwrap();
+    let body = format!(
+        "{}{}[[view]]\nname = \"mv_fail\"\nmode = \"concurrently\"\nchannels = [\"submission_scored\"]\n\
+         [[view]]\nname = \"mv_fail_dep\"\nmode = \"concurrently\"\n",
+        harness::CAPTURE,
+        harness::VIEW_COUNTS
+    );
+    let config = harness::config(&db.url, &body);
+    harness::install(&config).await;
+    let daemon = Daemon::start(config);
+    daemon.wait_listening().await;
+    wait_refreshed(&c, "mv_fail_dep", 1).await;
+    let dep_before = harness::refreshes(&c, "mv_fail_dep").await;
+
+    c.batch_execute("UPDATE fail_knob SET divisor = 0")
+        .await
+        .unwrap();
+    harness::score(&c, 1, 2).await;
+    harness::wait_for("mv_fail to fail twice (retried)", || async {
+        c.query_one(
+            "SELECT count(*) >= 2 FROM mvrefresh.refresh_history
+             WHERE view_name = 'mv_fail' AND outcome = 'failure' AND error LIKE '%division by zero%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, bool>(0)
+    })
+    .await;
+    // The unrelated view keeps up.
+    harness::score(&c, 2, 2).await;
+    harness::wait_for("mv_counts to keep refreshing", || harness::counts_fresh(&c)).await;
+    // The dependent waits for the view it reads.
+    assert_eq!(harness::refreshes(&c, "mv_fail_dep").await, dep_before);
+
+    c.batch_execute("UPDATE fail_knob SET divisor = 1")
+        .await
+        .unwrap();
+    harness::wait_for("mv_fail to recover and mv_fail_dep to follow", || async {
+        c.query_one(
+            "SELECT (SELECT sum(n) FROM mv_fail_dep) = 4
+                AND NOT EXISTS (SELECT 1 FROM mvrefresh.change_log)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, Option<bool>>(0)
+        .unwrap_or(false)
+    })
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedule_backstop_and_history_retention() {
+    let (db, c, _) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
+    // A history row from long ago, which the retention removes.
+    c.batch_execute(
+        "INSERT INTO mvrefresh.refresh_history
+             (view_name, mode, reason, started_at, finished_at, duration_ms, outcome, replica)
+         VALUES ('mv_counts', 'concurrently', 'change', now() - interval '30 days',
+                 now() - interval '30 days', 1, 'success', 'old')",
+    )
+    .await
+    .unwrap();
+    // No channel: only the schedule refreshes it.
+    let config = {
+        let mut config = harness::config(
+            &db.url,
+            &format!(
+                "{}[[view]]\nname = \"mv_counts\"\nmode = \"concurrently\"\nschedule = \"300ms\"\n",
+                harness::CAPTURE
+            ),
+        );
+        config.refresh.history_retention = Duration::from_secs(86_400);
+        config
+    };
+    let daemon = Daemon::start(config);
+    daemon.wait_listening().await;
+    harness::wait_for("three scheduled refreshes", || async {
+        c.query_one(
+            "SELECT count(*) >= 3 FROM mvrefresh.refresh_history
+             WHERE view_name = 'mv_counts' AND reason = 'schedule' AND outcome = 'success'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, bool>(0)
+    })
+    .await;
+    harness::wait_for("the old history row pruned", || async {
+        c.query_one(
+            "SELECT count(*) = 0 FROM mvrefresh.refresh_history WHERE replica = 'old'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, bool>(0)
+    })
+    .await;
+    daemon.stop().await;
 }

@@ -71,12 +71,7 @@ async fn server_restart_loses_nothing() {
     for ch in 0..4 {
         harness::score(&c, ch, 5).await;
     }
-    let stats = daemon.stats.clone();
-    harness::wait_for("the listener to reconnect after the restart", || {
-        let ok = stats.listener_reconnects.get() > before && stats.listener_connected.get();
-        async move { ok }
-    })
-    .await;
+    daemon.wait_reconnected(before).await;
     harness::wait_for("changes made across the restart", || {
         harness::counts_fresh(&c)
     })
@@ -103,15 +98,8 @@ async fn frozen_connection_is_detected_by_the_heartbeat() {
     for ch in 0..3 {
         harness::score(&c, ch, 4).await;
     }
-    let stats = daemon.stats.clone();
-    harness::wait_for(
-        "the heartbeat to notice and the listener to reconnect",
-        || {
-            let ok = stats.listener_reconnects.get() > before && stats.listener_connected.get();
-            async move { ok }
-        },
-    )
-    .await;
+    // Only the heartbeat can notice: the frozen socket stays open.
+    daemon.wait_reconnected(before).await;
     harness::score(&c, 5, 1).await;
     harness::wait_for("every change to be reflected", || harness::counts_fresh(&c)).await;
     // The stalled listener's backend was ended: it would hold back the notification queue.
@@ -135,23 +123,10 @@ async fn a_refresh_whose_connection_freezes_is_abandoned_and_redone() {
     let db = Cluster::shared().create_db().await;
     let c = db.client().await;
     c.batch_execute(harness::SCHEMA).await.unwrap();
-    c.batch_execute(
-        "CREATE TABLE knobs (sleep_s float8 NOT NULL);
-         INSERT INTO knobs VALUES (0);
-         CREATE MATERIALIZED VIEW mv_slow AS
-             SELECT challenge_id, count(*) AS n
-             FROM submissions, (SELECT pg_sleep((SELECT sleep_s FROM knobs))) z
-             WHERE status = 'scored' GROUP BY challenge_id;
-         CREATE UNIQUE INDEX ON mv_slow (challenge_id);",
-    )
-    .await
-    .unwrap();
+    c.batch_execute(harness::SLOW_SCHEMA).await.unwrap();
     let proxy = Proxy::start(db.port).await;
     // The default refresh timeout (5 minutes) stays: only the liveness probe can save the day.
-    let body = format!(
-        "{}[[view]]\nname = \"mv_slow\"\nmode = \"concurrently\"\nchannels = [\"submission_scored\"]\n",
-        harness::CAPTURE
-    );
+    let body = format!("{}{}", harness::CAPTURE, harness::VIEW_SLOW);
     let config = harness::config(&db.url_via(proxy.port), &body);
     harness::install(&config).await;
     let daemon = Daemon::start(config);
@@ -164,15 +139,8 @@ async fn a_refresh_whose_connection_freezes_is_abandoned_and_redone() {
         .await
         .unwrap();
     harness::score(&c, 1, 1).await;
-    harness::wait_for("a refresh to be running", || async {
-        c.query_opt(
-            "SELECT 1 FROM pg_stat_activity WHERE state = 'active'
-               AND query LIKE 'REFRESH MATERIALIZED VIEW%' AND datname = current_database()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .is_some()
+    harness::wait_some("a refresh to be running", || {
+        harness::refreshing(&c, "mv_slow")
     })
     .await;
     proxy.freeze();
@@ -209,12 +177,7 @@ async fn cut_connections_are_reestablished() {
         let before = daemon.stats.listener_reconnects.get();
         proxy.cut();
         harness::score(&c, round, 2).await;
-        let stats = daemon.stats.clone();
-        harness::wait_for("the listener to reconnect", || {
-            let ok = stats.listener_reconnects.get() > before && stats.listener_connected.get();
-            async move { ok }
-        })
-        .await;
+        daemon.wait_reconnected(before).await;
     }
     harness::wait_for("every change to be reflected", || harness::counts_fresh(&c)).await;
     assert!(proxy.connections() >= 1);

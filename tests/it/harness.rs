@@ -31,6 +31,14 @@ pub struct Cluster {
     dir: PathBuf,
     bin: PathBuf,
     as_postgres: bool,
+    /// TCP connections must use TLS (`hostssl` only); the harness's own go through the socket.
+    tls_only: bool,
+}
+
+/// A server certificate and its key (PEM files).
+pub struct ServerCert<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
 }
 
 fn is_root() -> bool {
@@ -82,6 +90,17 @@ impl Cluster {
 
     /// A new cluster of its own (for tests that stop or restart the server).
     pub fn new() -> Cluster {
+        Cluster::create(None)
+    }
+
+    /// A cluster with `ssl = on` serving `server`, that accepts TCP connections over TLS only
+    /// (`hostssl`). [`Cluster::url`] then names its Unix socket, so the harness's own
+    /// connections need no certificate.
+    pub fn with_tls(server: ServerCert<'_>) -> Cluster {
+        Cluster::create(Some(server))
+    }
+
+    fn create(tls: Option<ServerCert<'_>>) -> Cluster {
         let bin = pg_bin();
         let as_postgres = is_root();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
@@ -97,6 +116,7 @@ impl Cluster {
             dir,
             bin,
             as_postgres,
+            tls_only: tls.is_some(),
         };
         let data = cluster.data();
         cluster.pg(
@@ -134,6 +154,10 @@ impl Cluster {
                 "shared_preload_libraries = 'pg_cron'\ncron.database_name = 'postgres'\n",
             );
         }
+        if let Some(server) = tls {
+            cluster.serve_tls(server);
+            conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        }
         let conf_path = data.join("postgresql.conf");
         let mut existing = std::fs::read_to_string(&conf_path).expect("postgresql.conf");
         existing.push_str(&conf);
@@ -141,6 +165,27 @@ impl Cluster {
         cluster.start();
         cluster.watch();
         cluster
+    }
+
+    /// Installs the server certificate and key in the data directory (the server insists the key
+    /// is private to it) and allows TCP connections over TLS only.
+    fn serve_tls(&self, server: ServerCert<'_>) {
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.data();
+        for (from, to) in [(server.cert, "server.crt"), (server.key, "server.key")] {
+            let to = data.join(to);
+            std::fs::copy(from, &to).expect("copy the server certificate");
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod the server certificate");
+            if self.as_postgres {
+                run(Command::new("chown").arg("postgres:postgres").arg(&to));
+            }
+        }
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+        )
+        .expect("write pg_hba.conf");
     }
 
     /// A hot standby streaming from this cluster (made with `pg_basebackup -R`).
@@ -157,6 +202,7 @@ impl Cluster {
             dir,
             bin: self.bin.clone(),
             as_postgres: self.as_postgres,
+            tls_only: false,
         };
         let data = standby.data();
         let primary_port = self.port.to_string();
@@ -227,6 +273,11 @@ impl Cluster {
             .expect("spawn the cluster watcher");
     }
 
+    /// The cluster's directory, removed with it (for files a test wants gone afterwards).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn data(&self) -> PathBuf {
         self.dir.join("data")
     }
@@ -281,6 +332,13 @@ impl Cluster {
     }
 
     pub fn url(&self, db: &str) -> String {
+        if self.tls_only {
+            return format!(
+                "host={} port={} user=postgres dbname={db}",
+                self.dir.display(),
+                self.port
+            );
+        }
         format!(
             "postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable",
             self.port
@@ -446,6 +504,39 @@ CREATE MATERIALIZED VIEW mv_counts AS
 CREATE UNIQUE INDEX ON mv_counts (challenge_id);
 ";
 
+/// A view whose refresh sleeps `knobs.sleep_s` seconds (0 at first), for mid-refresh faults.
+pub const SLOW_SCHEMA: &str = "
+CREATE TABLE knobs (sleep_s float8 NOT NULL);
+INSERT INTO knobs VALUES (0);
+CREATE MATERIALIZED VIEW mv_slow AS
+    SELECT challenge_id, count(*) AS n
+    FROM submissions, (SELECT pg_sleep((SELECT sleep_s FROM knobs))) z
+    WHERE status = 'scored' GROUP BY challenge_id;
+CREATE UNIQUE INDEX ON mv_slow (challenge_id);
+";
+
+pub const VIEW_SLOW: &str = r#"
+[[view]]
+name = "mv_slow"
+mode = "concurrently"
+channels = ["submission_scored"]
+"#;
+
+/// The `application_name` of the backend running a `REFRESH` of `view` right now, if any.
+pub async fn refreshing(client: &Client, view: &str) -> Option<String> {
+    client
+        .query_opt(
+            "SELECT application_name FROM pg_stat_activity
+             WHERE state = 'active' AND query LIKE 'REFRESH MATERIALIZED VIEW%' || $1 || '%'
+               AND datname = current_database()
+             LIMIT 1",
+            &[&view],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
 pub const CAPTURE: &str = r#"
 [[capture]]
 name = "submissions"
@@ -526,6 +617,16 @@ impl Daemon {
         let stats = self.stats.clone();
         wait_for("the listener to connect", || {
             let ok = stats.listener_connected.get() && stats.ready.get();
+            async move { ok }
+        })
+        .await;
+    }
+
+    /// Waits until the listener has reconnected more than `before` times and is connected.
+    pub async fn wait_reconnected(&self, before: u64) {
+        let stats = self.stats.clone();
+        wait_for("the listener to reconnect", || {
+            let ok = stats.listener_reconnects.get() > before && stats.listener_connected.get();
             async move { ok }
         })
         .await;

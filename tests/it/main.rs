@@ -13,3 +13,4 @@ mod harness;
 mod observe;
 mod proxy;
 mod replicas;
+mod tls;

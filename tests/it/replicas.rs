@@ -75,17 +75,7 @@ async fn three_replicas_one_killed_mid_refresh() {
     let db = Cluster::shared().create_db().await;
     let c = db.client().await;
     c.batch_execute(harness::SCHEMA).await.unwrap();
-    c.batch_execute(
-        "CREATE TABLE knobs (sleep_s float8 NOT NULL);
-         INSERT INTO knobs VALUES (0);
-         CREATE MATERIALIZED VIEW mv_slow AS
-             SELECT challenge_id, count(*) AS n
-             FROM submissions, (SELECT pg_sleep((SELECT sleep_s FROM knobs))) z
-             WHERE status = 'scored' GROUP BY challenge_id;
-         CREATE UNIQUE INDEX ON mv_slow (challenge_id);",
-    )
-    .await
-    .unwrap();
+    c.batch_execute(harness::SLOW_SCHEMA).await.unwrap();
     let dir = std::env::temp_dir().join(format!("mvrefresh-replicas-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut children = Replicas(Vec::new());
@@ -95,11 +85,11 @@ async fn three_replicas_one_killed_mid_refresh() {
              [debounce]\nquiet = \"100ms\"\nmax_wait = \"1s\"\n\
              [listener]\nheartbeat_interval = \"200ms\"\nheartbeat_timeout = \"1s\"\n\
              [refresh]\nretry_min = \"100ms\"\nretry_max = \"1s\"\nshutdown_deadline = \"2s\"\n\
-             [http]\nlisten = \"127.0.0.1:0\"\n{}{}\
-             [[view]]\nname = \"mv_slow\"\nmode = \"concurrently\"\nchannels = [\"submission_scored\"]\n",
+             [http]\nlisten = \"127.0.0.1:0\"\n{}{}{}",
             db.url,
             harness::CAPTURE,
-            harness::VIEW_COUNTS
+            harness::VIEW_COUNTS,
+            harness::VIEW_SLOW
         );
         let path = dir.join(format!("r{i}.toml"));
         std::fs::write(&path, config).unwrap();
@@ -145,16 +135,8 @@ async fn three_replicas_one_killed_mid_refresh() {
         .await
         .unwrap();
     harness::score(&c, 1, 3).await;
-    let refresher: String = harness::wait_some("a replica refreshing mv_slow", || async {
-        c.query_opt(
-            "SELECT application_name FROM pg_stat_activity
-             WHERE state = 'active' AND query LIKE 'REFRESH MATERIALIZED VIEW%mv_slow%'
-               AND datname = current_database()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .map(|r| r.get(0))
+    let refresher = harness::wait_some("a replica refreshing mv_slow", || {
+        harness::refreshing(&c, "mv_slow")
     })
     .await;
     let victim: usize = refresher
