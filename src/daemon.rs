@@ -697,7 +697,7 @@ impl Daemon {
                 )
                 .view(&name)
                 .failures(u64::from(st.failures));
-                self.alerts.send_opt(self.tracker.recover(recovered, now));
+                self.alerts.send_opt(self.tracker.recover(recovered));
                 if std::mem::take(&mut st.circuit_open) {
                     let closed = Event::new(
                         Kind::CircuitClosed,
@@ -705,7 +705,7 @@ impl Daemon {
                         format!("{name} refreshed successfully: circuit closed, normal refreshes resume"),
                     )
                     .view(&name);
-                    self.alerts.send_opt(self.tracker.recover(closed, now));
+                    self.alerts.send_opt(self.tracker.recover(closed));
                 }
                 st.failures = 0;
                 st.busy = 0;
@@ -881,7 +881,7 @@ impl Daemon {
                         ),
                     )
                     .view(&name);
-                    self.alerts.send_opt(self.tracker.recover(event, now));
+                    self.alerts.send_opt(self.tracker.recover(event));
                 }
                 _ => {}
             }
@@ -920,7 +920,7 @@ impl Daemon {
                             secs(now.saturating_duration_since(since))
                         ),
                     );
-                    self.alerts.send_opt(self.tracker.recover(event, now));
+                    self.alerts.send_opt(self.tracker.recover(event));
                 }
                 self.start_catch_up();
             }

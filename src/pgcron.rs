@@ -444,7 +444,7 @@ impl Watcher {
                     )
                     .view(&v.relation().to_string())
                     .detail("jobname", name.clone());
-                    self.alerts.send_opt(self.tracker.recover(event, now));
+                    self.alerts.send_opt(self.tracker.recover(event));
                 }
                 _ => {}
             }
