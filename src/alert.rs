@@ -392,13 +392,24 @@ impl DeliveryError {
     }
 }
 
-/// The webhook: URL, format, signing secret and an HTTP client. `Debug` masks URL and secret.
-#[derive(Clone, Debug)]
+/// The webhook: URL, format, signing secret and an HTTP client. `Debug` shows neither URL nor
+/// secret (nor the client, whose proxy settings may hold credentials).
+#[derive(Clone)]
 pub struct Webhook {
     url: Secret,
     format: AlertFormat,
     secret: Option<Secret>,
     client: reqwest::Client,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook")
+            .field("url", &self.url)
+            .field("format", &self.format)
+            .field("signed", &self.secret.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Webhook {

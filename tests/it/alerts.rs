@@ -778,3 +778,31 @@ async fn install_pg_cron_dry_run_prints_the_jobs_and_names_a_bad_schedule() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("view[0].schedule (mv_counts)"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slack_format_posts_one_text_line() {
+    let sink = sink().await;
+    let (_db, c, config) = setup(
+        &sink,
+        "format = \"slack\"\ncircuit_failures = 0",
+        &fragile_view(""),
+    )
+    .await;
+    set_fail(&c, true).await;
+    let daemon = Daemon::start(config);
+    let text = harness::wait_some("a Slack message", || async {
+        received(&sink)
+            .await
+            .into_iter()
+            .find_map(|m| m["text"].as_str().map(str::to_owned))
+    })
+    .await;
+    assert!(text.contains("refresh_failed view:mv_fragile"), "{text}");
+    assert!(text.contains("the knob says fail"), "{text}");
+    let first = &received(&sink).await[0];
+    assert_eq!(
+        first.as_object().unwrap().keys().collect::<Vec<_>>(),
+        vec!["text"]
+    );
+    daemon.stop().await;
+}
