@@ -1,7 +1,9 @@
 //! `mvrefresh install`: creates or upgrades, in one transaction under an advisory lock, what the
 //! daemon needs: its schema (`sql/mvrefresh.sql`), the bundled analytics (`--analytics`), the
 //! change-capture triggers of every `[[capture]]`, and the (channel, view) subscriptions of
-//! every `[[view]]`. Every step is idempotent: a second run changes nothing.
+//! every `[[view]]`. Every step is idempotent: a second run changes nothing. `--pg-cron` then
+//! registers the views' schedules as pg_cron jobs, in pg_cron's database and its own
+//! transaction ([`crate::pgcron::install_jobs`]).
 //!
 //! A capture's trigger is statement-level with transition tables, so a statement touching N rows
 //! runs it once. A key is dirty when the multiset of its relevant rows' `(key, columns…)` differs
