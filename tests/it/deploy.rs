@@ -100,8 +100,17 @@ fn kubernetes_config_and_manifests_agree() {
         );
         assert!(text.contains("secretRef: {name: mvrefresh}"), "{manifest}");
         assert!(text.contains("runAsNonRoot: true"), "{manifest}");
+        // The CA named by sslrootcert in the config is mounted where the URL says.
+        assert!(text.contains("mountPath: /etc/mvrefresh/ca"), "{manifest}");
+        assert!(
+            text.contains("\"--config\", \"/etc/mvrefresh/config/config.toml\""),
+            "{manifest}"
+        );
         assert!(text.contains("requests:"), "{manifest}");
     }
+    assert!(read("deploy/kubernetes/config.toml").contains("sslrootcert=/etc/mvrefresh/ca/ca.crt"));
+    assert!(read("deploy/kubernetes/secret.example.yaml")
+        .contains("sslrootcert=/etc/mvrefresh/ca/ca.crt"));
     let deployment = read("deploy/kubernetes/deployment.yaml");
     assert_eq!(yaml_number(&deployment, "replicas"), 2);
     let sidecar = read("deploy/kubernetes/sidecar.yaml");
