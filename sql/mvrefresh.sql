@@ -81,5 +81,17 @@ $$;
 GRANT USAGE ON SCHEMA mvrefresh TO PUBLIC;
 GRANT EXECUTE ON FUNCTION mvrefresh.record_changes(text, text[]) TO PUBLIC;
 
-INSERT INTO mvrefresh.meta (key, value) VALUES ('schema_version', '1')
+-- The pg_cron watch's cursor, per database whose `cron.job_run_details` it reads: every run up
+-- to `last_runid` is finished and was looked at; `alerted` holds the failed runs above it that
+-- were already reported (runs finish out of order). `version` lets replicas take turns: a poll
+-- only sends what it recorded by moving `version` on.
+CREATE TABLE IF NOT EXISTS mvrefresh.pg_cron_cursor (
+    cron_database text PRIMARY KEY,
+    last_runid    bigint NOT NULL,
+    alerted       bigint[] NOT NULL DEFAULT '{}',
+    version       bigint NOT NULL DEFAULT 0,
+    updated_at    timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+INSERT INTO mvrefresh.meta (key, value) VALUES ('schema_version', '2')
 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value WHERE mvrefresh.meta.value <> EXCLUDED.value;

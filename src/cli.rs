@@ -63,7 +63,11 @@ pub enum Command {
         all: bool,
     },
     /// Validate the configuration and the database; print a report.
-    Check,
+    Check {
+        /// Also post a `test` alert to the webhook and report the answer.
+        #[arg(long)]
+        test_alert: bool,
+    },
     /// Per view: last success, duration, last error, pending keys, oldest pending change.
     Status {
         /// Print JSON instead of a table.
@@ -82,7 +86,7 @@ pub async fn execute(command: Command, config: Config) -> ExitCode {
             dry_run,
         } => install_cmd(config, analytics, pg_cron, dry_run).await,
         Command::Refresh { views, all } => refresh_cmd(config, views, all).await,
-        Command::Check => check_cmd(config).await,
+        Command::Check { test_alert } => check_cmd(config, test_alert).await,
         Command::Status { json } => status_cmd(config, json).await,
     };
     match result {
@@ -110,15 +114,25 @@ async fn install_cmd(
     pg_cron: bool,
     dry_run: bool,
 ) -> anyhow::Result<ExitCode> {
-    if pg_cron {
-        anyhow::bail!("--pg-cron is not available in this version yet");
-    }
     let steps = install::script(&config, install::Options { analytics });
+    let db = Db::new(&config.database)?;
+    // Checked before anything runs, so a bad schedule changes nothing.
+    let cron_sql = if pg_cron {
+        Some(crate::pgcron::jobs_sql(&config, &db.dbname())?)
+    } else {
+        None
+    };
     if dry_run {
         print!("{}", install::render(&steps));
+        if let Some(sql) = cron_sql {
+            let cron = crate::pgcron::cron_db(&config, &db)?;
+            print!(
+                "\n-- pg_cron jobs, in {}\nBEGIN;\n{sql}COMMIT;\n",
+                cron.target()
+            );
+        }
         return Ok(ExitCode::SUCCESS);
     }
-    let db = Db::new(&config.database)?;
     let mut client = db.connect_simple("mvrefresh-install").await?;
     db.ensure_primary(&client).await?;
     install::run(&mut client, &steps).await?;
@@ -129,6 +143,25 @@ async fn install_cmd(
         config.captures.len(),
         config.views.iter().map(|v| v.channels.len()).sum::<usize>()
     );
+    if pg_cron {
+        let cron = crate::pgcron::cron_db(&config, &db)?;
+        let mut client = cron.connect_simple("mvrefresh-install").await?;
+        cron.ensure_primary(&client).await?;
+        let jobs = crate::pgcron::install_jobs(&mut client, &config, &db.dbname()).await?;
+        println!(
+            "pg_cron jobs in {} for database {}: {}",
+            cron.target(),
+            db.dbname(),
+            if jobs.is_empty() {
+                "none (no view has a schedule)".to_owned()
+            } else {
+                jobs.iter()
+                    .map(|(name, schedule)| format!("{name} [{schedule}]"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -196,8 +229,9 @@ async fn refresh_cmd(config: Config, names: Vec<String>, all: bool) -> anyhow::R
     })
 }
 
-async fn check_cmd(config: Config) -> anyhow::Result<ExitCode> {
+async fn check_cmd(config: Config, test_alert: bool) -> anyhow::Result<ExitCode> {
     println!("ok: configuration is valid");
+    let webhook_ok = check_webhook(&config, test_alert).await;
     let db = Db::new(&config.database)?;
     let client = match db.connect_simple("mvrefresh-check").await {
         Ok(c) => c,
@@ -211,7 +245,7 @@ async fn check_cmd(config: Config) -> anyhow::Result<ExitCode> {
     };
     let mut lines = status::check(&client, &config, &db.target()).await?;
     lines.insert(1.min(lines.len()), encryption_line(&client, &db).await?);
-    let mut ok = true;
+    let mut ok = webhook_ok && check_pg_cron(&config, &db).await;
     for l in &lines {
         println!("{}: {}", if l.ok { "ok" } else { "problem" }, l.text);
         ok &= l.ok;
@@ -221,6 +255,129 @@ async fn check_cmd(config: Config) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Prints what the pg_cron watch will see. False only when `[pg_cron] database_url` is set but
+/// unusable.
+async fn check_pg_cron(config: &Config, db: &Db) -> bool {
+    if !config.pg_cron.watch {
+        println!("ok: pg_cron watch off (pg_cron.watch = false)");
+        return true;
+    }
+    let explicit = config.pg_cron.database_url.is_some();
+    let work = async {
+        let cron = crate::pgcron::cron_db(config, db)?;
+        let client = cron.connect_simple("mvrefresh-check").await?;
+        let present: bool = client
+            .query_one(
+                "SELECT to_regclass('cron.job_run_details') IS NOT NULL
+                        AND to_regclass('cron.job') IS NOT NULL",
+                &[],
+            )
+            .await?
+            .get(0);
+        let jobs: Option<i64> = if present {
+            Some(
+                client
+                    .query_one(
+                        "SELECT count(*) FROM cron.job WHERE jobname LIKE 'mvrefresh:%' AND database = $1",
+                        &[&db.dbname()],
+                    )
+                    .await?
+                    .get(0),
+            )
+        } else {
+            None
+        };
+        Ok::<_, crate::pgcron::PgCronError>((cron.target(), present, jobs))
+    };
+    match work.await {
+        Ok((target, true, jobs)) => {
+            println!(
+                "ok: pg_cron watch: failed runs in {target} will be alerted; {} job(s) mvrefresh:* for this database",
+                jobs.unwrap_or(0)
+            );
+            true
+        }
+        Ok((target, false, _)) => {
+            println!(
+                "ok: pg_cron watch idle: no cron.job_run_details in {target}{}",
+                if explicit {
+                    ""
+                } else {
+                    " (set pg_cron.database_url when pg_cron lives in another database)"
+                }
+            );
+            true
+        }
+        Err(e) => {
+            println!(
+                "{}: pg_cron watch: {e}{}",
+                if explicit { "problem" } else { "ok" },
+                if explicit {
+                    "; fix: check pg_cron.database_url"
+                } else {
+                    ""
+                }
+            );
+            !explicit
+        }
+    }
+}
+
+/// Prints whether the webhook answers (and, with `test_alert`, accepts a `test` alert).
+/// Never prints the URL.
+async fn check_webhook(config: &Config, test_alert: bool) -> bool {
+    use crate::alert::{Event, Kind, Webhook};
+    let webhook = match Webhook::new(&config.alert) {
+        Ok(Some(w)) => w,
+        Ok(None) => {
+            println!(
+                "{}: no alert webhook configured (alerts are only logged; set alert.webhook_url or {})",
+                if test_alert { "problem" } else { "ok" },
+                crate::config::ENV_ALERT_WEBHOOK_URL
+            );
+            return !test_alert;
+        }
+        Err(e) => {
+            println!("problem: alert webhook: {e}");
+            return false;
+        }
+    };
+    let signed = if config.alert.secret.is_some() {
+        "signed"
+    } else {
+        "unsigned"
+    };
+    if test_alert {
+        let alert = Event::new(
+            Kind::Test,
+            "test",
+            "test alert from `mvrefresh check --test-alert`",
+        )
+        .into_alert(&format!("cli:{}", std::process::id()));
+        match webhook.post(&alert).await {
+            Ok(()) => {
+                println!("ok: alert webhook accepted a test alert ({signed})");
+                true
+            }
+            Err(e) => {
+                println!("problem: alert webhook did not accept a test alert: {e}; fix: check alert.webhook_url / {}", crate::config::ENV_ALERT_WEBHOOK_URL);
+                false
+            }
+        }
+    } else {
+        match webhook.probe().await {
+            Ok(code) => {
+                println!("ok: alert webhook answers (HTTP {code} to HEAD; {signed}; `check --test-alert` posts a test alert)");
+                true
+            }
+            Err(e) => {
+                println!("problem: alert webhook does not answer: {e}; fix: check alert.webhook_url / {}", crate::config::ENV_ALERT_WEBHOOK_URL);
+                false
+            }
+        }
+    }
 }
 
 /// Whether the check's own connection is encrypted, and how far the server is verified.

@@ -5,7 +5,9 @@
 //! defaults live here as named functions so the two can be compared (a unit test parses the
 //! shipped file).
 //!
-//! Environment overrides: `MVREFRESH_DATABASE_URL` replaces `[database] url`.
+//! Environment overrides: `MVREFRESH_DATABASE_URL` replaces `[database] url`,
+//! `MVREFRESH_ALERT_WEBHOOK_URL` replaces `[alert] webhook_url`, and `MVREFRESH_ALERT_SECRET`
+//! (never in the file) signs alert bodies.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -17,6 +19,12 @@ use crate::sql::Relation;
 
 /// Environment variable that overrides `[database] url`.
 pub const ENV_DATABASE_URL: &str = "MVREFRESH_DATABASE_URL";
+/// Environment variable that overrides `[alert] webhook_url`.
+pub const ENV_ALERT_WEBHOOK_URL: &str = "MVREFRESH_ALERT_WEBHOOK_URL";
+/// Environment variable that overrides `[pg_cron] database_url`.
+pub const ENV_PG_CRON_DATABASE_URL: &str = "MVREFRESH_PG_CRON_DATABASE_URL";
+/// Environment variable holding the secret that signs alert bodies (HMAC-SHA256).
+pub const ENV_ALERT_SECRET: &str = "MVREFRESH_ALERT_SECRET";
 /// Environment variable holding the bearer token of `POST /refresh` (off when unset).
 pub const ENV_ADMIN_TOKEN: &str = "MVREFRESH_ADMIN_TOKEN";
 
@@ -51,6 +59,10 @@ pub struct Config {
     pub refresh: RefreshConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub alert: AlertConfig,
+    #[serde(default)]
+    pub pg_cron: PgCronConfig,
     #[serde(default)]
     pub http: HttpConfig,
     #[serde(default)]
@@ -142,11 +154,17 @@ pub struct HttpConfig {
     pub admin_token: Option<Secret>,
 }
 
-/// A secret: usable, but never printed (`Debug` shows `***`).
-#[derive(Clone, PartialEq, Eq)]
+/// A value that must never be printed (a URL with a token, a signing secret): `Debug` shows `***`;
+/// nothing else prints it.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
 pub struct Secret(String);
 
 impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+    /// The value itself; only for using it, never for logging it.
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -156,6 +174,74 @@ impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("***")
     }
+}
+
+/// `[alert]`: where and how failures are reported (see [`crate::alert`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertConfig {
+    /// The webhook; none means alerts are only logged. Masked in `Debug`.
+    #[serde(default)]
+    pub webhook_url: Option<Secret>,
+    #[serde(default)]
+    pub format: AlertFormat,
+    /// An open alert is sent again (a reminder) at most this often.
+    #[serde(default = "default_repeat_after", with = "humantime_serde")]
+    pub repeat_after: Duration,
+    /// The listener must be disconnected this long before `listener_down` is sent.
+    #[serde(default = "default_listener_down_after", with = "humantime_serde")]
+    pub listener_down_after: Duration,
+    /// Consecutive failures of a view that open its circuit (0: never).
+    #[serde(default = "default_circuit_failures")]
+    pub circuit_failures: u32,
+    /// While a circuit is open, probes start this far apart and double...
+    #[serde(default = "default_circuit_probe_min", with = "humantime_serde")]
+    pub circuit_probe_min: Duration,
+    /// ...up to this.
+    #[serde(default = "default_circuit_probe_max", with = "humantime_serde")]
+    pub circuit_probe_max: Duration,
+    /// Alerts waiting for delivery; when full, the oldest is dropped (and counted).
+    #[serde(default = "default_queue_size")]
+    pub queue_size: usize,
+    /// Per-request timeout of a webhook POST.
+    #[serde(default = "default_alert_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Delivery retries: exponential from retry_min to retry_max, jittered, max_attempts in all.
+    #[serde(default = "default_alert_retry_min", with = "humantime_serde")]
+    pub retry_min: Duration,
+    #[serde(default = "default_alert_retry_max", with = "humantime_serde")]
+    pub retry_max: Duration,
+    #[serde(default = "default_alert_max_attempts")]
+    pub max_attempts: usize,
+    /// From `MVREFRESH_ALERT_SECRET` only (never the file): signs bodies with HMAC-SHA256.
+    #[serde(skip)]
+    pub secret: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertFormat {
+    /// The versioned JSON document of [`crate::alert`] (`mvrefresh.alert/v1`).
+    #[default]
+    Json,
+    /// `{"text": "…"}`, which Slack (and Mattermost, Teams' Slack shim…) accept.
+    Slack,
+}
+
+/// `[pg_cron]`: the watch of pg_cron's job runs (see [`crate::pgcron`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgCronConfig {
+    /// Watch `cron.job_run_details` when it exists.
+    #[serde(default = "default_true")]
+    pub watch: bool,
+    /// The database where pg_cron lives (`cron.database_name`), when it is not the daemon's.
+    /// Masked in `Debug`; `MVREFRESH_PG_CRON_DATABASE_URL` overrides it.
+    #[serde(default)]
+    pub database_url: Option<Secret>,
+    /// How often failed runs are looked for.
+    #[serde(default = "default_pg_cron_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
 }
 
 /// OpenTelemetry metrics export (the Prometheus endpoint is always there with `[http]`).
@@ -306,6 +392,63 @@ fn default_concurrency() -> usize {
 fn default_log_level() -> String {
     "info".to_owned()
 }
+fn default_repeat_after() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_listener_down_after() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_circuit_failures() -> u32 {
+    5
+}
+fn default_circuit_probe_min() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_circuit_probe_max() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_queue_size() -> usize {
+    1000
+}
+fn default_alert_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_alert_retry_min() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_alert_retry_max() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_alert_max_attempts() -> usize {
+    8
+}
+fn default_true() -> bool {
+    true
+}
+fn default_pg_cron_poll_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for AlertConfig {
+    fn default() -> Self {
+        Self {
+            webhook_url: None,
+            format: AlertFormat::Json,
+            repeat_after: default_repeat_after(),
+            listener_down_after: default_listener_down_after(),
+            circuit_failures: default_circuit_failures(),
+            circuit_probe_min: default_circuit_probe_min(),
+            circuit_probe_max: default_circuit_probe_max(),
+            queue_size: default_queue_size(),
+            timeout: default_alert_timeout(),
+            retry_min: default_alert_retry_min(),
+            retry_max: default_alert_retry_max(),
+            max_attempts: default_alert_max_attempts(),
+            secret: None,
+        }
+    }
+}
+
 fn default_http_listen() -> String {
     "127.0.0.1:9187".to_owned()
 }
@@ -324,6 +467,16 @@ impl Default for HttpConfig {
         Self {
             listen: default_http_listen(),
             admin_token: None,
+        }
+    }
+}
+
+impl Default for PgCronConfig {
+    fn default() -> Self {
+        Self {
+            watch: true,
+            database_url: None,
+            poll_interval: default_pg_cron_poll_interval(),
         }
     }
 }
@@ -451,6 +604,16 @@ impl Config {
         if let Some(url) = env.get(ENV_DATABASE_URL).filter(|u| !u.is_empty()) {
             config.database.url = url.clone();
         }
+        if let Some(url) = env.get(ENV_ALERT_WEBHOOK_URL).filter(|u| !u.is_empty()) {
+            config.alert.webhook_url = Some(Secret::new(url.clone()));
+        }
+        if let Some(url) = env.get(ENV_PG_CRON_DATABASE_URL).filter(|u| !u.is_empty()) {
+            config.pg_cron.database_url = Some(Secret::new(url.clone()));
+        }
+        config.alert.secret = env
+            .get(ENV_ALERT_SECRET)
+            .filter(|s| !s.is_empty())
+            .map(|s| Secret::new(s.clone()));
         config.http.admin_token = env
             .get(ENV_ADMIN_TOKEN)
             .filter(|t| !t.is_empty())
@@ -521,6 +684,7 @@ impl Config {
                 "must be less than database.pool_size (one connection is kept for bookkeeping)",
             );
         }
+        self.validate_alert()?;
         let listen = self.http.listen.trim();
         if !listen.is_empty() && listen.parse::<std::net::SocketAddr>().is_err() {
             return err(
@@ -623,6 +787,56 @@ impl Config {
     }
 }
 
+impl Config {
+    fn validate_alert(&self) -> Result<(), (String, String)> {
+        let err = |key: &str, msg: &str| Err((key.to_owned(), msg.to_owned()));
+        let a = &self.alert;
+        if let Some(url) = &a.webhook_url {
+            let u = url.expose();
+            // Never echo the URL: it may carry a token.
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return err(
+                    "alert.webhook_url",
+                    &format!("must be an http:// or https:// URL (or set {ENV_ALERT_WEBHOOK_URL})"),
+                );
+            }
+            if reqwest::Url::parse(u).is_err() {
+                return err("alert.webhook_url", "is not a valid URL");
+            }
+        }
+        positive("alert.repeat_after", a.repeat_after)?;
+        positive("alert.listener_down_after", a.listener_down_after)?;
+        positive("alert.circuit_probe_min", a.circuit_probe_min)?;
+        if a.circuit_probe_max < a.circuit_probe_min {
+            return err(
+                "alert.circuit_probe_max",
+                "must not be less than alert.circuit_probe_min",
+            );
+        }
+        if a.queue_size == 0 {
+            return err("alert.queue_size", "must be at least 1");
+        }
+        positive("alert.timeout", a.timeout)?;
+        positive("alert.retry_min", a.retry_min)?;
+        if a.retry_max < a.retry_min {
+            return err("alert.retry_max", "must not be less than alert.retry_min");
+        }
+        if a.max_attempts == 0 {
+            return err("alert.max_attempts", "must be at least 1");
+        }
+        positive("pg_cron.poll_interval", self.pg_cron.poll_interval)?;
+        if let Some(url) = &self.pg_cron.database_url {
+            // Same checks as database.url (TLS files included); the problem never echoes the URL.
+            let mut settings = self.database.clone();
+            settings.url = url.expose().to_owned();
+            if let Err(e) = crate::db::Db::new(&settings) {
+                return err("pg_cron.database_url", &e.problem());
+            }
+        }
+        Ok(())
+    }
+}
+
 fn positive(key: &str, d: Duration) -> Result<(), (String, String)> {
     if d.is_zero() {
         Err((key.to_owned(), "must be greater than zero".to_owned()))
@@ -695,6 +909,22 @@ channels = ["c"]
             .expect("shipped config.toml is valid");
         assert_eq!(c.views.len(), 8);
         assert_eq!(c.debounce.quiet, Duration::from_secs(2));
+        // The documented values are the defaults.
+        let d = AlertConfig::default();
+        assert_eq!(c.alert.webhook_url, None);
+        assert_eq!(c.alert.format, d.format);
+        assert_eq!(c.alert.repeat_after, d.repeat_after);
+        assert_eq!(c.alert.listener_down_after, d.listener_down_after);
+        assert_eq!(c.alert.circuit_failures, d.circuit_failures);
+        assert_eq!(c.alert.circuit_probe_min, d.circuit_probe_min);
+        assert_eq!(c.alert.circuit_probe_max, d.circuit_probe_max);
+        assert_eq!(c.alert.queue_size, d.queue_size);
+        assert_eq!(c.alert.timeout, d.timeout);
+        assert_eq!(c.alert.retry_min, d.retry_min);
+        assert_eq!(c.alert.retry_max, d.retry_max);
+        assert_eq!(c.alert.max_attempts, d.max_attempts);
+        assert_eq!(c.pg_cron.watch, PgCronConfig::default().watch);
+        assert_eq!(c.pg_cron.poll_interval, default_pg_cron_poll_interval());
     }
 
     #[test]
@@ -758,6 +988,40 @@ channels = ["c"]
         let text = format!("{MINIMAL}[[view]]\nname = \"MV_A\"\nmode = \"blocking\"\n");
         let msg = parse(&text).unwrap_err().to_string();
         assert!(msg.contains("view[1].name"), "{msg}");
+    }
+
+    #[test]
+    fn alert_env_overrides_and_masks() {
+        let text = MINIMAL.replace(
+            "[[view]]",
+            "[alert]\nwebhook_url = \"http://file/hook\"\n[[view]]",
+        );
+        let env = HashMap::from([
+            (
+                ENV_ALERT_WEBHOOK_URL.to_owned(),
+                "https://hooks.example/T0K3N".to_owned(),
+            ),
+            (ENV_ALERT_SECRET.to_owned(), "s3cret".to_owned()),
+        ]);
+        let c = Config::from_str_with_env(&text, Path::new("x.toml"), &env).unwrap();
+        assert_eq!(
+            c.alert.webhook_url.as_ref().unwrap().expose(),
+            "https://hooks.example/T0K3N"
+        );
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("T0K3N"), "{shown}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+    }
+
+    #[test]
+    fn bad_webhook_url_names_key_without_echo() {
+        let text = MINIMAL.replace(
+            "[[view]]",
+            "[alert]\nwebhook_url = \"ftp://T0K3N@x\"\n[[view]]",
+        );
+        let msg = parse(&text).unwrap_err().to_string();
+        assert!(msg.contains("key `alert.webhook_url`"), "{msg}");
+        assert!(!msg.contains("T0K3N"), "{msg}");
     }
 
     #[test]

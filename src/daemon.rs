@@ -14,6 +14,24 @@
 //!
 //! Shutdown is two-phase: stop intake (listener, catch-up, new refreshes), let in-flight
 //! refreshes finish until `[refresh] shutdown_deadline`, then cancel them server-side.
+//!
+//! # Failures, alerts and the circuit breaker
+//!
+//! The loop is where failures become known, so it owns the [`Tracker`] of view, circuit,
+//! staleness and listener alerts (the pg_cron watch has its own). A view's state:
+//!
+//! ```text
+//!   Healthy ──fail──▶ Failing (retry after retry_min·2^(n-1) ≤ retry_max; refresh_failed once)
+//!      ▲                 │ n = [alert] circuit_failures
+//!      │                 ▼
+//!      └──success── Open circuit (circuit_opened; one probe after circuit_probe_min·2^k
+//!                     ≤ circuit_probe_max; changes keep accumulating in the debouncer)
+//! ```
+//!
+//! A success from either state sends `refresh_recovered` (and `circuit_closed`). A health
+//! check runs every few hundred milliseconds: a view whose oldest unreflected change is older
+//! than its `max_staleness` is `view_stale` until it is fresh again (`view_fresh`); a listener
+//! disconnected longer than `[alert] listener_down_after` is `listener_down` until it is back.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -25,6 +43,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::alert::{Alerts, Event, Kind, Tracker};
 use crate::changelog::{self, PendingRow};
 use crate::config::{Config, ListenerConfig};
 use crate::db::{Canceller, Db, DbError, UrlError};
@@ -56,6 +75,8 @@ pub enum DaemonError {
     Plan(#[from] PlanError),
     #[error("start-up query failed: {0}")]
     Query(#[from] tokio_postgres::Error),
+    #[error("cannot set up alert delivery: {0}")]
+    Alert(String),
     #[error(transparent)]
     Telemetry(#[from] crate::telemetry::TelemetryError),
     #[error("cannot listen on {addr} (http.listen): {source}")]
@@ -106,7 +127,10 @@ struct ViewState {
     next_schedule: Option<Instant>,
     /// Why the next refresh runs, when not because of a change.
     reason: Option<Reason>,
+    /// The last successful refresh in this process.
     last_success: Option<Instant>,
+    /// Paused after `[alert] circuit_failures` failures in a row; probes with backoff.
+    circuit_open: bool,
 }
 
 /// Runs the daemon until `shutdown` completes; returns after a clean stop.
@@ -177,6 +201,10 @@ pub async fn run(
         order = %plan.describe_order(),
         "mvrefresh started"
     );
+    let cancel_alerts = CancellationToken::new();
+    let (alerts, delivery) = Alerts::start(&config.alert, stats.clone(), cancel_alerts.clone())
+        .map_err(|e| DaemonError::Alert(e.to_string()))?;
+    let alert_patience = config.alert.timeout + Duration::from_secs(1);
     let mut daemon = Daemon::new(
         config,
         db,
@@ -185,6 +213,7 @@ pub async fn run(
         stats,
         telemetry.metrics.clone(),
         manual_rx,
+        alerts,
     );
     let now = Instant::now();
     for (st, age) in daemon.views.iter_mut().zip(last_success) {
@@ -194,6 +223,14 @@ pub async fn run(
     stop_http.cancel();
     if let Some(http) = http {
         let _ = http.await;
+    }
+    // Last: alerts raised during shutdown still get one delivery attempt.
+    cancel_alerts.cancel();
+    if let Some(task) = delivery {
+        let abort = task.abort_handle();
+        if tokio::time::timeout(alert_patience, task).await.is_err() {
+            abort.abort();
+        }
     }
     // Flush telemetry off the async runtime: the OTLP reader uses a blocking client.
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
@@ -244,9 +281,18 @@ struct Daemon {
     metrics: Metrics,
     /// Manual refreshes asked over HTTP; [`crate::http`] holds the senders.
     manual_rx: mpsc::Receiver<ManualRefresh>,
+    /// Queues alerts for the delivery task.
+    alerts: Alerts,
+    tracker: Tracker,
+    /// Since when the listener is down, and why.
+    listener_down: Option<(Instant, String)>,
 }
 
 impl Daemon {
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "private constructor called once, each argument a distinct collaborator"
+    )]
     fn new(
         config: Arc<Config>,
         db: Db,
@@ -255,6 +301,7 @@ impl Daemon {
         stats: Arc<Stats>,
         metrics: Metrics,
         manual_rx: mpsc::Receiver<ManualRefresh>,
+        alerts: Alerts,
     ) -> Self {
         let now = Instant::now();
         let views = plan
@@ -276,6 +323,7 @@ impl Daemon {
                     next_schedule: v.config.schedule.map(|s| now + s),
                     reason,
                     last_success: None,
+                    circuit_open: false,
                 }
             })
             .collect();
@@ -301,6 +349,7 @@ impl Daemon {
             std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
             std::process::id()
         );
+        let tracker = Tracker::new(config.alert.repeat_after, replica.clone());
         Daemon {
             config,
             db,
@@ -318,6 +367,9 @@ impl Daemon {
             replica,
             metrics,
             manual_rx,
+            alerts,
+            tracker,
+            listener_down: None,
         }
     }
 
@@ -337,6 +389,19 @@ impl Daemon {
         let watchdog = watchdog_interval();
         let mut watchdog_tick =
             tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+        let mut health = tokio::time::interval(self.health_interval());
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let pg_cron = self.config.pg_cron.watch.then(|| {
+            tokio::spawn(crate::pgcron::watch(
+                self.db.clone(),
+                self.pool.clone(),
+                (*self.config).clone(),
+                self.replica.clone(),
+                self.alerts.clone(),
+                self.stats.clone(),
+                cancel_intake.clone(),
+            ))
+        });
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         self.stats.ready.set(true);
         tokio::pin!(shutdown);
@@ -362,6 +427,7 @@ impl Daemon {
                 }
                 Some(request) = self.manual_rx.recv() => self.on_manual(request),
                 _ = catch_up.tick() => self.start_catch_up(),
+                _ = health.tick() => self.check_health(Instant::now()),
                 _ = watchdog_tick.tick(), if watchdog.is_some() => {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
                 }
@@ -416,6 +482,15 @@ impl Daemon {
             .is_err()
         {
             abort.abort();
+        }
+        if let Some(task) = pg_cron {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
         }
         self.pool.close();
         tracing::info!("stopped");
@@ -514,8 +589,8 @@ impl Daemon {
         let view = &self.plan.views[i];
         let st = &mut self.views[i];
         let reason = st.reason.take().unwrap_or(Reason::Change);
-        let keys: Vec<String> = batch.iter().map(|(k, _)| k.clone()).collect();
         let oldest = batch.iter().map(|(_, p)| p.first).min();
+        let keys: Vec<String> = batch.iter().map(|(k, _)| k.clone()).collect();
         let forced: Vec<String> = batch
             .iter()
             .filter(|(_, p)| p.forced)
@@ -615,6 +690,23 @@ impl Daemon {
                 if st.failures > 0 {
                     tracing::info!(view = %name, after_failures = st.failures, "refresh recovered");
                 }
+                let recovered = Event::new(
+                    Kind::RefreshRecovered,
+                    format!("view:{name}"),
+                    format!("refresh of {name} succeeded again"),
+                )
+                .view(&name)
+                .failures(u64::from(st.failures));
+                self.alerts.send_opt(self.tracker.recover(recovered));
+                if std::mem::take(&mut st.circuit_open) {
+                    let closed = Event::new(
+                        Kind::CircuitClosed,
+                        format!("circuit:{name}"),
+                        format!("{name} refreshed successfully: circuit closed, normal refreshes resume"),
+                    )
+                    .view(&name);
+                    self.alerts.send_opt(self.tracker.recover(closed));
+                }
                 st.failures = 0;
                 st.busy = 0;
                 st.retry_at = None;
@@ -660,12 +752,56 @@ impl Daemon {
                 self.metrics.refresh(&name, "failure", None, None);
                 st.debouncer.restore(batch);
                 st.failures += 1;
-                let delay = retry_delay(
-                    self.config.refresh.retry_min,
-                    self.config.refresh.retry_max,
-                    st.failures,
-                );
+                let threshold = self.config.alert.circuit_failures;
+                let delay = if threshold > 0 && st.failures >= threshold {
+                    // Open: one probe at a time, further and further apart.
+                    retry_delay(
+                        self.config.alert.circuit_probe_min,
+                        self.config.alert.circuit_probe_max,
+                        st.failures - threshold + 1,
+                    )
+                } else {
+                    retry_delay(
+                        self.config.refresh.retry_min,
+                        self.config.refresh.retry_max,
+                        st.failures,
+                    )
+                };
                 st.retry_at = Some(now + delay);
+                let error = e.to_string();
+                let failed = Event::new(
+                    Kind::RefreshFailed,
+                    format!("view:{name}"),
+                    format!("refresh of {name} failed ({} in a row)", st.failures),
+                )
+                .view(&name)
+                .error(error.clone())
+                .failures(u64::from(st.failures))
+                .detail("retry_in_seconds", delay.as_secs_f64());
+                match self.tracker.fail(failed, now) {
+                    Some(alert) => self.alerts.send(alert),
+                    None => self.stats.alerts_suppressed.inc(),
+                }
+                if threshold > 0 && st.failures >= threshold && !st.circuit_open {
+                    st.circuit_open = true;
+                    self.stats.circuits_opened.inc();
+                    let opened = Event::new(
+                        Kind::CircuitOpened,
+                        format!("circuit:{name}"),
+                        format!(
+                            "{name} failed {} times in a row: refreshes paused, probing with backoff (next in {})",
+                            st.failures,
+                            humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
+                        ),
+                    )
+                    .view(&name)
+                    .error(error)
+                    .failures(u64::from(st.failures))
+                    .detail("next_probe_in_seconds", delay.as_secs_f64());
+                    if let Some(alert) = self.tracker.fail(opened, now) {
+                        self.alerts.send(alert);
+                    }
+                }
                 tracing::error!(
                     view = %name,
                     consecutive_failures = st.failures,
@@ -677,10 +813,121 @@ impl Daemon {
         }
     }
 
+    /// How often [`Self::check_health`] runs: a quarter of the shortest threshold it watches,
+    /// between 50 ms and 5 s.
+    fn health_interval(&self) -> Duration {
+        self.plan
+            .views
+            .iter()
+            .filter_map(|v| v.config.max_staleness)
+            .chain([self.config.alert.listener_down_after])
+            .min()
+            .unwrap_or(Duration::from_secs(5))
+            .div_f64(4.0)
+            .clamp(Duration::from_millis(50), Duration::from_secs(5))
+    }
+
+    /// Staleness of each view with a `max_staleness`, and a listener down too long.
+    fn check_health(&mut self, now: Instant) {
+        for i in 0..self.views.len() {
+            let Some(limit) = self.plan.views[i].config.max_staleness else {
+                continue;
+            };
+            let name = self.plan.views[i].name.clone();
+            let st = &self.views[i];
+            let oldest = [
+                st.debouncer.oldest(),
+                st.in_flight.as_ref().and_then(|f| f.oldest),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let age = oldest.map(|t| now.saturating_duration_since(t));
+            let subject = format!("stale:{name}");
+            match age {
+                Some(age) if age > limit => {
+                    let since_success = st.last_success.map(|t| now.saturating_duration_since(t));
+                    let mut event = Event::new(
+                        Kind::ViewStale,
+                        subject,
+                        format!(
+                            "{name} is stale: its oldest unreflected change is {} old (max_staleness {}); last success {}",
+                            secs(age),
+                            humantime::format_duration(limit),
+                            since_success.map_or("not since start-up".to_owned(), |d| format!("{} ago", secs(d)))
+                        ),
+                    )
+                    .view(&name)
+                    .detail("oldest_change_age_seconds", age.as_secs_f64())
+                    .detail("max_staleness_seconds", limit.as_secs_f64())
+                    .detail(
+                        "since_last_success_seconds",
+                        since_success.map(|d| d.as_secs_f64()),
+                    );
+                    if st.failures > 0 {
+                        event = event.failures(u64::from(st.failures));
+                    }
+                    if let Some(alert) = self.tracker.fail(event, now) {
+                        self.alerts.send(alert);
+                    }
+                }
+                _ if self.tracker.is_open(&subject) => {
+                    let event = Event::new(
+                        Kind::ViewFresh,
+                        subject,
+                        format!(
+                            "{name} is fresh again (within max_staleness {})",
+                            humantime::format_duration(limit)
+                        ),
+                    )
+                    .view(&name);
+                    self.alerts.send_opt(self.tracker.recover(event));
+                }
+                _ => {}
+            }
+        }
+        if let Some((since, reason)) = &self.listener_down {
+            let down = now.saturating_duration_since(*since);
+            if down >= self.config.alert.listener_down_after {
+                let event = Event::new(
+                    Kind::ListenerDown,
+                    "listener",
+                    format!(
+                        "the LISTEN connection to {} has been down for {}",
+                        self.db.target(),
+                        secs(down)
+                    ),
+                )
+                .error(reason.clone())
+                .detail("down_seconds", down.as_secs_f64());
+                if let Some(alert) = self.tracker.fail(event, now) {
+                    self.alerts.send(alert);
+                }
+            }
+        }
+    }
+
     fn on_listener(&mut self, event: ListenerEvent) {
         match event {
-            ListenerEvent::Up => self.start_catch_up(),
-            ListenerEvent::Down(_) => {}
+            ListenerEvent::Up => {
+                if let Some((since, _)) = self.listener_down.take() {
+                    let now = Instant::now();
+                    let event = Event::new(
+                        Kind::ListenerRecovered,
+                        "listener",
+                        format!(
+                            "the LISTEN connection is back after {}",
+                            secs(now.saturating_duration_since(since))
+                        ),
+                    );
+                    self.alerts.send_opt(self.tracker.recover(event));
+                }
+                self.start_catch_up();
+            }
+            ListenerEvent::Down(reason) => match &mut self.listener_down {
+                Some((_, last)) => *last = reason,
+                None => self.listener_down = Some((Instant::now(), reason)),
+            },
             ListenerEvent::Notification(n) => {
                 self.stats.notifications_received.inc();
                 self.metrics.notification(&n.channel);
@@ -959,6 +1206,11 @@ fn pseudo_random() -> f64 {
         .unwrap_or_default()
         .subsec_nanos();
     (nanos % 1000) as f64 / 1000.0
+}
+
+/// `1.2s`: a duration for messages.
+fn secs(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -169,6 +169,15 @@ impl Db {
         )
     }
 
+    /// The database name connections go to (libpq's default: the user name).
+    pub fn dbname(&self) -> String {
+        self.config
+            .get_dbname()
+            .or(self.config.get_user())
+            .unwrap_or("postgres")
+            .to_owned()
+    }
+
     /// A dedicated connection with `application_name` set to `app`. The caller drives the
     /// returned `Connection` (spawn it, or poll it for notifications).
     pub async fn connect(&self, app: &str) -> Result<(Client, DbConnection), DbError> {

@@ -1,7 +1,9 @@
 //! `mvrefresh install`: creates or upgrades, in one transaction under an advisory lock, what the
 //! daemon needs: its schema (`sql/mvrefresh.sql`), the bundled analytics (`--analytics`), the
 //! change-capture triggers of every `[[capture]]`, and the (channel, view) subscriptions of
-//! every `[[view]]`. Every step is idempotent: a second run changes nothing.
+//! every `[[view]]`. Every step is idempotent: a second run changes nothing. `--pg-cron` then
+//! registers the views' schedules as pg_cron jobs, in pg_cron's database and its own
+//! transaction ([`crate::pgcron::install_jobs`]).
 //!
 //! A capture's trigger is statement-level with transition tables, so a statement touching N rows
 //! runs it once. A key is dirty when the multiset of its relevant rows' `(key, columns…)` differs
@@ -18,7 +20,7 @@ use crate::sql::{ident, literal, Relation};
 pub const CORE_SQL: &str = include_str!("../sql/mvrefresh.sql");
 
 /// The `schema_version` that [`CORE_SQL`] installs (kept equal by a unit test).
-pub const SCHEMA_VERSION: &str = "1";
+pub const SCHEMA_VERSION: &str = "2";
 
 /// The bundled analytics of SPEC §1, in the order they run.
 pub const ANALYTICS_SQL: &[(&str, &str)] = &[

@@ -18,7 +18,9 @@
 //! | [`debounce`] | per-key `quiet` / `max_wait` debouncing |
 //! | [`graph`] | resolving views in the catalog, dependency order |
 //! | [`refresh`] | one refresh transaction: lock, consume the log, refresh, record |
-//! | [`daemon`] | the main loop tying them together; two-phase shutdown |
+//! | [`daemon`] | the main loop tying them together; two-phase shutdown; circuit breaker |
+//! | [`alert`] | alert lifecycle per subject, webhook delivery (queue, retries, signature) |
+//! | [`pgcron`] | pg_cron: watch of failed job runs, `install --pg-cron` jobs |
 //! | [`status`] | `status` and `check` reports from the database |
 //! | [`telemetry`] | OpenTelemetry metrics: Prometheus registry and OTLP push |
 //! | [`http`] | the admin server: health, readiness, metrics, status, manual refresh |
@@ -30,7 +32,10 @@
 //! (change-log rows + `pg_notify`) → [`listener`] → [`daemon`] notes the key in the view's
 //! [`debounce::Debouncer`] → when due and not waiting on a dependency, a task runs
 //! [`refresh::refresh`] on a pooled connection → outcome back to [`daemon`], dependents noted.
+//! Failures and recoveries seen there (and by the listener and the [`pgcron`] watch) go through
+//! an [`alert::Tracker`] to [`alert::Alerts`], whose own task posts them to the webhook.
 
+pub mod alert;
 pub mod changelog;
 pub mod cli;
 pub mod config;
@@ -41,6 +46,7 @@ pub mod graph;
 pub mod http;
 pub mod install;
 pub mod listener;
+pub mod pgcron;
 pub mod refresh;
 pub mod shutdown;
 pub mod sql;
@@ -48,6 +54,13 @@ pub mod stats;
 pub mod status;
 pub mod telemetry;
 pub mod tls;
+
+/// Installs the process-wide rustls crypto provider (ring) that every HTTP client needs (the
+/// alert webhook, the OTLP exporter: reqwest is built without a provider of its own). Idempotent.
+pub fn install_tls_provider() {
+    // Err means a provider is already installed: fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
 
 /// Sets up `tracing` output as `[log]` asks; `RUST_LOG` wins over `level` when set.
 pub fn init_logging(log: &config::LogConfig) {

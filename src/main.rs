@@ -14,6 +14,7 @@ fn main() -> ExitCode {
         }
     };
     mvrefresh::init_logging(&config.log);
+    mvrefresh::install_tls_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("mvrefresh")

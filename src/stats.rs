@@ -75,10 +75,20 @@ pub struct Stats {
     pub refreshes_failed: Counter,
     /// Refreshes skipped because another replica had already covered the changes.
     pub refreshes_skipped: Counter,
+    /// Alerts delivered to the webhook (a 2xx answer).
     pub alerts_sent: Counter,
+    /// Alerts given up after every delivery attempt failed.
     pub alerts_failed: Counter,
+    /// Alerts dropped, oldest first, because the delivery queue was full.
     pub alerts_dropped: Counter,
+    /// Repeats of open refresh-failure alerts not sent (within `repeat_after`).
+    pub alerts_suppressed: Counter,
+    /// Times a view's circuit opened.
+    pub circuits_opened: Counter,
+    /// Failed pg_cron runs seen by the watch.
     pub pg_cron_failed_runs: Counter,
+    /// Polls of `cron.job_run_details` completed.
+    pub pg_cron_polls: Counter,
     /// Set once start-up is complete and the main loop runs; cleared at shutdown.
     pub ready: Flag,
     pub views: Mutex<Vec<ViewGauges>>,

@@ -113,6 +113,7 @@ impl Metrics {
 impl Telemetry {
     /// Builds the provider with its readers and registers every instrument. Gauges read `stats`.
     pub fn new(config: &TelemetryConfig, stats: Arc<Stats>) -> Result<Telemetry, TelemetryError> {
+        crate::install_tls_provider();
         let registry = prometheus::Registry::new();
         let prometheus = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())

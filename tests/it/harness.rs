@@ -364,6 +364,11 @@ impl Cluster {
     }
 }
 
+/// A number unique in this test process (file names, job names).
+pub fn unique() -> u32 {
+    COUNTER.fetch_add(1, Ordering::SeqCst)
+}
+
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(

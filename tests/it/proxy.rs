@@ -3,6 +3,7 @@
 //! `freeze()` stops forwarding on every connection open at that moment, in both directions,
 //! while keeping the sockets open: the peer sees a stalled server, exactly what TCP keepalives
 //! do not notice. Connections made afterwards pass. `cut()` closes every open connection.
+//! `refuse(true)` closes new connections as soon as they are accepted (a server that is down).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,7 @@ struct Conn {
 pub struct Proxy {
     pub port: u16,
     conns: Arc<Mutex<Vec<Conn>>>,
+    refusing: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -29,8 +31,14 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let conns: Arc<Mutex<Vec<Conn>>> = Arc::default();
         let registry = conns.clone();
+        let refusing = Arc::new(AtomicBool::new(false));
+        let refuse = refusing.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if refuse.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)).await else {
                     continue;
                 };
@@ -43,7 +51,12 @@ impl Proxy {
                 tokio::spawn(pipe(client, server, frozen, cut_rx));
             }
         });
-        Proxy { port, conns, task }
+        Proxy {
+            port,
+            conns,
+            refusing,
+            task,
+        }
     }
 
     /// Stalls every connection open now.
@@ -58,6 +71,11 @@ impl Proxy {
         for c in self.conns.lock().unwrap().drain(..) {
             let _ = c.cut.send(true);
         }
+    }
+
+    /// While on, new connections are closed at once.
+    pub fn refuse(&self, on: bool) {
+        self.refusing.store(on, Ordering::SeqCst);
     }
 
     pub fn connections(&self) -> usize {
