@@ -18,7 +18,7 @@
 //! | [`debounce`] | per-key `quiet` / `max_wait` debouncing |
 //! | [`graph`] | resolving views in the catalog, dependency order |
 //! | [`refresh`] | one refresh transaction: lock, consume the log, refresh, record |
-//! | [`daemon`] | the main loop tying them together; two-phase shutdown; circuit breaker |
+//! | [`daemon`] | the main loop tying them together; two-phase shutdown; circuit breaker (`daemon/task.rs`: one refresh and its liveness watch; `daemon/health.rs`: staleness and listener alerts) |
 //! | [`alert`] | alert lifecycle per subject, webhook delivery (queue, retries, signature) |
 //! | [`pgcron`] | pg_cron: watch of failed job runs, `install --pg-cron` jobs |
 //! | [`status`] | `status` and `check` reports from the database |
