@@ -163,14 +163,16 @@ async fn sigterm_mid_refresh_exits_0_and_cancels_the_refresh() {
     let path = write_config("slow.toml", &config_text(&db.url, harness::VIEW_SLOW));
     let install = mvrefresh(&path, &["install"]);
     assert!(install.status.success(), "{}", text(&install));
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = harness::Reaper(Some(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&path)
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
     harness::wait_for("the initial refresh", || async {
         harness::refreshes(&c, "mv_slow").await >= 1
     })
@@ -183,6 +185,7 @@ async fn sigterm_mid_refresh_exits_0_and_cancels_the_refresh() {
         harness::refreshing(&c, "mv_slow")
     })
     .await;
+    let mut child = daemon.0.take().expect("the daemon process");
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

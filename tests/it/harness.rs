@@ -407,6 +407,18 @@ impl TestDb {
     }
 }
 
+/// A child process killed when the guard drops (a failing test leaves no daemon behind).
+pub struct Reaper(pub Option<std::process::Child>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Waits until `check` is true, polling; fails the test after [`PATIENCE`].
 pub async fn wait_for<F, Fut>(what: &str, mut check: F)
 where

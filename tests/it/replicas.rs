@@ -8,18 +8,6 @@ use tokio_postgres::Client;
 
 use crate::harness::{self, Cluster};
 
-/// Replica processes, killed if the test ends early.
-struct Replicas(Vec<Option<Child>>);
-
-impl Drop for Replicas {
-    fn drop(&mut self) {
-        for child in self.0.iter_mut().flatten() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
         .args([sig, &child.id().to_string()])
@@ -78,7 +66,7 @@ async fn three_replicas_one_killed_mid_refresh() {
     c.batch_execute(harness::SLOW_SCHEMA).await.unwrap();
     let dir = std::env::temp_dir().join(format!("mvrefresh-replicas-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut children = Replicas(Vec::new());
+    let mut children: Vec<harness::Reaper> = Vec::new();
     for i in 0..3 {
         let config = format!(
             "[database]\nurl = \"{}\"\napplication_name = \"mvrefresh-r{i}\"\n\
@@ -114,7 +102,7 @@ async fn three_replicas_one_killed_mid_refresh() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        children.0.push(Some(child));
+        children.push(harness::Reaper(Some(child)));
     }
     harness::wait_for("three listeners", || async {
         c.query_one(
@@ -143,7 +131,7 @@ async fn three_replicas_one_killed_mid_refresh() {
         .strip_prefix("mvrefresh-r")
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("unexpected refresher {refresher}"));
-    let mut killed = children.0[victim].take().unwrap();
+    let mut killed = children[victim].0.take().unwrap();
     signal(&killed, "-KILL");
     let _ = killed.wait();
     harness::score(&c, 2, 3).await;
@@ -178,8 +166,8 @@ async fn three_replicas_one_killed_mid_refresh() {
         .get(0);
     assert_eq!(overlaps, 0, "two refreshes of one view overlapped");
     // The survivors stop cleanly.
-    for child in children.0.iter_mut() {
-        if let Some(mut ch) = child.take() {
+    for child in children.iter_mut() {
+        if let Some(mut ch) = child.0.take() {
             signal(&ch, "-TERM");
             let status = tokio::task::spawn_blocking(move || ch.wait().unwrap())
                 .await
