@@ -74,12 +74,13 @@ def main(path):
     p("|---|---|--:|--:|--:|---|")
     med = {}
     for wl in ("rescore", "score"):
-        for trig in ("none", "seed", "capture", "capture_1view"):
+        for trig in ("none", "seed", "capture", "capture_1view", "capture_1view_nonotify"):
             tps = [x["tps"] for x in runs if x["workload"] == wl and x["trigger"] == trig and x["tps"] is not None]
             med[(wl, trig)] = statistics.median(tps) if tps else None
         for trig, name in (("none", "no trigger"), ("seed", "seed per-row trigger"),
                            ("capture", f"mvrefresh capture ({pg['subscriptions']} views subscribed)"),
-                           ("capture_1view", "mvrefresh capture (1 view subscribed, run after)")):
+                           ("capture_1view", "mvrefresh capture (1 view subscribed, run after)"),
+                           ("capture_1view_nonotify", "diagnostic: capture, 1 view, record_changes without pg_notify")):
             if not any(x["workload"] == wl and x["trigger"] == trig for x in runs):
                 continue
             v, base = med[(wl, trig)], med[(wl, "none")]
