@@ -104,15 +104,7 @@ async fn frozen_connection_is_detected_by_the_heartbeat() {
     harness::wait_for("every change to be reflected", || harness::counts_fresh(&c)).await;
     // The stalled listener's backend was ended: it would hold back the notification queue.
     harness::wait_for("a single listener backend", || async {
-        c.query_one(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE application_name = 'mvrefresh-listener' AND datname = current_database()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-            == 1
+        harness::listeners(&c).await == 1
     })
     .await;
     daemon.stop().await;

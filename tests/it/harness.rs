@@ -534,6 +534,19 @@ mode = "concurrently"
 channels = ["submission_scored"]
 "#;
 
+/// Listener backends connected to the current database.
+pub async fn listeners(client: &Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE application_name = 'mvrefresh-listener' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// The `application_name` of the backend running a `REFRESH` of `view` right now, if any.
 pub async fn refreshing(client: &Client, view: &str) -> Option<String> {
     client

@@ -105,15 +105,7 @@ async fn three_replicas_one_killed_mid_refresh() {
         children.push(harness::Reaper(Some(child)));
     }
     harness::wait_for("three listeners", || async {
-        c.query_one(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE application_name = 'mvrefresh-listener' AND datname = current_database()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-            == 3
+        harness::listeners(&c).await == 3
     })
     .await;
     harness::wait_for("the initial refreshes", || all_fresh(&c)).await;
