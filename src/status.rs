@@ -44,9 +44,11 @@ pub async fn status(
         )
         .await?
         .get(0);
-    let mut views = Vec::new();
-    for (v, name) in config.views.iter().zip(&names) {
-        let mut s = ViewStatus {
+    let mut views: Vec<ViewStatus> = config
+        .views
+        .iter()
+        .zip(&names)
+        .map(|(v, name)| ViewStatus {
             name: name.clone(),
             mode: v.mode.as_str().to_owned(),
             last_success: None,
@@ -56,34 +58,46 @@ pub async fn status(
             pending_keys: 0,
             oldest_pending_age_seconds: None,
             next_scheduled_refresh: None,
-        };
-        if installed {
-            let row = client
-                .query_one(
-                    "WITH last_ok AS (
-                         SELECT finished_at, duration_ms FROM mvrefresh.refresh_history
-                         WHERE view_name = $1 AND outcome = 'success'
-                         ORDER BY finished_at DESC LIMIT 1),
-                     failures AS (
-                         SELECT count(*) AS n,
-                                (array_agg(error ORDER BY finished_at DESC))[1] AS last_error
-                         FROM mvrefresh.refresh_history
-                         WHERE view_name = $1 AND outcome = 'failure'
-                           AND finished_at > coalesce((SELECT finished_at FROM last_ok), '-infinity'))
-                     SELECT to_char((SELECT finished_at FROM last_ok) AT TIME ZONE 'UTC',
-                                    'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-                            (SELECT duration_ms FROM last_ok),
-                            (SELECT last_error FROM failures),
-                            (SELECT n FROM failures),
-                            (SELECT count(DISTINCT key) FROM mvrefresh.change_log WHERE view_name = $1),
-                            (SELECT extract(epoch FROM clock_timestamp() - min(changed_at))::float8
-                             FROM mvrefresh.change_log WHERE view_name = $1),
-                            to_char((coalesce((SELECT finished_at FROM last_ok), clock_timestamp())
-                                     + make_interval(secs => $2)) AT TIME ZONE 'UTC',
-                                    'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
-                    &[name, &v.schedule.map(|d| d.as_secs_f64())],
-                )
-                .await?;
+        })
+        .collect();
+    if installed {
+        // Every view in one round trip, in configuration order.
+        let schedules: Vec<Option<f64>> = config
+            .views
+            .iter()
+            .map(|v| v.schedule.map(|d| d.as_secs_f64()))
+            .collect();
+        let rows = client
+            .query(
+                "SELECT to_char(ok.finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+                        ok.duration_ms,
+                        f.last_error,
+                        f.n,
+                        p.keys,
+                        p.oldest_age,
+                        to_char((coalesce(ok.finished_at, clock_timestamp())
+                                 + make_interval(secs => v.schedule_s)) AT TIME ZONE 'UTC',
+                                'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
+                 FROM unnest($1::text[], $2::float8[]) WITH ORDINALITY AS v(name, schedule_s, ord)
+                 LEFT JOIN LATERAL (
+                     SELECT finished_at, duration_ms FROM mvrefresh.refresh_history
+                     WHERE view_name = v.name AND outcome = 'success'
+                     ORDER BY finished_at DESC LIMIT 1) AS ok ON true
+                 CROSS JOIN LATERAL (
+                     SELECT count(*) AS n,
+                            (array_agg(error ORDER BY finished_at DESC))[1] AS last_error
+                     FROM mvrefresh.refresh_history
+                     WHERE view_name = v.name AND outcome = 'failure'
+                       AND finished_at > coalesce(ok.finished_at, '-infinity')) AS f
+                 CROSS JOIN LATERAL (
+                     SELECT count(DISTINCT key) AS keys,
+                            extract(epoch FROM clock_timestamp() - min(changed_at))::float8 AS oldest_age
+                     FROM mvrefresh.change_log WHERE view_name = v.name) AS p
+                 ORDER BY v.ord",
+                &[&names, &schedules],
+            )
+            .await?;
+        for (s, row) in views.iter_mut().zip(rows) {
             s.last_success = row.get(0);
             s.last_duration_ms = row.get(1);
             s.last_error = row.get(2);
@@ -92,7 +106,6 @@ pub async fn status(
             s.oldest_pending_age_seconds = row.get(5);
             s.next_scheduled_refresh = row.get(6);
         }
-        views.push(s);
     }
     Ok(Status { views })
 }
