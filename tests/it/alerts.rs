@@ -555,10 +555,7 @@ async fn install_pg_cron_registers_updates_and_removes_jobs() {
     let err = install(with_schedule("7m")).await.unwrap_err().to_string();
     assert!(err.contains("view[0].schedule (mv_counts)"), "{err}");
 
-    let mut without = harness::config(
-        &db.url,
-        &format!("{}{}", harness::CAPTURE, harness::VIEW_COUNTS),
-    );
+    let mut without = harness::counts_config(&db.url);
     without.pg_cron.database_url = Some(Secret::new(cluster.url("postgres")));
     install(without).await.unwrap();
     assert!(

@@ -92,10 +92,7 @@ async fn changes_made_while_stopped_are_refreshed_at_start() {
         harness::score(&c, ch, 10).await;
     }
     assert!(!harness::counts_fresh(&c).await);
-    let daemon = Daemon::start(harness::config(
-        &db.url,
-        &format!("{}{}", harness::CAPTURE, harness::VIEW_COUNTS),
-    ));
+    let daemon = Daemon::start(harness::counts_config(&db.url));
     harness::wait_for("the changes made while stopped", || {
         harness::counts_fresh(&c)
     })

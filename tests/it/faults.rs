@@ -83,10 +83,7 @@ async fn server_restart_loses_nothing() {
 async fn frozen_connection_is_detected_by_the_heartbeat() {
     let (db, c, _) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
     let proxy = Proxy::start(db.port).await;
-    let config = harness::config(
-        &db.url_via(proxy.port),
-        &format!("{}{}", harness::CAPTURE, harness::VIEW_COUNTS),
-    );
+    let config = harness::counts_config(&db.url_via(proxy.port));
     let daemon = Daemon::start(config);
     daemon.wait_listening().await;
     harness::score(&c, 1, 1).await;
@@ -159,10 +156,7 @@ async fn a_refresh_whose_connection_freezes_is_abandoned_and_redone() {
 async fn cut_connections_are_reestablished() {
     let (db, c, _) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
     let proxy = Proxy::start(db.port).await;
-    let config = harness::config(
-        &db.url_via(proxy.port),
-        &format!("{}{}", harness::CAPTURE, harness::VIEW_COUNTS),
-    );
+    let config = harness::counts_config(&db.url_via(proxy.port));
     let daemon = Daemon::start(config);
     daemon.wait_listening().await;
     for round in 0..3 {
@@ -203,10 +197,7 @@ async fn a_standby_is_refused_with_the_reason() {
         }
     })
     .await;
-    let config = harness::config(
-        &url,
-        &format!("{}{}", harness::CAPTURE, harness::VIEW_COUNTS),
-    );
+    let config = harness::counts_config(&url);
     let err = Daemon::start(config)
         .result()
         .await

@@ -579,6 +579,11 @@ mode = "concurrently"
 channels = ["submission_scored"]
 "#;
 
+/// A test config with the submissions capture and `mv_counts`.
+pub fn counts_config(url: &str) -> Config {
+    config(url, &format!("{CAPTURE}{VIEW_COUNTS}"))
+}
+
 /// Whether `mv_counts` equals the query it materializes.
 pub async fn counts_fresh(client: &Client) -> bool {
     let row = client

@@ -205,10 +205,7 @@ async fn verify_full_connects_encrypted_and_the_daemon_runs_over_it() {
     // End to end over TLS: install, a scored row, the view refreshed.
     let admin = db.client().await;
     admin.batch_execute(harness::SCHEMA).await.unwrap();
-    let config = harness::config(
-        &url,
-        &format!("{}{}", harness::CAPTURE, harness::VIEW_COUNTS),
-    );
+    let config = harness::counts_config(&url);
     harness::install(&config).await;
     let daemon = Daemon::start(config);
     daemon.wait_listening().await;
