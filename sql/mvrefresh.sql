@@ -1,36 +1,82 @@
 -- mvrefresh's own bookkeeping. Installed by `mvrefresh install`, which runs this file in one
 -- transaction under an advisory lock. Every statement is idempotent: running it again changes
--- nothing. Upgrades are additive (new objects, CREATE OR REPLACE FUNCTION); `meta.schema_version`
--- says which version is installed.
+-- nothing. `meta.schema_version` says which version is installed; an older version is upgraded
+-- in place (version 2's pending change-log rows are moved into `pending`, nothing is lost).
+--
+-- How a change travels (see also src/store.rs):
+--   writer's row trigger ─▶ `dirty` (one row per channel and key while the key is dirty; a key
+--   already dirty costs the writer a lookup and no write) + pg_notify(channel, '') only when the
+--   key turns dirty
+--   daemon "collect" ─▶ moves `dirty` rows into `pending` (one row per subscribed view and key),
+--   in a short transaction of its own, off the writers' path
+--   refresh ─▶ deletes the `pending` rows it covers in its own transaction
+--
+-- Nothing here is writable by PUBLIC: writers reach `dirty` only through the SECURITY DEFINER
+-- capture functions that `mvrefresh install` generates (EXECUTE revoked from PUBLIC), so a role
+-- can mark keys dirty only by changing rows of a captured table.
 
 CREATE SCHEMA IF NOT EXISTS mvrefresh;
-COMMENT ON SCHEMA mvrefresh IS 'mvrefresh: change log, subscriptions and refresh history';
+COMMENT ON SCHEMA mvrefresh IS 'mvrefresh: dirty keys, pending keys, subscriptions and refresh history';
+-- Version 2 granted USAGE to every role (writers called record_changes themselves).
+REVOKE ALL ON SCHEMA mvrefresh FROM PUBLIC;
 
 CREATE TABLE IF NOT EXISTS mvrefresh.meta (
     key   text PRIMARY KEY,
     value text NOT NULL
 );
 
--- Which view consumes which channel's changes. Written by `mvrefresh install` (exactly the
--- configured views) and by `mvrefresh run` at start-up (adds what is missing).
+-- Which view consumes which channel's keys. Written by `mvrefresh install` and by `mvrefresh run`
+-- at start-up (adds what is missing).
 CREATE TABLE IF NOT EXISTS mvrefresh.subscription (
     channel   text NOT NULL,
     view_name text NOT NULL,
     PRIMARY KEY (channel, view_name)
 );
 
--- The durable change log: one row per (view, dirty key) per writing statement, inserted in the
--- writer's transaction by mvrefresh.record_changes(). A refresh deletes exactly the rows it
--- covered, in its own transaction, so a failed refresh leaves them pending. Writers only ever
--- insert, so they never wait on a refresh. The key '*' means "everything".
-CREATE TABLE IF NOT EXISTS mvrefresh.change_log (
-    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    view_name  text NOT NULL,
-    key        text NOT NULL,
-    channel    text NOT NULL,
-    changed_at timestamptz NOT NULL DEFAULT clock_timestamp()
+-- The installed captures (`[[capture]]` and the bundled analytics' bout_results capture): which
+-- table feeds which channel. The daemon reads it to know which channels are captured (their
+-- notifications are only wake-ups) and which tables a hand-over must wait for.
+CREATE TABLE IF NOT EXISTS mvrefresh.capture (
+    name        text PRIMARY KEY,
+    table_name  regclass NOT NULL,
+    channel     text NOT NULL,
+    fingerprint text NOT NULL
 );
-CREATE INDEX IF NOT EXISTS change_log_view_key ON mvrefresh.change_log (view_name, key);
+
+-- Dirty keys, written by writers' capture triggers: at most one row per (channel, key) and
+-- dirty period (a writer that finds the key dirty already writes nothing; writers that turn it
+-- dirty at the same moment may each add one, which is harmless). `since` is the start of the
+-- first writer's transaction. The daemon's collect deletes them. Key '*' means "everything"
+-- (TRUNCATE, or a key longer than 1024 bytes).
+CREATE TABLE IF NOT EXISTS mvrefresh.dirty (
+    channel text NOT NULL,
+    key     text NOT NULL,
+    since   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS dirty_channel_key ON mvrefresh.dirty (channel, key);
+
+-- Pending keys per view, written by the daemon (collect, and a refresh for the views that read
+-- the refreshed one). A refresh deletes the rows it covers in its own transaction, so a failed
+-- refresh leaves them pending. `xact` is the collect that wrote the row: a refresh consumes it
+-- only once every writer that could have relied on the collected `dirty` row has ended (the
+-- hand-over, see src/store.rs); NULL: no writer relied on it (dependents, upgrades).
+CREATE TABLE IF NOT EXISTS mvrefresh.pending (
+    view_name text NOT NULL,
+    key       text NOT NULL,
+    since     timestamptz NOT NULL,
+    xact      xid8
+);
+CREATE INDEX IF NOT EXISTS pending_view_key ON mvrefresh.pending (view_name, key);
+
+-- A secret that changes with every collect. A writer's session remembers the keys it found
+-- dirty as md5(key:generation) in settings `mvrefresh.seen_<capture>_<n>`, and skips even the
+-- lookup while the generation stands; the daemon changes it (to a random value no writer can
+-- read) after taking keys, which forgets every session's memory at once.
+CREATE SEQUENCE IF NOT EXISTS mvrefresh.generation MINVALUE 1 MAXVALUE 9223372036854775807 NO CYCLE;
+SELECT setval('mvrefresh.generation', mvrefresh_new_generation.v)
+FROM (SELECT ('x' || substr(md5(gen_random_uuid()::text), 1, 15))::bit(60)::bigint + 1 AS v)
+     AS mvrefresh_new_generation
+WHERE NOT (SELECT is_called FROM mvrefresh.generation);
 
 -- One row per refresh attempt, kept for `[refresh] history_retention`.
 CREATE TABLE IF NOT EXISTS mvrefresh.refresh_history (
@@ -48,38 +94,56 @@ CREATE TABLE IF NOT EXISTS mvrefresh.refresh_history (
 );
 CREATE INDEX IF NOT EXISTS refresh_history_view_finished
     ON mvrefresh.refresh_history (view_name, finished_at DESC);
+-- Pruning deletes the oldest rows in bounded batches.
+CREATE INDEX IF NOT EXISTS refresh_history_finished
+    ON mvrefresh.refresh_history (finished_at);
 
--- Record that `p_keys` changed on `p_channel`: one change-log row per subscribed view and distinct
--- non-null key, and one notification per distinct key. PostgreSQL folds identical notifications
--- of one transaction into one, so a transaction that dirties K keys sends at most K. Never raises
--- on odd keys: NULLs are skipped, and a key too long for a notification payload is logged but
--- not announced (the daemon's periodic catch-up finds it).
-CREATE OR REPLACE FUNCTION mvrefresh.record_changes(p_channel text, p_keys text[])
+-- Marks `p_keys` dirty on `p_channel` for a capture: the slow path of every capture trigger (the
+-- generated trigger functions skip it when their session remembers every key as dirty already).
+-- For each key not remembered: a lookup in `dirty` (a row that a collect is taking right now does
+-- not count); when absent, one row and one notification (PostgreSQL folds a transaction's
+-- identical notifications into one). Then the key is remembered in the session setting
+-- `<p_seen>_<hash of the key & 31>` as md5(key:generation) (32 settings of at most 16 entries
+-- each, so a lookup reads a few hundred bytes). NULL keys are skipped; a key longer than 1024
+-- bytes is recorded as '*' (everything), so odd data never fails the writer.
+-- The generation is read before any lookup: a collect changes it after it deleted what it took,
+-- so a key remembered under the current generation was dirty when remembered and not yet taken.
+CREATE OR REPLACE FUNCTION mvrefresh.mark(p_channel text, p_seen text, p_keys text[])
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    k text;
+    gen     text := pg_sequence_last_value('mvrefresh.generation')::text;
+    k       text;
+    h       text;
+    setting text;
+    seen    text;
 BEGIN
-    IF p_keys IS NULL OR cardinality(p_keys) = 0 THEN
-        RETURN;
-    END IF;
-    INSERT INTO mvrefresh.change_log (view_name, key, channel)
-    SELECT s.view_name, d.key, p_channel
-    FROM mvrefresh.subscription AS s
-    CROSS JOIN (SELECT DISTINCT u.key FROM unnest(p_keys) AS u(key) WHERE u.key IS NOT NULL) AS d
-    WHERE s.channel = p_channel;
-    FOR k IN SELECT DISTINCT u.key FROM unnest(p_keys) AS u(key)
-             WHERE u.key IS NOT NULL AND octet_length(u.key) < 7900
-    LOOP
-        PERFORM pg_notify(p_channel, k);
+    FOREACH k IN ARRAY coalesce(p_keys, '{}') LOOP
+        CONTINUE WHEN k IS NULL;
+        h := md5(k || ':' || gen);
+        setting := p_seen || '_' || (hashtext(k) & 31)::text;
+        seen := coalesce(current_setting(setting, true), '');
+        CONTINUE WHEN strpos(seen, h) > 0;
+        IF octet_length(k) > 1024 THEN
+            k := '*';
+        END IF;
+        PERFORM FROM mvrefresh.dirty AS d
+        WHERE d.channel = p_channel AND d.key = k AND d.xmax = '0'::xid;
+        IF NOT FOUND THEN
+            INSERT INTO mvrefresh.dirty (channel, key) VALUES (p_channel, k);
+            PERFORM pg_notify(p_channel, '');
+        END IF;
+        IF octet_length(seen) >= 512 THEN
+            seen := '';
+        END IF;
+        PERFORM set_config(setting, seen || h, false);
     END LOOP;
 END;
 $$;
-GRANT USAGE ON SCHEMA mvrefresh TO PUBLIC;
-GRANT EXECUTE ON FUNCTION mvrefresh.record_changes(text, text[]) TO PUBLIC;
+REVOKE ALL ON FUNCTION mvrefresh.mark(text, text, text[]) FROM PUBLIC;
 
 -- The pg_cron watch's cursor, per database whose `cron.job_run_details` it reads: every run up
 -- to `last_runid` is finished and was looked at; `alerted` holds the failed runs above it that
@@ -93,5 +157,43 @@ CREATE TABLE IF NOT EXISTS mvrefresh.pg_cron_cursor (
     updated_at    timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 
-INSERT INTO mvrefresh.meta (key, value) VALUES ('schema_version', '2')
+-- Upgrade from version 2: its change log (one row per view and key and writing statement) becomes
+-- pending keys, and its capture machinery goes (its statement triggers are dropped here, whatever
+-- the config says, because they call record_changes; the configured captures are re-created
+-- by the steps that follow in the same transaction).
+DO $mvrefresh$
+DECLARE
+    t record;
+BEGIN
+    IF to_regclass('mvrefresh.change_log') IS NOT NULL THEN
+        INSERT INTO mvrefresh.pending (view_name, key, since, xact)
+        SELECT view_name, key, min(changed_at), NULL
+        FROM mvrefresh.change_log
+        GROUP BY view_name, key;
+        DROP TABLE mvrefresh.change_log;
+    END IF;
+    FOR t IN
+        SELECT tg.tgrelid::regclass AS rel, tg.tgname
+        FROM pg_trigger AS tg JOIN pg_proc AS p ON p.oid = tg.tgfoid
+        WHERE p.pronamespace = 'mvrefresh'::regnamespace
+          AND tg.tgname ~ '^mvrefresh_capture_.*_(ins|upd|del|trunc)$'
+          AND (tg.tgoldtable IS NOT NULL OR tg.tgnewtable IS NOT NULL OR tg.tgname LIKE '%\_trunc')
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
+    END LOOP;
+    -- Their functions, unless a trigger still uses them (they are re-created when configured).
+    FOR t IN
+        SELECT p.oid::regprocedure AS fn FROM pg_proc AS p
+        WHERE p.pronamespace = 'mvrefresh'::regnamespace AND p.proname LIKE 'capture\_%'
+          AND p.prosrc LIKE '%record_changes%'
+          AND NOT EXISTS (SELECT FROM pg_trigger AS tg WHERE tg.tgfoid = p.oid)
+    LOOP
+        EXECUTE format('DROP FUNCTION %s', t.fn);
+    END LOOP;
+END
+$mvrefresh$;
+DROP FUNCTION IF EXISTS mvrefresh.record_changes(text, text[]);
+DELETE FROM mvrefresh.meta WHERE key LIKE 'capture:%';
+
+INSERT INTO mvrefresh.meta (key, value) VALUES ('schema_version', '3')
 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value WHERE mvrefresh.meta.value <> EXCLUDED.value;

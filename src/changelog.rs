@@ -1,18 +1,19 @@
-//! The durable change log (`mvrefresh.change_log`) and what notifications mean.
+//! What a notification means.
 //!
-//! The log is the truth; a notification is a hint that wakes the daemon early. The daemon reads
-//! the log at start-up, after every reconnect and every `catch_up_interval`
-//! ([`read_pending`]); a refresh deletes the rows it covered in its own transaction (see
-//! [`crate::refresh`]).
-
-use std::time::Duration;
-
-use tokio_postgres::GenericClient;
+//! On a channel fed by a capture, a notification is only a wake-up: the durable `dirty` and
+//! `pending` tables say what changed (see [`crate::store`]), and whatever the payload says is
+//! ignored, so no role can force a refresh by notifying. On any other channel the payload names
+//! the key: the seed's JSON object (`{"challenge_id": …}`, the field named by
+//! `[listener] payload_key`), a bare key, or nothing (everything changed).
 
 use crate::debounce::ALL;
 
 /// Longest key accepted from a notification payload.
 pub const MAX_KEY_LEN: usize = 1024;
+
+/// Keys of one channel without capture kept between two reads of the listener's inbox; more
+/// become "everything".
+pub const ALL_KEYS_CAP: usize = 10_000;
 
 /// Why a notification payload was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,23 +40,12 @@ impl PayloadError {
     }
 }
 
-/// A key taken from a notification.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NotifiedKey {
-    pub key: String,
-    /// The payload was the seed's JSON form, which no change-log row backs.
-    pub json: bool,
-}
-
 /// Reads a notification payload: the seed's JSON object (`{"challenge_id": …}`, the field named
 /// by `[listener] payload_key`), a bare key, or nothing (everything changed).
-pub fn parse_payload(payload: &str, field: &str) -> Result<NotifiedKey, PayloadError> {
+pub fn parse_payload(payload: &str, field: &str) -> Result<String, PayloadError> {
     let trimmed = payload.trim();
     if trimmed.is_empty() {
-        return Ok(NotifiedKey {
-            key: ALL.to_owned(),
-            json: false,
-        });
+        return Ok(ALL.to_owned());
     }
     if trimmed.starts_with('{') {
         let value: serde_json::Value = serde_json::from_str(trimmed)
@@ -68,12 +58,12 @@ pub fn parse_payload(payload: &str, field: &str) -> Result<NotifiedKey, PayloadE
             Some(serde_json::Value::Number(n)) => n.to_string(),
             Some(_) => return Err(PayloadError::BadField(field.to_owned())),
         };
-        return check_key(key, true);
+        return check_key(key);
     }
-    check_key(trimmed.to_owned(), false)
+    check_key(trimmed.to_owned())
 }
 
-fn check_key(key: String, json: bool) -> Result<NotifiedKey, PayloadError> {
+fn check_key(key: String) -> Result<String, PayloadError> {
     if key.len() > MAX_KEY_LEN {
         return Err(PayloadError::TooLong);
     }
@@ -83,64 +73,7 @@ fn check_key(key: String, json: bool) -> Result<NotifiedKey, PayloadError> {
     if key.is_empty() {
         return Err(PayloadError::MissingField("(empty key)".into()));
     }
-    Ok(NotifiedKey { key, json })
-}
-
-/// One pending (view, key) in the log, with the ages of its oldest and newest change as the
-/// database sees them (so the daemon's and the server's clocks need not agree).
-#[derive(Debug, Clone, PartialEq)]
-pub struct PendingRow {
-    pub view: String,
-    pub key: String,
-    pub oldest_age: Duration,
-    pub newest_age: Duration,
-}
-
-/// Everything pending in the change log.
-pub async fn read_pending(
-    client: &impl GenericClient,
-) -> Result<Vec<PendingRow>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT view_name, key,
-                    greatest(extract(epoch FROM clock_timestamp() - min(changed_at)), 0)::float8,
-                    greatest(extract(epoch FROM clock_timestamp() - max(changed_at)), 0)::float8
-             FROM mvrefresh.change_log
-             GROUP BY view_name, key",
-            &[],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| PendingRow {
-            view: r.get(0),
-            key: r.get(1),
-            oldest_age: Duration::from_secs_f64(r.get(2)),
-            newest_age: Duration::from_secs_f64(r.get(3)),
-        })
-        .collect())
-}
-
-/// Adds the (channel, view) subscriptions that are missing. A newly subscribed view gets an
-/// `*` entry in the log: it may have missed changes, so it is refreshed whole once.
-pub async fn ensure_subscriptions(
-    client: &impl GenericClient,
-    pairs: &[(String, String)],
-) -> Result<u64, tokio_postgres::Error> {
-    let channels: Vec<&str> = pairs.iter().map(|(c, _)| c.as_str()).collect();
-    let views: Vec<&str> = pairs.iter().map(|(_, v)| v.as_str()).collect();
-    client
-        .execute(
-            "WITH added AS (
-                 INSERT INTO mvrefresh.subscription (channel, view_name)
-                 SELECT * FROM unnest($1::text[], $2::text[])
-                 ON CONFLICT DO NOTHING
-                 RETURNING view_name)
-             INSERT INTO mvrefresh.change_log (view_name, key, channel)
-             SELECT DISTINCT view_name, '*', 'mvrefresh:subscribed' FROM added",
-            &[&channels, &views],
-        )
-        .await
+    Ok(key)
 }
 
 #[cfg(test)]
@@ -149,9 +82,7 @@ mod tests {
 
     #[test]
     fn bare_key() {
-        let k = parse_payload("42", "challenge_id").unwrap();
-        assert_eq!(k.key, "42");
-        assert!(!k.json);
+        assert_eq!(parse_payload("42", "challenge_id").unwrap(), "42");
     }
 
     #[test]
@@ -161,15 +92,14 @@ mod tests {
             "challenge_id",
         )
         .unwrap();
-        assert_eq!(k.key, "c-9");
-        assert!(k.json);
+        assert_eq!(k, "c-9");
         let n = parse_payload(r#"{"challenge_id": 7}"#, "challenge_id").unwrap();
-        assert_eq!(n.key, "7");
+        assert_eq!(n, "7");
     }
 
     #[test]
     fn empty_payload_means_everything() {
-        assert_eq!(parse_payload("", "x").unwrap().key, ALL);
+        assert_eq!(parse_payload("", "x").unwrap(), ALL);
     }
 
     #[test]

@@ -53,6 +53,10 @@ pub enum Command {
         /// Print the SQL instead of running it.
         #[arg(long)]
         dry_run: bool,
+        /// Also remove the captures and subscriptions this config does not name (with their
+        /// pending keys). Without it they are kept: another config may use them.
+        #[arg(long)]
+        prune: bool,
     },
     /// Refresh views once, in dependency order.
     Refresh {
@@ -84,7 +88,8 @@ pub async fn execute(command: Command, config: Config) -> ExitCode {
             analytics,
             pg_cron,
             dry_run,
-        } => install_cmd(config, analytics, pg_cron, dry_run).await,
+            prune,
+        } => install_cmd(config, analytics, pg_cron, dry_run, prune).await,
         Command::Refresh { views, all } => refresh_cmd(config, views, all).await,
         Command::Check { test_alert } => check_cmd(config, test_alert).await,
         Command::Status { json } => status_cmd(config, json).await,
@@ -113,8 +118,9 @@ async fn install_cmd(
     analytics: bool,
     pg_cron: bool,
     dry_run: bool,
+    prune: bool,
 ) -> anyhow::Result<ExitCode> {
-    let steps = install::script(&config, install::Options { analytics });
+    let steps = install::script(&config, install::Options { analytics, prune });
     let db = Db::new(&config.database)?;
     // Checked before anything runs, so a bad schedule changes nothing.
     let cron_sql = if pg_cron {
@@ -181,6 +187,7 @@ async fn refresh_cmd(config: Config, names: Vec<String>, all: bool) -> anyhow::R
         }
     }
     let replica = format!("cli:{}", std::process::id());
+    let horizon = crate::store::settled_horizon(&client, std::time::Duration::from_secs(5)).await?;
     let mut failed = vec![false; plan.views.len()];
     for &i in &plan.order {
         if !selected[i] {
@@ -205,6 +212,7 @@ async fn refresh_cmd(config: Config, names: Vec<String>, all: bool) -> anyhow::R
             forced: vec![ALL.to_owned()],
             reason: Reason::Manual,
             wait_for_lock: true,
+            horizon: horizon.clone(),
         };
         let settings = Settings {
             timeout: view.config.timeout.unwrap_or(config.refresh.timeout),

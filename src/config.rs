@@ -130,6 +130,12 @@ pub struct RefreshConfig {
     pub shutdown_deadline: Duration,
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Pending keys a view keeps in memory; with more, it is due as a whole.
+    #[serde(default = "default_max_pending_keys")]
+    pub max_pending_keys: usize,
+    /// Keys per incremental refresh; a larger due set is refreshed in several batches.
+    #[serde(default = "default_batch_keys")]
+    pub batch_keys: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -389,6 +395,12 @@ fn default_shutdown_deadline() -> Duration {
 fn default_concurrency() -> usize {
     2
 }
+fn default_max_pending_keys() -> usize {
+    10_000
+}
+fn default_batch_keys() -> usize {
+    1_000
+}
 fn default_log_level() -> String {
     "info".to_owned()
 }
@@ -532,6 +544,8 @@ impl Default for RefreshConfig {
             history_retention: default_history_retention(),
             shutdown_deadline: default_shutdown_deadline(),
             concurrency: default_concurrency(),
+            max_pending_keys: default_max_pending_keys(),
+            batch_keys: default_batch_keys(),
         }
     }
 }
@@ -675,6 +689,12 @@ impl Config {
                 "must not be less than refresh.retry_min",
             );
         }
+        if self.refresh.max_pending_keys == 0 {
+            return err("refresh.max_pending_keys", "must be at least 1");
+        }
+        if self.refresh.batch_keys == 0 {
+            return err("refresh.batch_keys", "must be at least 1");
+        }
         if self.refresh.concurrency == 0 {
             return err("refresh.concurrency", "must be at least 1");
         }
@@ -714,7 +734,10 @@ impl Config {
             if !is_simple_name(&c.name) {
                 return err(
                     &at("name"),
-                    "must be letters, digits and underscores (it names the trigger)",
+                    &format!(
+                        "must be 1 to {} letters, digits and underscores (it names the triggers and functions)",
+                        crate::install::MAX_CAPTURE_NAME
+                    ),
                 );
             }
             if !capture_names.insert(c.name.as_str()) {
@@ -871,7 +894,9 @@ fn check_channel(key: &str, channel: &str) -> Result<(), (String, String)> {
 }
 
 fn is_simple_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 40 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    !s.is_empty()
+        && s.len() <= crate::install::MAX_CAPTURE_NAME
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// `line L, column C: ` for a byte span of `text`, or nothing.

@@ -299,6 +299,24 @@ fn tls_hint(e: &rustls::Error) -> Option<&'static str> {
     }
 }
 
+/// An error as an operator should read it: for a server error its severity, message, detail and
+/// hint (tokio-postgres's own text is only "db error"); otherwise the error and its causes.
+pub fn error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut m = format!("{}: {}", db.severity(), db.message());
+            if let Some(d) = db.detail() {
+                m.push_str(&format!(" (detail: {d})"));
+            }
+            if let Some(h) = db.hint() {
+                m.push_str(&format!(" (hint: {h})"));
+            }
+            m
+        }
+        None => causes(e),
+    }
+}
+
 /// Whether an error means the connection is gone (as opposed to a failing statement).
 pub fn is_connection_error(e: &tokio_postgres::Error) -> bool {
     e.is_closed() || e.code().is_none()

@@ -39,8 +39,10 @@ pub enum PlanError {
         "the views depend on each other in a cycle: {0}; fix: set `depends_on` on one of them"
     )]
     Cycle(String),
-    #[error("mvrefresh's schema is not installed in this database (no table mvrefresh.change_log); fix: run `mvrefresh install`")]
+    #[error("mvrefresh's schema is not installed in this database (no table mvrefresh.meta); fix: run `mvrefresh install`")]
     NotInstalled,
+    #[error("mvrefresh's schema in this database is version {installed}, this binary needs version {}; fix: run `mvrefresh install` (it upgrades in place; nothing pending is lost)", crate::install::SCHEMA_VERSION)]
+    Outdated { installed: String },
     #[error(transparent)]
     Db(#[from] tokio_postgres::Error),
 }
@@ -89,15 +91,29 @@ struct Resolved {
 impl Plan {
     /// Resolves and checks every view. All problems are reported together.
     pub async fn load(client: &impl GenericClient, config: &Config) -> Result<Plan, PlanError> {
-        let installed: bool = client
-            .query_one(
-                "SELECT to_regclass('mvrefresh.change_log') IS NOT NULL",
-                &[],
-            )
+        let has_meta: bool = client
+            .query_one("SELECT to_regclass('mvrefresh.meta') IS NOT NULL", &[])
             .await?
             .get(0);
-        if !installed {
-            return Err(PlanError::NotInstalled);
+        let installed: Option<String> = if has_meta {
+            Some(
+                client
+                    .query_opt(
+                        "SELECT value FROM mvrefresh.meta WHERE key = 'schema_version'",
+                        &[],
+                    )
+                    .await?
+                    .map_or_else(|| "?".to_owned(), |r| r.get(0)),
+            )
+        } else {
+            None
+        };
+        match installed {
+            None => return Err(PlanError::NotInstalled),
+            Some(v) if v != crate::install::SCHEMA_VERSION => {
+                return Err(PlanError::Outdated { installed: v })
+            }
+            Some(_) => {}
         }
         let mut problems = Vec::new();
         let mut resolved = Vec::new();

@@ -3,7 +3,7 @@
 //! | route | answers |
 //! |---|---|
 //! | `GET /healthz` | 200 while the process runs |
-//! | `GET /readyz` | 200 when the listener is connected and the change log is readable; 503 otherwise and during shutdown |
+//! | `GET /readyz` | 200 when the listener is connected and the pending keys are readable; 503 otherwise and during shutdown |
 //! | `GET /metrics` | Prometheus text exposition |
 //! | `GET /status` | the JSON of `mvrefresh status --json` |
 //! | `POST /refresh`, `POST /refresh/{view}` | queue a manual refresh of every view / one view (202); needs `Authorization: Bearer <MVREFRESH_ADMIN_TOKEN>`; 404 when no token is configured |
@@ -96,7 +96,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
     let probe = async {
         let client = s.pool.get().await.map_err(|e| e.to_string())?;
         client
-            .query_opt("SELECT 1 FROM mvrefresh.change_log LIMIT 1", &[])
+            .query_opt("SELECT 1 FROM mvrefresh.pending LIMIT 1", &[])
             .await
             .map_err(|e| e.to_string())
     };

@@ -1,14 +1,31 @@
 //! `mvrefresh install`: creates or upgrades, in one transaction under an advisory lock, what the
 //! daemon needs: its schema (`sql/mvrefresh.sql`), the bundled analytics (`--analytics`), the
-//! change-capture triggers of every `[[capture]]`, and the (channel, view) subscriptions of
-//! every `[[view]]`. Every step is idempotent: a second run changes nothing. `--pg-cron` then
+//! change capture of every `[[capture]]`, and the (channel, view) subscriptions of every
+//! `[[view]]`. Every step is idempotent: a second run changes nothing. Captures and
+//! subscriptions that are not in this config are kept (another pipeline's config may have
+//! installed them into the same database) unless `--prune` is given. `--pg-cron` then
 //! registers the views' schedules as pg_cron jobs, in pg_cron's database and its own
 //! transaction ([`crate::pgcron::install_jobs`]).
 //!
-//! A capture's trigger is statement-level with transition tables, so a statement touching N rows
-//! runs it once. A key is dirty when the multiset of its relevant rows' `(key, columns…)` differs
-//! before and after the statement; that covers rows inserted already relevant, changed, made
-//! irrelevant, deleted, or moved to another key, and ignores updates of other columns.
+//! # The capture a `[[capture]]` becomes
+//!
+//! One `AFTER INSERT OR UPDATE OF <key, columns, the predicate's columns> OR DELETE` row trigger
+//! and one `AFTER TRUNCATE` statement trigger on the table. Per row, the trigger function asks
+//! one inlined SQL expression whether there is anything to do: the row is relevant (`when`) and
+//! its key is one the writer's session remembers as dirty under the current generation (see
+//! `sql/mvrefresh.sql`), before and after the change. Only when not does it call
+//! `mvrefresh.mark` with the row's keys: the old key and the new one when a row moves or stops
+//! being relevant, the new one when it is inserted or changed, the old one when it is deleted.
+//! An update that sets a captured column to the value it had still marks its key (a refresh
+//! that changes nothing): comparing every captured value on every row costs writers more than
+//! the occasional extra refresh.
+//!
+//! The trigger functions are `SECURITY DEFINER` (writers have no privilege on mvrefresh's
+//! tables) with EXECUTE revoked from PUBLIC, and read nothing through the writer's
+//! `search_path`: the predicate and the key are parsed once, at install, into SQL-standard
+//! function bodies (their operators and functions resolved then, as the installing role sees
+//! them), and everything else is schema-qualified. `when` is trusted SQL: it runs as the
+//! installing role, inside every writer's statement; schema-qualify what it calls.
 
 use tokio_postgres::Client;
 
@@ -20,9 +37,16 @@ use crate::sql::{ident, literal, Relation};
 pub const CORE_SQL: &str = include_str!("../sql/mvrefresh.sql");
 
 /// The `schema_version` that [`CORE_SQL`] installs (kept equal by a unit test).
-pub const SCHEMA_VERSION: &str = "2";
+pub const SCHEMA_VERSION: &str = "3";
 
-/// The bundled analytics of SPEC §1, in the order they run.
+/// The longest generated identifier is `mvrefresh_capture_<name>_truncate`; PostgreSQL
+/// truncates identifiers to 63 bytes, so a capture's name may have this many.
+pub const MAX_CAPTURE_NAME: usize = 63 - "mvrefresh_capture__truncate".len();
+
+/// The bundled analytics' capture on bout_results (step 5 of `--analytics`).
+const ANALYTICS_CAPTURE_SQL: &str = include_str!("../sql/analytics/050_capture_bout_results.sql");
+
+/// The bundled analytics of the README's analytics section, in the order they run.
 pub const ANALYTICS_SQL: &[(&str, &str)] = &[
     (
         "sql/analytics/010_operational.sql",
@@ -42,7 +66,7 @@ pub const ANALYTICS_SQL: &[(&str, &str)] = &[
     ),
     (
         "sql/analytics/050_capture_bout_results.sql",
-        include_str!("../sql/analytics/050_capture_bout_results.sql"),
+        ANALYTICS_CAPTURE_SQL,
     ),
     (
         "sql/analytics/090_sample_data.sql",
@@ -53,6 +77,8 @@ pub const ANALYTICS_SQL: &[(&str, &str)] = &[
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
     pub analytics: bool,
+    /// Remove the captures and subscriptions (and their pending keys) this config does not name.
+    pub prune: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +106,11 @@ pub fn script(config: &Config, options: Options) -> Vec<Step> {
             name: (*name).to_owned(),
             sql: (*sql).to_owned(),
         }));
+    } else {
+        steps.push(Step {
+            name: "bundled analytics: upgrade an installed bout_results capture".into(),
+            sql: analytics_capture_upgrade_sql(),
+        });
     }
     for (i, c) in config.captures.iter().enumerate() {
         steps.push(Step {
@@ -87,13 +118,15 @@ pub fn script(config: &Config, options: Options) -> Vec<Step> {
             sql: capture_sql(c),
         });
     }
-    steps.push(Step {
-        name: "captures: drop the ones no longer configured".into(),
-        sql: drop_stale_captures_sql(config),
-    });
+    if options.prune {
+        steps.push(Step {
+            name: "captures: drop the ones this config does not name (--prune)".into(),
+            sql: prune_captures_sql(config),
+        });
+    }
     steps.push(Step {
         name: "subscriptions".into(),
-        sql: subscriptions_sql(config),
+        sql: subscriptions_sql(config, options.prune),
     });
     steps
 }
@@ -121,114 +154,204 @@ pub async fn run(client: &mut Client, steps: &[Step]) -> Result<(), InstallError
             .await
             .map_err(|e| InstallError::Step {
                 step: s.name.clone(),
-                message: e
-                    .as_db_error()
-                    .map(|d| d.message().to_owned())
-                    .unwrap_or_else(|| e.to_string()),
+                message: crate::db::error_text(&e),
             })?;
     }
     tx.commit().await?;
     Ok(())
 }
 
-/// The triggers of a capture: (name suffix, event, transition tables). TRUNCATE has none and
-/// records the key `*` (everything).
-pub const TRIGGERS: [(&str, &str, &str); 4] = [
-    ("ins", "INSERT", "NEW TABLE AS new_rows"),
-    (
-        "upd",
-        "UPDATE",
-        "OLD TABLE AS old_rows NEW TABLE AS new_rows",
-    ),
-    ("del", "DELETE", "OLD TABLE AS old_rows"),
-    ("trunc", "TRUNCATE", ""),
-];
-
-fn function_name(c: &CaptureConfig) -> String {
-    format!("mvrefresh.{}", ident(&format!("capture_{}", c.name)))
+/// An installed bundled-analytics capture from an older version calls functions this version
+/// no longer has: re-create it even when `--analytics` is not given (it only replaces its
+/// function; its triggers stay).
+fn analytics_capture_upgrade_sql() -> String {
+    format!(
+        r#"DO $mvrefresh_upgrade$
+BEGIN
+    IF EXISTS (SELECT FROM pg_proc AS p
+               WHERE p.oid = to_regprocedure('mvrefresh_capture_bout_results()')
+                 AND p.prosrc LIKE '%record_changes%') THEN
+        EXECUTE {};
+    END IF;
+END
+$mvrefresh_upgrade$;
+"#,
+        literal(ANALYTICS_CAPTURE_SQL)
+    )
 }
 
-pub fn trigger_name(c: &CaptureConfig, op: &str) -> String {
-    format!("mvrefresh_capture_{}_{op}", c.name)
+/// The name of a capture's row trigger (and, with `_truncate`, of its TRUNCATE trigger).
+pub fn trigger_name(c: &CaptureConfig) -> String {
+    format!("mvrefresh_capture_{}", c.name)
 }
 
-/// The capture function and its triggers (transition tables cannot serve a trigger with more
-/// than one event).
+/// The session setting in which writers remember the keys they found dirty.
+fn seen_setting(c: &CaptureConfig) -> String {
+    format!("mvrefresh.seen_{}", c.name)
+}
+
+/// The capture's functions and triggers, and its row in `mvrefresh.capture`. The predicate is
+/// read back from the catalog (a temporary view over the table aliased `n`, then `o`) so that
+/// its column references can be qualified by the row they belong to; the columns it reads come
+/// from the same view's dependencies.
 pub fn capture_sql(c: &CaptureConfig) -> String {
     let table = Relation::parse(&c.table)
         .expect("validated at load")
         .quoted();
+    let table_lit = literal(&table);
     let when = c.when.as_deref().unwrap_or("true");
-    let mut cols = vec![format!("({})::text AS k", ident(&c.key))];
-    cols.extend(c.columns.iter().map(|col| ident(col)));
-    let cols = cols.join(", ");
-    let select = |from: &str| format!("SELECT {cols} FROM {from} WHERE ({when})");
-    let function = function_name(c);
+    let key = ident(&c.key);
+    let name = literal(&c.name);
+    let seen = literal(&seen_setting(c));
+    let f_row = format!("mvrefresh.{}", ident(&format!("capture_{}", c.name)));
+    let f_clean = format!("mvrefresh.{}", ident(&format!("capture_{}_clean", c.name)));
+    let f_keys = format!("mvrefresh.{}", ident(&format!("capture_{}_keys", c.name)));
+    let f_trunc = format!(
+        "mvrefresh.{}",
+        ident(&format!("capture_{}_truncate", c.name))
+    );
+    let t_row = trigger_name(c);
+    let t_trunc = format!("{t_row}_truncate");
     let channel = literal(&c.channel);
-    let mut sql = format!(
-        r#"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
-LANGUAGE plpgsql AS $mvrefresh$
+    let mut listed = vec![literal(&c.key)];
+    listed.extend(c.columns.iter().map(|col| literal(col)));
+    let listed = listed.join(", ");
+    // Text spliced into a format() template: `%` doubled, and `%1$s` / `%2$s` stand for the
+    // predicate of the new and of the old row.
+    let esc = |text: &str| text.replace('%', "%%");
+    let (t, k, sn) = (esc(&table), esc(&key), esc(&seen));
+    // The writer's session remembers the key of that row as dirty under the current generation
+    // (in one of 32 settings, chosen by the key's hash, so that a lookup reads a few entries).
+    let cached = |side: &str| {
+        format!(
+            "strpos(coalesce(current_setting({sn} || '_' || (hashtext({side}.{k}::text) & 31)::text, true), ''), \
+             md5({side}.{k}::text || ':' || pg_sequence_last_value('mvrefresh.generation'::regclass)::text)) > 0"
+        )
+    };
+    // Conservative: true only when certainly nothing to mark (both sides irrelevant, or the
+    // row is relevant after the change, kept its key, and that key is remembered). Everything
+    // else (deletes, rows leaving relevance or moving) takes the slow path. Kept small: the
+    // expression is set up again in every transaction, at a cost that grows with its size.
+    let clean = format!(
+        "(NOT coalesce(%1$s, false) AND NOT coalesce(%2$s, false))
+           OR (coalesce(%1$s, false) AND n.{k} IS NOT NULL AND (o.{k} IS NULL OR o.{k} = n.{k})
+               AND {cn})",
+        cn = cached("n"),
+    );
+    let keys = format!(
+        "ARRAY[CASE WHEN coalesce(%1$s, false) THEN n.{k}::text END,
+               CASE WHEN coalesce(%2$s, false)
+                         AND NOT (coalesce(%1$s, false) AND n.{k} IS NOT DISTINCT FROM o.{k})
+                    THEN o.{k}::text END]"
+    );
+    let (fc, fk, fr, ftr) = (esc(&f_clean), esc(&f_keys), esc(&f_row), esc(&f_trunc));
+    let fingerprint = literal(&fingerprint(c));
+    format!(
+        r#"DO $mvrefresh$
 DECLARE
-    changed text[];
+    when_new text;
+    when_old text;
+    cols     text;
+    whole    boolean;
+    previous regclass;
 BEGIN
-    IF TG_OP = 'TRUNCATE' THEN
-        changed := ARRAY['*'];
-    ELSIF TG_OP = 'INSERT' THEN
-        SELECT array_agg(DISTINCT s.k) INTO changed FROM ({new}) AS s;
-    ELSIF TG_OP = 'DELETE' THEN
-        SELECT array_agg(DISTINCT s.k) INTO changed FROM ({old}) AS s;
-    ELSE
-        SELECT array_agg(DISTINCT s.k) INTO changed FROM (
-            ({new} EXCEPT ALL {old})
-            UNION ALL
-            ({old} EXCEPT ALL {new})
-        ) AS s;
+    CREATE TEMP VIEW mvrefresh_capture_when_n AS
+        SELECT ({when})::boolean AS mvrefresh_when FROM {table} AS n, (SELECT) AS mvrefresh_x;
+    CREATE TEMP VIEW mvrefresh_capture_when_o AS
+        SELECT ({when})::boolean AS mvrefresh_when FROM {table} AS o, (SELECT) AS mvrefresh_x;
+    when_new := substring(pg_get_viewdef('pg_temp.mvrefresh_capture_when_n'::regclass, false)
+                          FROM '^\s*SELECT\s+(.*)\s+AS\s+mvrefresh_when\s+FROM\s');
+    when_old := substring(pg_get_viewdef('pg_temp.mvrefresh_capture_when_o'::regclass, false)
+                          FROM '^\s*SELECT\s+(.*)\s+AS\s+mvrefresh_when\s+FROM\s');
+    -- UPDATE OF: the key, the listed columns and the columns the predicate reads (a whole-row
+    -- reference in it reads them all).
+    SELECT coalesce(bool_or(d.refobjsubid = 0), false) INTO whole
+      FROM pg_depend AS d JOIN pg_rewrite AS r ON r.oid = d.objid
+     WHERE r.ev_class = 'pg_temp.mvrefresh_capture_when_n'::regclass
+       AND d.refobjid = {table_lit}::regclass;
+    SELECT string_agg(quote_ident(x.col), ', ' ORDER BY x.col) INTO cols
+      FROM (SELECT unnest(ARRAY[{listed}]::text[])
+            UNION
+            SELECT a.attname::text
+              FROM pg_depend AS d
+              JOIN pg_rewrite AS r ON r.oid = d.objid
+              JOIN pg_attribute AS a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+             WHERE r.ev_class = 'pg_temp.mvrefresh_capture_when_n'::regclass
+               AND d.refobjid = {table_lit}::regclass) AS x(col);
+    DROP VIEW pg_temp.mvrefresh_capture_when_n, pg_temp.mvrefresh_capture_when_o;
+    IF when_new IS NULL OR when_old IS NULL THEN
+        RAISE EXCEPTION 'capture %: cannot read back its predicate `when`', {name};
     END IF;
-    IF changed IS NOT NULL THEN
-        PERFORM mvrefresh.record_changes({channel}, changed);
+
+    -- Nothing to do for this row: every key it makes dirty is remembered as dirty already.
+    EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {fc}(n {t}, o {t})
+        RETURNS boolean LANGUAGE sql VOLATILE
+        RETURN {clean}$mvrefresh_f$, when_new, when_old);
+    -- The keys this row makes dirty (NULL elements: none).
+    EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {fk}(n {t}, o {t})
+        RETURNS text[] LANGUAGE sql VOLATILE
+        RETURN {keys}$mvrefresh_f$, when_new, when_old);
+    EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {fr}() RETURNS trigger
+        LANGUAGE plpgsql SECURITY DEFINER AS $mvrefresh_b$
+        BEGIN
+            IF {fc}(NEW, OLD) THEN
+                RETURN NULL;
+            END IF;
+            PERFORM mvrefresh.mark(%1$L, %2$L, {fk}(NEW, OLD));
+            RETURN NULL;
+        END
+        $mvrefresh_b$$mvrefresh_f$, {channel}, {seen});
+    EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {ftr}() RETURNS trigger
+        LANGUAGE plpgsql SECURITY DEFINER AS $mvrefresh_b$
+        BEGIN
+            PERFORM mvrefresh.mark(%1$L, %2$L, ARRAY['*']);
+            RETURN NULL;
+        END
+        $mvrefresh_b$$mvrefresh_f$, {channel}, {seen});
+
+    SELECT c.table_name INTO previous FROM mvrefresh.capture AS c WHERE c.name = {name};
+    IF previous IS NOT NULL AND previous <> {table_lit}::regclass THEN
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', {t_row_lit}, previous);
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', {t_trunc_lit}, previous);
     END IF;
-    RETURN NULL;
+    -- (Re)created only when missing or changed: CREATE TRIGGER locks the table against writers.
+    IF previous IS DISTINCT FROM {table_lit}::regclass
+       OR NOT EXISTS (SELECT FROM mvrefresh.capture AS c
+                      WHERE c.name = {name} AND c.fingerprint = {fingerprint})
+       OR (SELECT count(*) FROM pg_trigger AS tg
+           WHERE tg.tgrelid = {table_lit}::regclass
+             AND tg.tgname IN ({t_row_lit}, {t_trunc_lit})) <> 2
+    THEN
+        EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER INSERT OR UPDATE%s OR DELETE ON %s
+                            FOR EACH ROW EXECUTE FUNCTION %s()',
+                       {t_row_lit}, CASE WHEN whole THEN '' ELSE ' OF ' || cols END,
+                       {table_lit}, {f_row_lit});
+        EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER TRUNCATE ON %s
+                            FOR EACH STATEMENT EXECUTE FUNCTION %s()',
+                       {t_trunc_lit}, {table_lit}, {f_trunc_lit});
+    END IF;
 END
 $mvrefresh$;
-COMMENT ON FUNCTION {function}() IS {comment};
+COMMENT ON FUNCTION {f_row}() IS {comment};
+REVOKE ALL ON FUNCTION {f_row}(), {f_trunc}(), {f_clean}({table}, {table}), {f_keys}({table}, {table})
+    FROM PUBLIC;
+INSERT INTO mvrefresh.capture (name, table_name, channel, fingerprint)
+VALUES ({name}, {table_lit}::regclass, {channel}, {fingerprint})
+ON CONFLICT (name) DO UPDATE
+    SET table_name = EXCLUDED.table_name, channel = EXCLUDED.channel,
+        fingerprint = EXCLUDED.fingerprint
+    WHERE (mvrefresh.capture.table_name, mvrefresh.capture.channel, mvrefresh.capture.fingerprint)
+          IS DISTINCT FROM (EXCLUDED.table_name, EXCLUDED.channel, EXCLUDED.fingerprint);
 "#,
-        new = select("new_rows"),
-        old = select("old_rows"),
+        t_row_lit = literal(&t_row),
+        t_trunc_lit = literal(&t_trunc),
+        f_row_lit = literal(&f_row),
+        f_trunc_lit = literal(&f_trunc),
         comment = literal(&format!(
             "mvrefresh capture `{}`: {} → channel {}",
             c.name, c.table, c.channel
         )),
-    );
-    for (op, event, referencing) in TRIGGERS {
-        let referencing = if referencing.is_empty() {
-            String::new()
-        } else {
-            format!("\n    REFERENCING {referencing}")
-        };
-        sql.push_str(&format!(
-            "CREATE OR REPLACE TRIGGER {} AFTER {event} ON {table}{referencing}\n    FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n",
-            ident(&trigger_name(c, op)),
-        ));
-    }
-    // What `check` compares to tell whether the installed capture is current.
-    sql.push_str(&format!(
-        "INSERT INTO mvrefresh.meta (key, value) VALUES ({}, {})\n    ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value\n    WHERE mvrefresh.meta.value <> EXCLUDED.value;\n",
-        literal(&fingerprint_key(c)),
-        literal(&fingerprint(c))
-    ));
-    // Plan the comparison once now, so a bad column, predicate or a type without equality
-    // fails the install instead of the first write.
-    sql.push_str(&format!(
-        "EXPLAIN (COSTS OFF) {} EXCEPT ALL {};\n",
-        select(&table),
-        select(&table)
-    ));
-    sql
-}
-
-/// The `mvrefresh.meta` key holding a capture's fingerprint.
-pub fn fingerprint_key(c: &CaptureConfig) -> String {
-    format!("capture:{}", c.name)
+    )
 }
 
 /// A fingerprint of everything a capture's triggers are generated from (64-bit FNV-1a of its
@@ -252,70 +375,44 @@ pub fn fingerprint(c: &CaptureConfig) -> String {
 }
 
 /// Bumped whenever [`capture_sql`] changes what it generates.
-const TRIGGER_TEMPLATE_VERSION: u32 = 1;
+const TRIGGER_TEMPLATE_VERSION: u32 = 3;
 
-fn drop_stale_captures_sql(config: &Config) -> String {
-    let keep: Vec<String> = config
-        .captures
-        .iter()
-        .map(|c| literal(&format!("capture_{}", c.name)))
-        .collect();
+/// `--prune`: every registered capture this config does not name goes, triggers and functions.
+fn prune_captures_sql(config: &Config) -> String {
     let names: Vec<String> = config.captures.iter().map(|c| literal(&c.name)).collect();
-    let keep_names = format!("ARRAY[{}]::text[]", names.join(", "));
-    let keep = if keep.is_empty() {
-        "ARRAY[]::text[]".to_owned()
-    } else {
-        format!("ARRAY[{}]", keep.join(", "))
-    };
-    // A configured capture whose table changed leaves triggers on the old table: those go too.
-    let keep_triggers: Vec<String> = config
-        .captures
-        .iter()
-        .flat_map(|c| {
-            let table = Relation::parse(&c.table).expect("validated").quoted();
-            TRIGGERS.map(|(op, _, _)| {
-                format!(
-                    "({}::regclass, {})",
-                    literal(&table),
-                    literal(&trigger_name(c, op))
-                )
-            })
-        })
-        .collect();
-    let keep_triggers = if keep_triggers.is_empty() {
-        "SELECT NULL::regclass, NULL::text WHERE false".to_owned()
-    } else {
-        format!("VALUES {}", keep_triggers.join(", "))
-    };
     format!(
         r#"DO $mvrefresh$
 DECLARE
-    t record;
+    c record;
+    f record;
 BEGIN
-    FOR t IN
-        SELECT tg.tgrelid::regclass AS rel, tg.tgname
-        FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid
-        WHERE p.pronamespace = 'mvrefresh'::regnamespace AND p.proname LIKE 'capture\_%'
-          AND (tg.tgrelid::regclass, tg.tgname::text) NOT IN ({keep_triggers})
+    FOR c IN SELECT * FROM mvrefresh.capture
+             WHERE name <> ALL (ARRAY[{names}]::text[])
+               AND name <> 'bout_results'
     LOOP
-        EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'mvrefresh_capture_' || c.name, c.table_name);
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'mvrefresh_capture_' || c.name || '_truncate', c.table_name);
+        FOR f IN SELECT p.oid::regprocedure AS fn FROM pg_proc AS p
+                 WHERE p.pronamespace = 'mvrefresh'::regnamespace
+                   AND p.proname IN ('capture_' || c.name, 'capture_' || c.name || '_truncate',
+                                     'capture_' || c.name || '_clean', 'capture_' || c.name || '_keys')
+        LOOP
+            EXECUTE format('DROP FUNCTION %s', f.fn);
+        END LOOP;
+        DELETE FROM mvrefresh.capture WHERE name = c.name;
     END LOOP;
-    FOR t IN
-        SELECT p.oid::regprocedure AS fn FROM pg_proc p
-        WHERE p.pronamespace = 'mvrefresh'::regnamespace AND p.proname LIKE 'capture\_%'
-          AND p.proname <> ALL ({keep})
-    LOOP
-        EXECUTE format('DROP FUNCTION %s', t.fn);
-    END LOOP;
-    DELETE FROM mvrefresh.meta
-    WHERE key LIKE 'capture:%' AND substr(key, 9) <> ALL ({keep_names});
 END
 $mvrefresh$;
-"#
+"#,
+        names = names.join(", ")
     )
 }
 
-fn subscriptions_sql(config: &Config) -> String {
+/// Adds the configured (channel, view) subscriptions that are missing; a newly subscribed view
+/// gets a pending `*` (it may have missed changes, so it is refreshed whole once). With
+/// `prune`, subscriptions this config does not name go, with the pending keys of views no
+/// longer subscribed to anything.
+fn subscriptions_sql(config: &Config, prune: bool) -> String {
     let pairs: Vec<String> = config
         .views
         .iter()
@@ -334,27 +431,28 @@ fn subscriptions_sql(config: &Config) -> String {
             pairs.join(", ")
         )
     };
-    let views: Vec<String> = config
-        .views
-        .iter()
-        .map(|v| literal(&v.relation().to_string()))
-        .collect();
-    format!(
-        r#"CREATE TEMP TABLE mvrefresh_desired ON COMMIT DROP AS {desired};
-DELETE FROM mvrefresh.subscription s
+    let prune = if prune {
+        "DELETE FROM mvrefresh.subscription s
 WHERE NOT EXISTS (SELECT 1 FROM mvrefresh_desired d
                   WHERE d.channel = s.channel AND d.view_name = s.view_name);
-DELETE FROM mvrefresh.change_log WHERE view_name <> ALL (ARRAY[{views}]::text[]);
-WITH added AS (
+DELETE FROM mvrefresh.pending p
+WHERE NOT EXISTS (SELECT 1 FROM mvrefresh.subscription s WHERE s.view_name = p.view_name)
+  AND NOT EXISTS (SELECT 1 FROM mvrefresh_desired d WHERE d.view_name = p.view_name);
+"
+    } else {
+        ""
+    };
+    format!(
+        r#"CREATE TEMP TABLE mvrefresh_desired ON COMMIT DROP AS {desired};
+{prune}WITH added AS (
     INSERT INTO mvrefresh.subscription (channel, view_name)
     SELECT channel, view_name FROM mvrefresh_desired
     ON CONFLICT DO NOTHING
     RETURNING view_name)
-INSERT INTO mvrefresh.change_log (view_name, key, channel)
-SELECT DISTINCT view_name, '*', 'mvrefresh:subscribed' FROM added;
+INSERT INTO mvrefresh.pending (view_name, key, since)
+SELECT DISTINCT view_name, '*', clock_timestamp() FROM added;
 DROP TABLE mvrefresh_desired;
-"#,
-        views = views.join(", ")
+"#
     )
 }
 
@@ -406,12 +504,15 @@ mod tests {
             when: None,
             columns: vec!["a\"b".into()],
         };
+        assert!(trigger_name(&c).len() + "_truncate".len() <= 63);
         let sql = capture_sql(&c);
-        assert!(sql.contains("ON \"Odd\"\"Table\""), "{sql}");
-        assert!(sql.contains("record_changes('it''s', changed)"), "{sql}");
+        assert!(sql.contains("FROM \"Odd\"\"Table\" AS n"), "{sql}");
+        assert!(sql.contains("'\"Odd\"\"Table\"'::regclass"), "{sql}");
         assert!(
-            sql.contains("(\"k\"\"ey\")::text AS k, \"a\"\"b\""),
+            sql.contains("VALUES ('x', '\"Odd\"\"Table\"'::regclass, 'it''s',"),
             "{sql}"
         );
+        assert!(sql.contains("n.\"k\"\"ey\"::text"), "{sql}");
+        assert!(sql.contains("ARRAY['k\"ey', 'a\"b']"), "{sql}");
     }
 }

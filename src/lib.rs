@@ -52,6 +52,7 @@ pub mod shutdown;
 pub mod sql;
 pub mod stats;
 pub mod status;
+pub mod store;
 pub mod telemetry;
 pub mod tls;
 

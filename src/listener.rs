@@ -11,51 +11,165 @@
 //! ```
 //!
 //! In `Listening` it has LISTENed on every channel and sent [`ListenerEvent::Up`], upon which the
-//! daemon reads the change log (whatever happened while it was away is there). A heartbeat
-//! query runs every `heartbeat_interval` under `heartbeat_timeout`: TCP keepalives do not notice
-//! a stalled peer, a query does. The backoff resets once a connection is listening.
+//! daemon collects the dirty keys and reads what is pending (whatever happened while it was away
+//! is there), and treats every channel without capture as "everything may have changed" (its
+//! notifications were missed). A heartbeat query runs every `heartbeat_interval` under
+//! `heartbeat_timeout`: TCP keepalives do not notice a stalled peer, a query does. The backoff
+//! resets once a connection is listening.
+//!
+//! Notifications never wait for the daemon: the task that reads the connection coalesces them
+//! into the [`Inbox`] (bounded) and wakes the daemon, so a flood of them neither stops the
+//! socket from being read nor delays the heartbeat's answer.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::future::poll_fn;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
+use crate::changelog::{self, ALL_KEYS_CAP};
 use crate::config::ListenerConfig;
 use crate::db::{Db, DbError};
+use crate::debounce::ALL;
 use crate::sql::ident;
 use crate::stats::Stats;
+use crate::telemetry::Metrics;
 
-/// A notification as received.
-#[derive(Debug, Clone)]
-pub struct Notification {
-    pub channel: String,
-    pub payload: String,
-}
-
-/// What the listener tells the daemon.
+/// What the listener tells the daemon besides notifications (which go to the [`Inbox`]).
 #[derive(Debug)]
 pub enum ListenerEvent {
     /// Connected and listening on every channel.
     Up,
     /// The connection was lost (or could not be made); it will be retried.
     Down(String),
-    Notification(Notification),
+}
+
+/// How notifications are read: which channels are fed by a capture (their notifications only
+/// wake the daemon up) and where a JSON payload keeps its key.
+#[derive(Debug, Clone, Default)]
+pub struct Intake {
+    pub captured: BTreeSet<String>,
+    pub payload_key: String,
+}
+
+/// Notifications received and not taken by the daemon yet, coalesced so that the connection is
+/// read at the speed the server sends whatever the daemon is doing, in bounded memory: one flag
+/// for all captured channels, at most [`ALL_KEYS_CAP`] keys per other channel (more become
+/// [`ALL`]), one entry per rejected (channel, reason).
+#[derive(Debug, Default)]
+pub struct Inbox {
+    received: Mutex<Received>,
+    /// Woken whenever something was added.
+    ready: Notify,
+}
+
+/// What the [`Inbox`] holds.
+#[derive(Debug, Default)]
+pub struct Received {
+    /// A notification arrived on a captured channel: collect the dirty keys.
+    pub collect: bool,
+    /// Keys named by notifications on channels without capture, per channel, each with when it
+    /// first arrived.
+    pub keys: HashMap<String, HashMap<String, Instant>>,
+    /// Rejected payloads per (channel, reason): how many, and the last one with its error.
+    pub rejected: HashMap<(String, &'static str), Rejected>,
+}
+
+/// Payloads rejected for one reason on one channel.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    pub count: u64,
+    /// The last rejected payload (its first 200 characters).
+    pub sample: String,
+    pub error: String,
+}
+
+impl Inbox {
+    /// Takes everything received so far.
+    pub fn take(&self) -> Received {
+        std::mem::take(&mut *self.received.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Waits until something was added since the last [`Inbox::take`] (returns at once if so).
+    pub async fn ready(&self) {
+        self.ready.notified().await;
+    }
+
+    fn add(&self, channel: &str, payload: &str, intake: &Intake, stats: &Stats, metrics: &Metrics) {
+        stats.notifications_received.inc();
+        metrics.notification(channel);
+        {
+            let mut r = self.received.lock().unwrap_or_else(|e| e.into_inner());
+            if intake.captured.contains(channel) {
+                r.collect = true;
+            } else {
+                match changelog::parse_payload(payload, &intake.payload_key) {
+                    Ok(key) => {
+                        let keys = r.keys.entry(channel.to_owned()).or_default();
+                        let now = Instant::now();
+                        if !keys.contains_key(&key) && keys.len() >= ALL_KEYS_CAP {
+                            let first = keys.values().min().copied().unwrap_or(now);
+                            keys.clear();
+                            keys.insert(ALL.to_owned(), first);
+                        } else if !keys.contains_key(ALL) {
+                            keys.entry(key).or_insert(now);
+                        }
+                    }
+                    Err(e) => {
+                        stats.notifications_rejected.inc();
+                        metrics.rejected(channel, e.reason());
+                        let entry = r
+                            .rejected
+                            .entry((channel.to_owned(), e.reason()))
+                            .or_insert_with(|| Rejected {
+                                count: 0,
+                                sample: String::new(),
+                                error: String::new(),
+                            });
+                        entry.count += 1;
+                        entry.sample = payload.chars().take(200).collect();
+                        entry.error = e.to_string();
+                    }
+                }
+            }
+        }
+        self.ready.notify_one();
+    }
 }
 
 /// `application_name` of the LISTEN connection (tests and operators find it by this name).
 pub const APPLICATION_NAME: &str = "mvrefresh-listener";
 
-/// Runs until `cancel` fires. Every event goes to `events`.
+/// Why a session ended.
+enum Ended {
+    /// The heartbeat got no answer in time: the backend may live on, holding back the server's
+    /// notification queue, so the next connection ends it.
+    Stalled(String),
+    Failed(String),
+    Stopped,
+}
+
+/// Where a running listener delivers, and what it counts with.
+pub struct Outputs {
+    /// The daemon's main loop holds the receiving end.
+    pub events: mpsc::Sender<ListenerEvent>,
+    /// Shared with the daemon's main loop, which takes what arrived.
+    pub inbox: Arc<Inbox>,
+    pub stats: Arc<Stats>,
+    pub metrics: Metrics,
+}
+
+/// Runs until `cancel` fires.
 pub async fn run(
     db: Db,
     channels: Vec<String>,
     config: ListenerConfig,
-    stats: Arc<Stats>,
-    events: mpsc::Sender<ListenerEvent>,
+    intake: Intake,
+    out: Outputs,
     cancel: CancellationToken,
 ) {
     let builder = ExponentialBuilder::default()
@@ -66,25 +180,22 @@ pub async fn run(
         .without_max_times();
     let mut backoff = builder.build();
     let mut first = true;
-    // The backend of the previous connection, when it was lost by a stall: it may live on
-    // server-side, and a listening backend that never reads holds back the server's whole
-    // notification queue, so the next connection ends it.
     let mut stalled_backend: Option<i32> = None;
     loop {
         if !first {
-            stats.listener_reconnects.inc();
+            out.stats.listener_reconnects.inc();
         }
         first = false;
         let attempt = tracing::info_span!("listener_connect", target = %db.target());
         let mut listened = false;
         let mut backend = None;
-        let result = tracing::Instrument::instrument(
+        let ended = tracing::Instrument::instrument(
             session(
                 &db,
                 &channels,
                 &config,
-                &stats,
-                &events,
+                &intake,
+                &out,
                 &cancel,
                 Session {
                     listened: &mut listened,
@@ -95,23 +206,24 @@ pub async fn run(
             attempt,
         )
         .await;
-        if matches!(&result, Err(e) if e.contains("stalled")) {
-            stalled_backend = backend;
-        }
         if listened {
             backoff = builder.build();
         }
-        stats.listener_connected.set(false);
+        out.stats.listener_connected.set(false);
         if cancel.is_cancelled() {
             return;
         }
-        let message = match result {
-            Ok(()) => "connection closed".to_owned(),
-            Err(e) => e,
+        let message = match ended {
+            Ended::Stopped => return,
+            Ended::Stalled(m) => {
+                stalled_backend = backend;
+                m
+            }
+            Ended::Failed(m) => m,
         };
         let delay = backoff.next().unwrap_or(config.reconnect_max);
         tracing::warn!(error = %message, retry_in = ?delay, "listener disconnected");
-        if events.send(ListenerEvent::Down(message)).await.is_err() {
+        if out.events.send(ListenerEvent::Down(message)).await.is_err() {
             return;
         }
         tokio::select! {
@@ -131,45 +243,50 @@ struct Session<'a> {
     stalled_backend: Option<i32>,
 }
 
-/// One connection's life: connect, LISTEN, then heartbeat until something fails.
+/// One connection's life: connect, LISTEN, then heartbeat until something fails. The
+/// connection is read by a task of its own that only counts and coalesces into the inbox, so
+/// it never waits for the daemon, and the heartbeat's answer is read however many
+/// notifications come before it.
 async fn session(
     db: &Db,
     channels: &[String],
     config: &ListenerConfig,
-    stats: &Stats,
-    events: &mpsc::Sender<ListenerEvent>,
+    intake: &Intake,
+    out: &Outputs,
     cancel: &CancellationToken,
     report: Session<'_>,
-) -> Result<(), String> {
+) -> Ended {
     let (client, mut connection) = tokio::select! {
-        _ = cancel.cancelled() => return Ok(()),
-        r = db.connect(APPLICATION_NAME) => r.map_err(|e| e.to_string())?,
+        _ = cancel.cancelled() => return Ended::Stopped,
+        r = db.connect(APPLICATION_NAME) => match r {
+            Ok(pair) => pair,
+            Err(e) => return Ended::Failed(e.to_string()),
+        },
     };
-    // Drive the connection: forward notifications; report how it ended.
+    // Drive the connection: coalesce notifications into the inbox; report how it ended.
     let (ended_tx, mut ended) = tokio::sync::oneshot::channel::<String>();
-    let forward = events.clone();
-    let driver = tokio::spawn(async move {
-        let reason = loop {
-            match poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(n))) => {
-                    let n = Notification {
-                        channel: n.channel().to_owned(),
-                        payload: n.payload().to_owned(),
-                    };
-                    if forward.send(ListenerEvent::Notification(n)).await.is_err() {
-                        break "daemon stopped".to_owned();
+    let driver = {
+        let inbox = out.inbox.clone();
+        let stats = out.stats.clone();
+        let metrics = out.metrics.clone();
+        let intake = intake.clone();
+        tokio::spawn(async move {
+            let reason = loop {
+                match poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(AsyncMessage::Notification(n))) => {
+                        inbox.add(n.channel(), n.payload(), &intake, &stats, &metrics);
                     }
+                    Some(Ok(AsyncMessage::Notice(n))) => {
+                        tracing::debug!(notice = %n.message(), "server notice on the listener");
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => break crate::db::error_text(&e),
+                    None => break "the server closed the connection".to_owned(),
                 }
-                Some(Ok(AsyncMessage::Notice(n))) => {
-                    tracing::debug!(notice = %n.message(), "server notice on the listener");
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => break e.to_string(),
-                None => break "the server closed the connection".to_owned(),
-            }
-        };
-        let _ = ended_tx.send(reason);
-    });
+            };
+            let _ = ended_tx.send(reason);
+        })
+    };
     // Abort the driver however this function ends (a frozen socket never ends on its own).
     struct AbortOnDrop(tokio::task::JoinHandle<()>);
     impl Drop for AbortOnDrop {
@@ -210,14 +327,16 @@ async fn session(
     };
     match tokio::time::timeout(timeout.max(Duration::from_secs(5)), setup).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(e.to_string()),
-        Err(_) => return Err(format!("LISTEN did not complete within {timeout:?}")),
+        Ok(Err(e)) => return Ended::Failed(e.to_string()),
+        Err(_) => {
+            return Ended::Stalled(format!("LISTEN did not complete within {timeout:?}"));
+        }
     }
     tracing::info!(channels = ?channels, "listening");
-    stats.listener_connected.set(true);
+    out.stats.listener_connected.set(true);
     *report.listened = true;
-    if events.send(ListenerEvent::Up).await.is_err() {
-        return Ok(());
+    if out.events.send(ListenerEvent::Up).await.is_err() {
+        return Ended::Stopped;
     }
 
     let mut interval = tokio::time::interval(config.heartbeat_interval);
@@ -225,17 +344,19 @@ async fn session(
     interval.tick().await;
     loop {
         tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
+            _ = cancel.cancelled() => return Ended::Stopped,
             reason = &mut ended => {
-                return Err(reason.unwrap_or_else(|_| "connection driver stopped".into()));
+                return Ended::Failed(reason.unwrap_or_else(|_| "connection driver stopped".into()));
             }
             _ = interval.tick() => {
-                let started = std::time::Instant::now();
+                let started = Instant::now();
                 match tokio::time::timeout(timeout, client.simple_query("SELECT 1")).await {
-                    Ok(Ok(_)) => stats.heartbeat_latency.set(started.elapsed()),
-                    Ok(Err(e)) => return Err(format!("heartbeat failed: {e}")),
+                    Ok(Ok(_)) => out.stats.heartbeat_latency.set(started.elapsed()),
+                    Ok(Err(e)) => {
+                        return Ended::Failed(format!("heartbeat failed: {}", crate::db::error_text(&e)));
+                    }
                     Err(_) => {
-                        return Err(format!(
+                        return Ended::Stalled(format!(
                             "heartbeat got no answer within {} (connection stalled)",
                             humantime::format_duration(timeout)
                         ))

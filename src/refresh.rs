@@ -3,16 +3,18 @@
 //! 1. `SET LOCAL statement_timeout, lock_timeout`;
 //! 2. `pg_try_advisory_xact_lock(namespace, hashtext(view))`: at most one refresh of a view at a
 //!    time across every replica; when it is taken, the refresh is [`Outcome::Busy`];
-//! 3. delete the view's change-log rows it covers (all of them for a whole-view mode, the
-//!    batch's keys for `incremental`). Rows committed before this statement are covered by the
-//!    refresh below, which reads a later snapshot; rows committed after it stay for the next one;
-//! 4. when nothing was consumed and nothing forces it, stop: another replica did the work
-//!    ([`Outcome::NothingToDo`]);
+//! 3. delete the view's pending rows it covers (all of them for a whole-view mode, the batch's
+//!    keys for `incremental`) that the daemon's horizon covers (see [`crate::store`]: every
+//!    writer that relied on them has ended). The refresh below reads a later snapshot, so it
+//!    sees every change they stand for; rows committed later, or not covered yet, stay pending
+//!    and are reported back ([`Outcome::Refreshed::leftover`]);
+//! 4. when nothing was consumed, nothing is left and nothing forces it, stop: another replica
+//!    did the work ([`Outcome::NothingToDo`]);
 //! 5. `REFRESH MATERIALIZED VIEW [CONCURRENTLY]` or `SELECT function(keys)`;
-//! 6. record the covered keys for the views that read this one (durably, so a dependent is
-//!    refreshed even if the daemon dies now) and the history row; commit.
+//! 6. record the keys for the views that read this one (durably, so a dependent is refreshed
+//!    even if the daemon dies now) and the history row; commit.
 //!
-//! A failure rolls all of it back: the change-log rows are pending again.
+//! A failure rolls all of it back: the pending rows are pending again.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -54,6 +56,9 @@ pub struct Request {
     pub reason: Reason,
     /// Wait for another replica's refresh of this view instead of returning `Busy`.
     pub wait_for_lock: bool,
+    /// The snapshot of the daemon's horizon: pending rows written before it may be consumed
+    /// (`None`: only rows no writer relied on).
+    pub horizon: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +67,9 @@ pub enum Outcome {
     Refreshed {
         keys: Option<Vec<String>>,
         duration: Duration,
+        /// Keys of the request (`*` for a whole refresh) that still have pending rows: not
+        /// covered by the horizon yet, or written meanwhile. They are refreshed again.
+        leftover: Vec<String>,
     },
     /// Another replica is refreshing this view right now.
     Busy,
@@ -80,28 +88,7 @@ pub struct RefreshError {
 impl RefreshError {
     /// The server's message (with detail and hint when present), for history and alerts.
     pub fn message(&self) -> String {
-        match self.source.as_db_error() {
-            Some(db) => {
-                let mut m = format!("{}: {}", db.severity(), db.message());
-                if let Some(d) = db.detail() {
-                    m.push_str(&format!(" (detail: {d})"));
-                }
-                if let Some(h) = db.hint() {
-                    m.push_str(&format!(" (hint: {h})"));
-                }
-                m
-            }
-            None => {
-                // Keep the cause: "error serializing parameter 0" alone says little.
-                let mut m = self.source.to_string();
-                let mut cause = std::error::Error::source(&self.source);
-                while let Some(c) = cause {
-                    m.push_str(&format!(": {c}"));
-                    cause = c.source();
-                }
-                m
-            }
-        }
+        crate::db::error_text(&self.source)
     }
 
     pub fn is_connection_error(&self) -> bool {
@@ -185,31 +172,54 @@ async fn run_transaction(
     .await?;
 
     let whole = view.mode().is_whole_view() || request.keys.iter().any(|k| k == ALL);
-    let consumed: Vec<String> = if whole {
-        tx.query(
-            "DELETE FROM mvrefresh.change_log WHERE view_name = $1 RETURNING key",
-            &[&view.name],
+    let (consumed, leftover): (u64, Vec<String>) = if whole {
+        let consumed = tx
+            .execute(
+                "DELETE FROM mvrefresh.pending
+                 WHERE view_name = $1
+                   AND (xact IS NULL OR pg_visible_in_snapshot(xact, $2::text::pg_snapshot))",
+                &[&view.name, &request.horizon],
+            )
+            .await?;
+        let left: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT FROM mvrefresh.pending WHERE view_name = $1)",
+                &[&view.name],
+            )
+            .await?
+            .get(0);
+        (
+            consumed,
+            if left {
+                vec![ALL.to_owned()]
+            } else {
+                Vec::new()
+            },
         )
-        .await?
     } else {
-        tx.query(
-            "DELETE FROM mvrefresh.change_log
-             WHERE view_name = $1 AND (key = ANY($2) OR key = '*') RETURNING key",
-            &[&view.name, &request.keys],
-        )
-        .await?
-    }
-    .iter()
-    .map(|r| r.get(0))
-    .collect();
+        let consumed = tx
+            .execute(
+                "DELETE FROM mvrefresh.pending
+                 WHERE view_name = $1 AND key = ANY ($2)
+                   AND (xact IS NULL OR pg_visible_in_snapshot(xact, $3::text::pg_snapshot))",
+                &[&view.name, &request.keys, &request.horizon],
+            )
+            .await?;
+        let left = tx
+            .query(
+                "SELECT DISTINCT key FROM mvrefresh.pending WHERE view_name = $1 AND key = ANY ($2)",
+                &[&view.name, &request.keys],
+            )
+            .await?;
+        (consumed, left.iter().map(|r| r.get(0)).collect())
+    };
 
-    let mut covered: BTreeSet<String> = consumed.into_iter().collect();
-    covered.extend(request.forced.iter().cloned());
-    if covered.is_empty() {
+    if consumed == 0 && leftover.is_empty() && request.forced.is_empty() {
         tx.commit().await?;
         return Ok(Outcome::NothingToDo);
     }
-    let all = whole || covered.contains(ALL);
+    let all = whole;
+    let covered: BTreeSet<String> = request.keys.iter().cloned().collect();
 
     match view.mode() {
         Mode::Concurrently | Mode::Blocking => {
@@ -247,9 +257,10 @@ async fn run_transaction(
     };
     if !dependents.is_empty() {
         tx.execute(
-            "INSERT INTO mvrefresh.change_log (view_name, key, channel)
-             SELECT d, k, 'mvrefresh:' || $3 FROM unnest($1::text[]) AS d, unnest($2::text[]) AS k",
-            &[&dependents, &propagate, &view.name],
+            "INSERT INTO mvrefresh.pending (view_name, key, since)
+             SELECT d, k, current_setting('mvrefresh.started_at')::timestamptz
+             FROM unnest($1::text[]) AS d, unnest($2::text[]) AS k",
+            &[&dependents, &propagate],
         )
         .await?;
     }
@@ -274,6 +285,7 @@ async fn run_transaction(
     Ok(Outcome::Refreshed {
         keys: (!all).then(|| covered.into_iter().collect()),
         duration,
+        leftover,
     })
 }
 
@@ -307,18 +319,4 @@ async fn record_failure(
     if let Err(e) = result {
         tracing::warn!(view = %view.name, error = %e, "could not record the failed refresh in mvrefresh.refresh_history");
     }
-}
-
-/// Deletes history older than `retention`.
-pub async fn prune_history(
-    client: &Client,
-    retention: Duration,
-) -> Result<u64, tokio_postgres::Error> {
-    client
-        .execute(
-            "DELETE FROM mvrefresh.refresh_history
-             WHERE finished_at < clock_timestamp() - make_interval(secs => $1)",
-            &[&retention.as_secs_f64()],
-        )
-        .await
 }

@@ -71,6 +71,8 @@ pub struct Stats {
     pub notifications_received: Counter,
     pub notifications_rejected: Counter,
     pub catch_ups: Counter,
+    /// Dirty keys taken by collects.
+    pub collected_keys: Counter,
     pub refreshes_succeeded: Counter,
     pub refreshes_failed: Counter,
     /// Refreshes skipped because another replica had already covered the changes.

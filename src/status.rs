@@ -28,6 +28,10 @@ pub struct Status {
     pub views: Vec<ViewStatus>,
 }
 
+/// Pending keys are counted up to this many per view (a count must not cost as much as the
+/// backlog it reports).
+pub const PENDING_COUNT_LIMIT: i64 = 100_000;
+
 pub async fn status(
     client: &impl GenericClient,
     config: &Config,
@@ -38,10 +42,7 @@ pub async fn status(
         .map(|v| v.relation().to_string())
         .collect();
     let installed: bool = client
-        .query_one(
-            "SELECT to_regclass('mvrefresh.change_log') IS NOT NULL",
-            &[],
-        )
+        .query_one("SELECT to_regclass('mvrefresh.pending') IS NOT NULL", &[])
         .await?
         .get(0);
     let mut views: Vec<ViewStatus> = config
@@ -90,11 +91,12 @@ pub async fn status(
                      WHERE view_name = v.name AND outcome = 'failure'
                        AND finished_at > coalesce(ok.finished_at, '-infinity')) AS f
                  CROSS JOIN LATERAL (
-                     SELECT count(DISTINCT key) AS keys,
-                            extract(epoch FROM clock_timestamp() - min(changed_at))::float8 AS oldest_age
-                     FROM mvrefresh.change_log WHERE view_name = v.name) AS p
+                     SELECT (SELECT count(*) FROM (SELECT DISTINCT key FROM mvrefresh.pending
+                                                   WHERE view_name = v.name LIMIT $3) AS k) AS keys,
+                            (SELECT extract(epoch FROM clock_timestamp() - min(since))::float8
+                             FROM mvrefresh.pending WHERE view_name = v.name) AS oldest_age) AS p
                  ORDER BY v.ord",
-                &[&names, &schedules],
+                &[&names, &schedules, &PENDING_COUNT_LIMIT],
             )
             .await?;
         for (s, row) in views.iter_mut().zip(rows) {
@@ -192,10 +194,15 @@ pub async fn check(
             let privileges: Vec<String> = client
                 .query(
                     "SELECT t.name || ' (' || t.privs || ')' FROM (VALUES
-                         ('mvrefresh.change_log', 'SELECT,INSERT,DELETE'),
+                         ('mvrefresh.dirty', 'SELECT,UPDATE,DELETE'),
+                         ('mvrefresh.pending', 'SELECT,INSERT,UPDATE,DELETE'),
                          ('mvrefresh.refresh_history', 'SELECT,INSERT,DELETE'),
-                         ('mvrefresh.subscription', 'SELECT,INSERT')) AS t(name, privs)
-                     WHERE NOT has_table_privilege(t.name, t.privs)",
+                         ('mvrefresh.subscription', 'SELECT,INSERT'),
+                         ('mvrefresh.capture', 'SELECT')) AS t(name, privs)
+                     WHERE NOT has_table_privilege(t.name, t.privs)
+                     UNION ALL
+                     SELECT 'mvrefresh.generation (UPDATE)'
+                     WHERE NOT has_sequence_privilege('mvrefresh.generation', 'UPDATE')",
                     &[],
                 )
                 .await?
@@ -258,10 +265,8 @@ pub async fn check(
         Err(e) => say(false, e.to_string()),
     }
     for c in &config.captures {
-        let names: Vec<String> = crate::install::TRIGGERS
-            .iter()
-            .map(|(op, _, _)| crate::install::trigger_name(c, op))
-            .collect();
+        let row = crate::install::trigger_name(c);
+        let names = vec![format!("{row}_truncate"), row];
         let table = crate::sql::Relation::parse(&c.table)
             .map(|r| r.quoted())
             .unwrap_or_default();
@@ -276,11 +281,8 @@ pub async fn check(
         let current: bool = if installed {
             client
                 .query_one(
-                    "SELECT coalesce((SELECT value = $2 FROM mvrefresh.meta WHERE key = $1), false)",
-                    &[
-                        &crate::install::fingerprint_key(c),
-                        &crate::install::fingerprint(c),
-                    ],
+                    "SELECT coalesce((SELECT fingerprint = $2 FROM mvrefresh.capture WHERE name = $1), false)",
+                    &[&c.name, &crate::install::fingerprint(c)],
                 )
                 .await?
                 .get(0)
@@ -306,6 +308,40 @@ pub async fn check(
                 format!(
                     "capture {} on {}: {found} of {} triggers installed and enabled; fix: run `mvrefresh install`",
                     c.name, c.table, names.len()
+                ),
+            );
+        }
+    }
+    if installed {
+        // Captures and subscriptions another config installed (or this one no longer names).
+        let configured: Vec<&str> = config.captures.iter().map(|c| c.name.as_str()).collect();
+        let views: Vec<String> = config
+            .views
+            .iter()
+            .map(|v| v.relation().to_string())
+            .collect();
+        let others: Vec<String> = client
+            .query(
+                "SELECT 'capture ' || name FROM mvrefresh.capture
+                 WHERE name <> ALL ($1) AND name <> 'bout_results'
+                 UNION ALL
+                 SELECT DISTINCT 'view ' || view_name FROM mvrefresh.subscription
+                 WHERE view_name <> ALL ($2)
+                 ORDER BY 1",
+                &[&configured, &views],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if !others.is_empty() {
+            say(
+                true,
+                format!(
+                    "installed but not in this config: {}. Another config's daemon runs them, \
+                     or they are left over: then `mvrefresh install --prune` removes them (with \
+                     their pending keys); captured writes keep marking their keys until then",
+                    others.join(", ")
                 ),
             );
         }

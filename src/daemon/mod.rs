@@ -1,11 +1,14 @@
 //! `mvrefresh run`: the main loop.
 //!
-//! How an event travels: a writer's transaction records `(view, key)` rows in the change log and
-//! notifies; the [listener](crate::listener) forwards the notification here; the key is noted in
-//! the view's [debouncer](crate::debounce) (a catch-up read of the log notes the same keys, so a
-//! lost notification only delays them); when keys are due and no view they depend on has them
-//! pending, a refresh task takes a pooled connection and runs [`crate::refresh::refresh`];
-//! its outcome comes back here, and on success the keys are noted for the dependent views.
+//! How an event travels: a writer's transaction marks its key dirty (`mvrefresh.dirty`) and
+//! notifies when the key turns dirty; the [listener](crate::listener) wakes this loop, which
+//! collects the dirty keys into per-view pending keys (`daemon/intake.rs`; a periodic collect
+//! and catch-up read find the same keys, so a lost notification only delays them) and notes
+//! them in the views' [debouncers](crate::debounce); when keys are ready and no view they
+//! depend on has them pending, a refresh task takes a pooled connection and runs
+//! [`crate::refresh::refresh`]; its outcome comes back here, and on success the keys are noted
+//! for the dependent views. Keys a refresh could not consume yet (the hand-over, see
+//! [`crate::store`]) are parked and refreshed once more when the horizon passes them.
 //!
 //! One task owns all scheduling state; everything else talks to it through channels, so the
 //! state needs no locks. Views refresh in dependency order: a view waits while a view it reads
@@ -33,7 +36,7 @@
 //! than its `max_staleness` is `view_stale` until it is fresh again (`view_fresh`); a listener
 //! disconnected longer than `[alert] listener_down_after` is `listener_down` until it is back.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,26 +47,26 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::alert::{Alerts, Event, Kind, Tracker};
-use crate::changelog::{self, PendingRow};
 use crate::config::Config;
 use crate::db::{Canceller, Db, DbError, UrlError};
-use crate::debounce::{Batch, Debouncer, ALL};
+use crate::debounce::{Batch, Debouncer, Limits, ALL};
 use crate::graph::{Plan, PlanError};
 use crate::http::{self, ManualRefresh};
-use crate::listener::{self, ListenerEvent};
-use crate::refresh::{self, Outcome, Reason, Request, Settings};
+use crate::listener::{self, Inbox};
+use crate::refresh::{Outcome, Reason, Request, Settings};
 use crate::stats::{Stats, ViewGauges};
+use crate::store::{self, Collected, Guard, PendingKeys};
 use crate::telemetry::{Metrics, Telemetry};
 
 mod health;
+mod intake;
 mod task;
 
 use task::{refresh_task, retry_delay, TaskError};
 
-/// A catch-up read of the change log that takes longer has lost its connection.
-const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often refresh history is pruned.
-const PRUNE_EVERY: Duration = Duration::from_secs(600);
+/// How long a due key waits for the hand-over horizon before it is refreshed anyway (its
+/// pending rows are then consumed by a later refresh).
+const HORIZON_PATIENCE: Duration = Duration::from_secs(1);
 /// At most this much earlier than its due time a key joins a batch of keys already due.
 const BATCH_SLACK: Duration = Duration::from_millis(50);
 /// Retry delay after finding another replica refreshing the same view (doubles, capped).
@@ -93,7 +96,15 @@ pub enum DaemonError {
 }
 
 enum Internal {
-    CatchUp(Result<Vec<PendingRow>, String>),
+    Collected(Result<Vec<Collected>, String>),
+    Guarded(Result<(Instant, Guard, Option<i64>), String>),
+    CatchUpView {
+        view: usize,
+        keys: PendingKeys,
+        seen: Instant,
+    },
+    CatchUpDone(Result<(), String>),
+    Pruned(Result<u64, String>),
     RefreshDone {
         view: usize,
         batch: Batch,
@@ -144,7 +155,7 @@ pub async fn run(
         );
     }
     let pool = db.pool(config.database.pool_size);
-    let plan = {
+    let (plan, captured) = {
         let client = pool.get().await.map_err(DbError::from)?;
         db.ensure_primary(&client).await?;
         let plan = Plan::load(&**client, &config).await?;
@@ -158,8 +169,9 @@ pub async fn run(
                     .map(|c| (c.clone(), v.name.clone()))
             })
             .collect();
-        changelog::ensure_subscriptions(&**client, &pairs).await?;
-        plan
+        store::ensure_subscriptions(&**client, &pairs).await?;
+        let captured = store::captured_channels(&**client).await?;
+        (plan, captured)
     };
     let last_success = last_success_ages(&pool, &plan).await?;
     let telemetry = Arc::new(Telemetry::new(&config.telemetry, stats.clone())?);
@@ -206,6 +218,7 @@ pub async fn run(
         telemetry.metrics.clone(),
         manual_rx,
         alerts,
+        captured,
     );
     let now = Instant::now();
     for (st, age) in daemon.views.iter_mut().zip(last_success) {
@@ -259,16 +272,16 @@ struct Daemon {
     plan: Arc<Plan>,
     stats: Arc<Stats>,
     views: Vec<ViewState>,
-    /// channel → (views subscribed, whether a capture backs it with change-log rows)
+    /// channel → (views subscribed, whether a capture feeds it: its notifications are only
+    /// wake-ups)
     channels: BTreeMap<String, (Vec<usize>, bool)>,
-    /// view name → index into `plan.views`
-    by_name: HashMap<String, usize>,
     /// Completions of refresh and catch-up tasks; every task holds a sender.
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
-    catch_up_running: bool,
-    catch_up_again: bool,
-    last_prune: Option<Instant>,
+    /// Collects, catch-ups, guards and pruning (`daemon/intake.rs`).
+    intake: intake::Intake,
+    /// Filled by the listener; taken by this loop.
+    inbox: Arc<Inbox>,
     replica: String,
     metrics: Metrics,
     /// Manual refreshes asked over HTTP; [`crate::http`] holds the senders.
@@ -294,13 +307,20 @@ impl Daemon {
         metrics: Metrics,
         manual_rx: mpsc::Receiver<ManualRefresh>,
         alerts: Alerts,
+        captured: Vec<String>,
     ) -> Self {
         let now = Instant::now();
         let views = plan
             .views
             .iter()
             .map(|v| {
-                let mut debouncer = Debouncer::new(v.config.debounce(config.debounce));
+                let limits = Limits {
+                    cap: config.refresh.max_pending_keys,
+                    batch: config.refresh.batch_keys,
+                    patience: HORIZON_PATIENCE,
+                    whole: v.mode().is_whole_view(),
+                };
+                let mut debouncer = Debouncer::new(v.config.debounce(config.debounce), limits);
                 let mut reason = None;
                 if v.mode().is_whole_view() && !v.populated {
                     debouncer.note_due(ALL, now, now, true);
@@ -319,7 +339,12 @@ impl Daemon {
                 }
             })
             .collect();
-        let captured: BTreeSet<&str> = config.captures.iter().map(|c| c.channel.as_str()).collect();
+        let captured: BTreeSet<&str> = config
+            .captures
+            .iter()
+            .map(|c| c.channel.as_str())
+            .chain(captured.iter().map(String::as_str))
+            .collect();
         let mut channels: BTreeMap<String, (Vec<usize>, bool)> = BTreeMap::new();
         for (i, v) in plan.views.iter().enumerate() {
             for c in &v.config.channels {
@@ -329,12 +354,12 @@ impl Daemon {
                 entry.0.push(i);
             }
         }
-        let by_name = plan
+        let quiet = plan
             .views
             .iter()
-            .enumerate()
-            .map(|(i, v)| (v.name.clone(), i))
-            .collect();
+            .map(|v| v.config.debounce(config.debounce).quiet)
+            .min()
+            .unwrap_or(config.debounce.quiet);
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
         let replica = format!(
             "{}:{}",
@@ -350,12 +375,10 @@ impl Daemon {
             stats,
             views,
             channels,
-            by_name,
             internal_tx,
             internal_rx,
-            catch_up_running: false,
-            catch_up_again: false,
-            last_prune: None,
+            intake: intake::Intake::new(quiet),
+            inbox: Arc::default(),
             replica,
             metrics,
             manual_rx,
@@ -367,13 +390,26 @@ impl Daemon {
 
     async fn main_loop(&mut self, shutdown: impl Future<Output = ()>) {
         let cancel_intake = CancellationToken::new();
-        let (listener_tx, mut listener_rx) = mpsc::channel(4096);
+        let (listener_tx, mut listener_rx) = mpsc::channel(16);
         let listener = tokio::spawn(listener::run(
             self.db.clone(),
             self.channels.keys().cloned().collect(),
             self.config.listener.clone(),
-            self.stats.clone(),
-            listener_tx,
+            listener::Intake {
+                captured: self
+                    .channels
+                    .iter()
+                    .filter(|(_, (_, captured))| *captured)
+                    .map(|(c, _)| c.clone())
+                    .collect(),
+                payload_key: self.config.listener.payload_key.clone(),
+            },
+            listener::Outputs {
+                events: listener_tx,
+                inbox: self.inbox.clone(),
+                stats: self.stats.clone(),
+                metrics: self.metrics.clone(),
+            },
             cancel_intake.clone(),
         ));
         let mut catch_up = tokio::time::interval(self.config.listener.catch_up_interval);
@@ -398,8 +434,10 @@ impl Daemon {
         self.stats.ready.set(true);
         tokio::pin!(shutdown);
 
+        let inbox = self.inbox.clone();
         loop {
             let now = Instant::now();
+            self.drive_intake(now);
             self.dispatch(now);
             self.publish_gauges();
             let wake = self.next_wake(now);
@@ -407,16 +445,8 @@ impl Daemon {
                 biased;
                 _ = &mut shutdown => break,
                 Some(event) = self.internal_rx.recv() => self.on_internal(event),
-                Some(event) = listener_rx.recv() => {
-                    self.on_listener(event);
-                    // Drain what is already queued before scheduling again.
-                    for _ in 0..1024 {
-                        match listener_rx.try_recv() {
-                            Ok(event) => self.on_listener(event),
-                            Err(_) => break,
-                        }
-                    }
-                }
+                Some(event) = listener_rx.recv() => self.on_listener(event),
+                _ = inbox.ready() => self.on_inbox(),
                 Some(request) = self.manual_rx.recv() => self.on_manual(request),
                 _ = catch_up.tick() => self.start_catch_up(),
                 _ = health.tick() => self.check_health(Instant::now()),
@@ -491,18 +521,20 @@ impl Daemon {
     /// The next instant something can become due (only future instants: a view that is due
     /// but blocked waits for the event that unblocks it).
     fn next_wake(&self, now: Instant) -> Option<Instant> {
+        let horizon = self.intake.horizon();
         self.views
             .iter()
             .filter(|v| v.in_flight.is_none())
             .flat_map(|v| {
                 let due = match v.retry_at {
                     Some(t) if t > now => Some(t),
-                    _ => v.debouncer.next_due(),
+                    _ => v.debouncer.next_due(horizon),
                 };
                 [due, v.next_schedule]
             })
+            .chain([self.intake_wake()])
             .flatten()
-            .filter(|t| *t > now)
+            .map(|t| t.max(now + Duration::from_millis(1)))
             .min()
     }
 
@@ -514,10 +546,11 @@ impl Daemon {
     fn blocked(&self, i: usize, key: &str) -> bool {
         self.plan.views[i].ancestors.iter().any(|&a| {
             let st = &self.views[a];
+            // A parked key was refreshed already: it holds nothing up.
             let pending = if key == ALL {
-                !st.debouncer.is_empty()
+                st.debouncer.oldest().is_some()
             } else {
-                st.debouncer.contains(key) || st.debouncer.contains(ALL)
+                st.debouncer.contains_unparked(key) || st.debouncer.contains_unparked(ALL)
             };
             let in_flight = st.in_flight.as_ref().is_some_and(|f| {
                 key == ALL || f.whole || f.keys.contains(key) || f.keys.contains(ALL)
@@ -528,6 +561,7 @@ impl Daemon {
 
     /// Starts every refresh that is due, unblocked, and fits the concurrency limit.
     fn dispatch(&mut self, now: Instant) {
+        let horizon = self.intake.horizon();
         for pos in 0..self.plan.order.len() {
             let i = self.plan.order[pos];
             if self.running() >= self.config.refresh.concurrency {
@@ -547,7 +581,7 @@ impl Daemon {
             }
             let whole = self.plan.views[i].mode().is_whole_view();
             let batch = if whole {
-                if !self.views[i].debouncer.any_due(now) || self.blocked(i, ALL) {
+                if !self.views[i].debouncer.any_due(now, horizon) || self.blocked(i, ALL) {
                     continue;
                 }
                 self.views[i].debouncer.take_all()
@@ -558,17 +592,17 @@ impl Daemon {
                     .config
                     .debounce(self.config.debounce)
                     .quiet;
-                let horizon = now + (quiet / 10).min(BATCH_SLACK);
+                let until = now + (quiet / 10).min(BATCH_SLACK);
                 let blocked: BTreeSet<String> = self.views[i]
                     .debouncer
-                    .due_keys(horizon)
+                    .due_keys(until, horizon)
                     .into_iter()
                     .filter(|k| self.blocked(i, k))
                     .map(str::to_owned)
                     .collect();
                 self.views[i]
                     .debouncer
-                    .take_due(horizon, |k| !blocked.contains(k))
+                    .take_due(until, horizon, |k| !blocked.contains(k))
             };
             if batch.is_empty() {
                 continue;
@@ -593,6 +627,7 @@ impl Daemon {
             forced,
             reason,
             wait_for_lock: false,
+            horizon: self.intake.horizon_snapshot(),
         };
         let settings = Settings {
             timeout: view.config.timeout.unwrap_or(self.config.refresh.timeout),
@@ -646,16 +681,11 @@ impl Daemon {
 
     fn on_internal(&mut self, event: Internal) {
         match event {
-            Internal::CatchUp(result) => {
-                self.catch_up_running = false;
-                match result {
-                    Ok(rows) => self.apply_catch_up(rows),
-                    Err(e) => tracing::warn!(error = %e, "could not read the change log"),
-                }
-                if std::mem::take(&mut self.catch_up_again) {
-                    self.start_catch_up();
-                }
-            }
+            Internal::Collected(result) => self.on_collected(result),
+            Internal::Guarded(result) => self.on_guarded(result),
+            Internal::CatchUpView { view, keys, seen } => self.on_catch_up_view(view, keys, seen),
+            Internal::CatchUpDone(result) => self.on_catch_up_done(result),
+            Internal::Pruned(result) => self.on_pruned(result),
             Internal::RefreshDone {
                 view,
                 batch,
@@ -670,7 +700,11 @@ impl Daemon {
         let st = &mut self.views[i];
         st.in_flight = None;
         match result {
-            Ok(Outcome::Refreshed { keys, duration }) => {
+            Ok(Outcome::Refreshed {
+                keys,
+                duration,
+                leftover,
+            }) => {
                 self.stats.refreshes_succeeded.inc();
                 self.metrics.refresh(
                     &name,
@@ -713,6 +747,9 @@ impl Daemon {
                     if let Some(period) = self.plan.views[i].config.schedule {
                         st.next_schedule = Some(now + period);
                     }
+                }
+                for k in &leftover {
+                    st.debouncer.park(k, now);
                 }
                 let oldest = batch.iter().map(|(_, p)| p.first).min().unwrap_or(now);
                 let keys = keys.unwrap_or_else(|| vec![ALL.to_owned()]);
@@ -805,54 +842,6 @@ impl Daemon {
         }
     }
 
-    fn on_listener(&mut self, event: ListenerEvent) {
-        match event {
-            ListenerEvent::Up => {
-                if let Some((since, _)) = self.listener_down.take() {
-                    let now = Instant::now();
-                    let event = Event::new(
-                        Kind::ListenerRecovered,
-                        "listener",
-                        format!(
-                            "the LISTEN connection is back after {}",
-                            secs(now.saturating_duration_since(since))
-                        ),
-                    );
-                    self.alerts.send_opt(self.tracker.recover(event));
-                }
-                self.start_catch_up();
-            }
-            ListenerEvent::Down(reason) => match &mut self.listener_down {
-                Some((_, last)) => *last = reason,
-                None => self.listener_down = Some((Instant::now(), reason)),
-            },
-            ListenerEvent::Notification(n) => {
-                self.stats.notifications_received.inc();
-                self.metrics.notification(&n.channel);
-                let Some((views, captured)) = self.channels.get(&n.channel) else {
-                    self.stats.notifications_rejected.inc();
-                    self.metrics.rejected(&n.channel, "unknown_channel");
-                    return;
-                };
-                match changelog::parse_payload(&n.payload, &self.config.listener.payload_key) {
-                    Ok(key) => {
-                        let now = Instant::now();
-                        let forced = key.json || !captured;
-                        for &i in views {
-                            self.views[i].debouncer.note(&key.key, now, forced);
-                        }
-                    }
-                    Err(e) => {
-                        self.stats.notifications_rejected.inc();
-                        self.metrics.rejected(&n.channel, e.reason());
-                        let shown: String = n.payload.chars().take(200).collect();
-                        tracing::warn!(channel = %n.channel, payload = %shown, reason = e.reason(), "notification rejected: {e}");
-                    }
-                }
-            }
-        }
-    }
-
     /// Queues a manual refresh of one view or all (`POST /refresh[/{view}]`).
     fn on_manual(&mut self, request: ManualRefresh) {
         let targets: Vec<usize> = match &request.view {
@@ -906,63 +895,6 @@ impl Daemon {
             .collect();
         if let Ok(mut slot) = self.stats.views.lock() {
             *slot = gauges;
-        }
-    }
-
-    fn start_catch_up(&mut self) {
-        if self.catch_up_running {
-            self.catch_up_again = true;
-            return;
-        }
-        self.catch_up_running = true;
-        let prune = self
-            .last_prune
-            .is_none_or(|t| t.elapsed() >= PRUNE_EVERY)
-            .then_some(self.config.refresh.history_retention);
-        if prune.is_some() {
-            self.last_prune = Some(Instant::now());
-        }
-        let pool = self.pool.clone();
-        let done = self.internal_tx.clone();
-        let stats = self.stats.clone();
-        tokio::spawn(async move {
-            let result = async {
-                let client = pool.get().await.map_err(|e| e.to_string())?;
-                let work = async {
-                    if let Some(retention) = prune {
-                        if let Err(e) = refresh::prune_history(&client, retention).await {
-                            tracing::warn!(error = %e, "could not prune mvrefresh.refresh_history");
-                        }
-                    }
-                    changelog::read_pending(&**client).await
-                };
-                match tokio::time::timeout(CATCH_UP_TIMEOUT, work).await {
-                    Ok(result) => result.map_err(|e| e.to_string()),
-                    Err(_) => {
-                        let _ = deadpool_postgres::Object::take(client);
-                        Err(format!(
-                            "no answer within {CATCH_UP_TIMEOUT:?}; connection discarded"
-                        ))
-                    }
-                }
-            }
-            .await;
-            stats.catch_ups.inc();
-            let _ = done.send(Internal::CatchUp(result));
-        });
-    }
-
-    fn apply_catch_up(&mut self, rows: Vec<PendingRow>) {
-        let now = Instant::now();
-        for row in rows {
-            let Some(&i) = self.by_name.get(&row.view) else {
-                continue;
-            };
-            let first = now.checked_sub(row.oldest_age).unwrap_or(now);
-            let last = now.checked_sub(row.newest_age).unwrap_or(now);
-            self.views[i]
-                .debouncer
-                .note_span(&row.key, first, last, false);
         }
     }
 }

@@ -28,7 +28,13 @@ fn shipped_config(url: &str) -> mvrefresh::config::Config {
 async fn install_analytics(config: &mvrefresh::config::Config) {
     let db = mvrefresh::db::Db::new(&config.database).unwrap();
     let mut client = db.connect_simple("test-install").await.unwrap();
-    let steps = mvrefresh::install::script(config, mvrefresh::install::Options { analytics: true });
+    let steps = mvrefresh::install::script(
+        config,
+        mvrefresh::install::Options {
+            analytics: true,
+            prune: false,
+        },
+    );
     mvrefresh::install::run(&mut client, &steps)
         .await
         .unwrap_or_else(|e| panic!("install --analytics: {e}"));
@@ -49,10 +55,14 @@ async fn difference(c: &Client, a: &str, b: &str) -> i64 {
 }
 
 async fn nothing_pending(c: &Client) -> bool {
-    c.query_one("SELECT count(*) = 0 FROM mvrefresh.change_log", &[])
-        .await
-        .unwrap()
-        .get(0)
+    c.query_one(
+        "SELECT NOT EXISTS (SELECT FROM mvrefresh.pending)
+            AND NOT EXISTS (SELECT FROM mvrefresh.dirty)",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
 
 async fn failures(c: &Client) -> Vec<String> {

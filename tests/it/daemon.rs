@@ -322,7 +322,8 @@ async fn a_failing_view_stops_neither_unrelated_views_nor_recovery() {
     harness::wait_for("mv_fail to recover and mv_fail_dep to follow", || async {
         c.query_one(
             "SELECT (SELECT sum(n) FROM mv_fail_dep) = 4
-                AND NOT EXISTS (SELECT 1 FROM mvrefresh.change_log)",
+                AND NOT EXISTS (SELECT 1 FROM mvrefresh.pending)
+                AND NOT EXISTS (SELECT 1 FROM mvrefresh.dirty)",
             &[],
         )
         .await

@@ -228,10 +228,10 @@ async fn count(c: &Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).await.unwrap().get(0)
 }
 
-/// Change-log rows written by the capture (not the ones install and refreshes write).
+/// Dirty keys marked by the capture on the discovery channel.
 async fn captured(c: &Client) -> i64 {
     c.query_one(
-        "SELECT count(*) FROM mvrefresh.change_log WHERE channel = $1",
+        "SELECT count(*) FROM mvrefresh.dirty WHERE channel = $1",
         &[&CHANNEL],
     )
     .await
@@ -302,17 +302,9 @@ fn the_example_config_is_valid_and_subscribes_as_documented() {
 async fn only_completion_marks_runs_dirty_never_results() {
     let (_db, c, _config) = setup().await;
     seed(&c, &[]).await;
-    // Keys the capture logged since the last call (and clears them).
+    // Keys the capture marked dirty since the last call (and takes them, as a collect does).
     async fn logged(c: &Client) -> Vec<String> {
-        let rows = c
-            .query(
-                "WITH d AS (DELETE FROM mvrefresh.change_log WHERE channel = $1 RETURNING key)
-                 SELECT DISTINCT key FROM d ORDER BY key",
-                &[&CHANNEL],
-            )
-            .await
-            .unwrap();
-        rows.iter().map(|r| r.get(0)).collect()
+        harness::take_dirty(c, Some(CHANNEL)).await
     }
     assert_eq!(
         logged(&c).await,
@@ -344,11 +336,13 @@ async fn only_completion_marks_runs_dirty_never_results() {
             "UPDATE discovery_runs SET is_complete = true, completed_at = now() WHERE run_id = 'A'",
             &["A"],
         ),
-        // Columns no view reads, a no-op update, and results of a complete run: nothing.
+        // A listed column set to the value it had still marks the run (values are not
+        // compared; the refresh that follows changes nothing).
         (
             "UPDATE discovery_runs SET completed_at = completed_at WHERE run_id = 'A'",
-            &[],
+            &["A"],
         ),
+        // Columns no view reads and results of a complete run: nothing.
         (
             "UPDATE discovery_runs SET parameters = '{\"contamination\": 0.5}' WHERE run_id = 'A'",
             &[],

@@ -185,10 +185,7 @@ async fn a_standby_is_refused_with_the_reason() {
             Ok((client, conn)) => {
                 tokio::spawn(conn);
                 client
-                    .query_one(
-                        "SELECT to_regclass('mvrefresh.change_log') IS NOT NULL",
-                        &[],
-                    )
+                    .query_one("SELECT to_regclass('mvrefresh.pending') IS NOT NULL", &[])
                     .await
                     .map(|r| r.get::<_, bool>(0))
                     .unwrap_or(false)

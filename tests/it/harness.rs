@@ -694,16 +694,36 @@ pub async fn refreshes(client: &Client, view: &str) -> i64 {
         .get(0)
 }
 
-/// Pending change-log rows of `view`.
+/// Pending rows of `view`.
 pub async fn pending(client: &Client, view: &str) -> i64 {
     client
         .query_one(
-            "SELECT count(*) FROM mvrefresh.change_log WHERE view_name = $1",
+            "SELECT count(*) FROM mvrefresh.pending WHERE view_name = $1",
             &[&view],
         )
         .await
         .unwrap()
         .get(0)
+}
+
+/// Takes the dirty keys (of `channel`, or all) as the daemon's collect does, sorted and
+/// distinct: deletes them, then changes the generation, so every session forgets the keys it
+/// remembered as dirty.
+pub async fn take_dirty(client: &Client, channel: Option<&str>) -> Vec<String> {
+    let rows = client
+        .query(
+            "WITH d AS (DELETE FROM mvrefresh.dirty WHERE $1::text IS NULL OR channel = $1
+                        RETURNING key)
+             SELECT DISTINCT key FROM d ORDER BY key",
+            &[&channel],
+        )
+        .await
+        .unwrap();
+    client
+        .execute("SELECT nextval('mvrefresh.generation')", &[])
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
 }
 
 /// Sets up a database with [`SCHEMA`], installs mvrefresh with the capture and `views`, and

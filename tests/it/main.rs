@@ -9,6 +9,7 @@ mod daemon;
 mod deploy;
 mod discovery;
 mod faults;
+mod handover;
 mod harness;
 mod observe;
 mod proxy;

@@ -1,0 +1,431 @@
+//! What the main loop learns changed, and the hand-over bookkeeping:
+//!
+//! - **collect** (on a notification of a captured channel, after every (re)connect and every
+//!   `catch_up_interval`, at most once per [`Intake::collect_every`] unless the last one was
+//!   full): moves dirty keys into pending keys in bounded chunks ([`store::collect`]) and notes
+//!   them in the subscribed views' debouncers;
+//! - **catch-up** (start-up, reconnect, `catch_up_interval`): reads each view's pending keys,
+//!   one bounded query per view ([`store::read_pending`]), for what another replica or an
+//!   earlier run collected;
+//! - **guards** (while a key waits for the horizon, at most once per [`Intake::guard_every`]):
+//!   one statement takes a new guard and tells which earlier ones cleared; the newest cleared
+//!   one is the horizon passed to refreshes (see [`crate::store`]);
+//! - the listener's **inbox**: captured channels ask for a collect, other channels' keys are
+//!   noted as they are;
+//! - **pruning** of `refresh_history`, in bounded batches on its own schedule.
+//!
+//! Every database step runs in a task of its own and reports back through `Internal`, one
+//! bounded result at a time, so the loop (and the watchdog it feeds) never waits on a query.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::{Daemon, Internal};
+use crate::debounce::{Pending, ALL};
+use crate::listener::ListenerEvent;
+use crate::store::{self, Collected, Guard, PendingKeys};
+
+/// Dirty rows taken per collect transaction.
+const COLLECT_CHUNK: i64 = 5_000;
+/// Guards waiting to clear; with more, the newest is replaced (a later guard clearing implies
+/// that every earlier one did).
+const MAX_GUARDS: usize = 32;
+/// How often `refresh_history` is pruned, and how many rows per statement.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+const PRUNE_BATCH: i64 = 10_000;
+
+/// The intake's state, owned by the main loop.
+#[derive(Debug)]
+pub(super) struct Intake {
+    collect_running: bool,
+    collect_wanted: bool,
+    last_collect: Option<Instant>,
+    /// The least time between two collects that are not continuing a full one.
+    collect_every: Duration,
+    guard_running: bool,
+    last_guard: Option<Instant>,
+    guard_every: Duration,
+    next_guard: i64,
+    /// Guards not known to have cleared: id, when their statement was sent, the guard.
+    waiting: VecDeque<(i64, Instant, Guard)>,
+    /// The newest cleared guard: when its statement was sent, and its snapshot.
+    horizon: Option<(Instant, String)>,
+    catch_up_running: bool,
+    catch_up_again: bool,
+    prune_running: bool,
+    last_prune: Option<Instant>,
+}
+
+impl Intake {
+    /// `quiet` is the shortest debounce of any view: collecting and guarding at a fifth of it
+    /// keeps both well ahead of any key falling due.
+    pub(super) fn new(quiet: Duration) -> Intake {
+        let every = (quiet / 5).clamp(Duration::from_millis(10), Duration::from_millis(500));
+        Intake {
+            collect_running: false,
+            collect_wanted: false,
+            last_collect: None,
+            collect_every: every,
+            guard_running: false,
+            last_guard: None,
+            guard_every: every,
+            next_guard: 0,
+            waiting: VecDeque::new(),
+            horizon: None,
+            catch_up_running: false,
+            catch_up_again: false,
+            prune_running: false,
+            last_prune: None,
+        }
+    }
+
+    /// When the newest cleared guard was taken.
+    pub(super) fn horizon(&self) -> Option<Instant> {
+        self.horizon.as_ref().map(|(at, _)| *at)
+    }
+
+    /// The newest cleared guard's snapshot, for a refresh to consume under.
+    pub(super) fn horizon_snapshot(&self) -> Option<String> {
+        self.horizon.as_ref().map(|(_, s)| s.clone())
+    }
+}
+
+impl Daemon {
+    /// The next instant the intake has something to start.
+    pub(super) fn intake_wake(&self) -> Option<Instant> {
+        let i = &self.intake;
+        let collect = (i.collect_wanted && !i.collect_running).then(|| {
+            i.last_collect
+                .map_or(Instant::now(), |t| t + i.collect_every)
+        });
+        let guard = (!i.guard_running && self.needs_guard())
+            .then(|| i.last_guard.map_or(Instant::now(), |t| t + i.guard_every));
+        let prune =
+            (!i.prune_running).then(|| i.last_prune.map_or(Instant::now(), |t| t + PRUNE_EVERY));
+        [collect, guard, prune].into_iter().flatten().min()
+    }
+
+    /// Starts whatever intake work is due.
+    pub(super) fn drive_intake(&mut self, now: Instant) {
+        let i = &self.intake;
+        if i.collect_wanted
+            && !i.collect_running
+            && i.last_collect.is_none_or(|t| now >= t + i.collect_every)
+        {
+            self.start_collect(now);
+        }
+        let i = &self.intake;
+        if !i.guard_running
+            && i.last_guard.is_none_or(|t| now >= t + i.guard_every)
+            && self.needs_guard()
+        {
+            self.start_guard(now);
+        }
+        let i = &self.intake;
+        if !i.prune_running && i.last_prune.is_none_or(|t| now >= t + PRUNE_EVERY) {
+            self.start_prune(now);
+        }
+    }
+
+    /// Whether some key waits for a horizon newer than the current one.
+    fn needs_guard(&self) -> bool {
+        let horizon = self.intake.horizon();
+        self.views
+            .iter()
+            .any(|v| v.debouncer.waits_for_horizon(horizon))
+    }
+
+    /// Asks for a collect of the dirty keys (started by [`Daemon::drive_intake`]).
+    pub(super) fn want_collect(&mut self) {
+        self.intake.collect_wanted = true;
+    }
+
+    fn start_collect(&mut self, now: Instant) {
+        let channels: Vec<String> = self
+            .channels
+            .iter()
+            .filter(|(_, (_, captured))| *captured)
+            .map(|(c, _)| c.clone())
+            .collect();
+        self.intake.collect_wanted = false;
+        if channels.is_empty() {
+            return;
+        }
+        self.intake.collect_running = true;
+        self.intake.last_collect = Some(now);
+        let pool = self.pool.clone();
+        let done = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let result = async {
+                let mut client = pool.get().await.map_err(|e| e.to_string())?;
+                store::collect(&mut client, &channels, COLLECT_CHUNK)
+                    .await
+                    .map_err(|e| crate::db::error_text(&e))
+            }
+            .await;
+            let _ = done.send(Internal::Collected(result));
+        });
+    }
+
+    pub(super) fn on_collected(&mut self, result: Result<Vec<Collected>, String>) {
+        self.intake.collect_running = false;
+        let rows = match result {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not collect the dirty keys");
+                return;
+            }
+        };
+        if rows.len() as i64 >= COLLECT_CHUNK {
+            // More are waiting: the next chunk at once.
+            self.intake.collect_wanted = true;
+            self.intake.last_collect = None;
+        }
+        self.stats.collected_keys.add(rows.len() as u64);
+        let now = Instant::now();
+        for row in rows {
+            if row.odd {
+                tracing::warn!(
+                    channel = %row.channel,
+                    "a dirty key is not valid UTF-8: the views of its channel are refreshed whole"
+                );
+            }
+            let first = now.checked_sub(row.age).unwrap_or(now);
+            let Some((views, _)) = self.channels.get(&row.channel) else {
+                continue;
+            };
+            for &i in views {
+                self.views[i]
+                    .debouncer
+                    .add(&row.key, Pending::stored(first, now));
+            }
+        }
+    }
+
+    fn start_guard(&mut self, now: Instant) {
+        self.intake.guard_running = true;
+        self.intake.last_guard = Some(now);
+        let waiting: Vec<(i64, Guard)> = self
+            .intake
+            .waiting
+            .iter()
+            .map(|(id, _, g)| (*id, g.clone()))
+            .collect();
+        let pool = self.pool.clone();
+        let done = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let result = async {
+                let client = pool.get().await.map_err(|e| e.to_string())?;
+                let refs: Vec<(i64, &Guard)> = waiting.iter().map(|(id, g)| (*id, g)).collect();
+                // Taken only now: every collect reported before this instant has committed.
+                let sent = Instant::now();
+                store::guard(&**client, &refs)
+                    .await
+                    .map(|(guard, cleared)| (sent, guard, cleared))
+                    .map_err(|e| crate::db::error_text(&e))
+            }
+            .await;
+            let _ = done.send(Internal::Guarded(result));
+        });
+    }
+
+    pub(super) fn on_guarded(&mut self, result: Result<(Instant, Guard, Option<i64>), String>) {
+        self.intake.guard_running = false;
+        let (sent, guard, cleared) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not take a hand-over guard");
+                return;
+            }
+        };
+        let i = &mut self.intake;
+        if let Some(cleared) = cleared {
+            while let Some((id, at, g)) = i.waiting.pop_front() {
+                if id > cleared {
+                    i.waiting.push_front((id, at, g));
+                    break;
+                }
+                if id == cleared {
+                    i.horizon = Some((at, g.snapshot));
+                }
+            }
+        }
+        if guard.holders.is_empty() {
+            // Nobody was writing a captured table: it is clear already.
+            i.horizon = Some((sent, guard.snapshot));
+            i.waiting.clear();
+        } else {
+            if i.waiting.len() >= MAX_GUARDS {
+                i.waiting.pop_back();
+            }
+            i.next_guard += 1;
+            i.waiting.push_back((i.next_guard, sent, guard));
+        }
+    }
+
+    /// Reads what is pending for every view (and collects), unless a catch-up is running (then
+    /// once more after it).
+    pub(super) fn start_catch_up(&mut self) {
+        self.want_collect();
+        if self.intake.catch_up_running {
+            self.intake.catch_up_again = true;
+            return;
+        }
+        self.intake.catch_up_running = true;
+        let pool = self.pool.clone();
+        let done = self.internal_tx.clone();
+        let views: Vec<(String, bool)> = self
+            .plan
+            .views
+            .iter()
+            .map(|v| (v.name.clone(), v.mode().is_whole_view()))
+            .collect();
+        let limit = self.config.refresh.max_pending_keys as i64;
+        let stats = self.stats.clone();
+        tokio::spawn(async move {
+            let result = async {
+                let client = pool.get().await.map_err(|e| e.to_string())?;
+                for (i, (name, whole)) in views.iter().enumerate() {
+                    let keys = store::read_pending(&**client, name, *whole, limit)
+                        .await
+                        .map_err(|e| crate::db::error_text(&e))?;
+                    let seen = Instant::now();
+                    if done
+                        .send(Internal::CatchUpView {
+                            view: i,
+                            keys,
+                            seen,
+                        })
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            stats.catch_ups.inc();
+            let _ = done.send(Internal::CatchUpDone(result));
+        });
+    }
+
+    pub(super) fn on_catch_up_view(&mut self, i: usize, keys: PendingKeys, seen: Instant) {
+        let debouncer = &mut self.views[i].debouncer;
+        if let Some(age) = keys.all {
+            let first = seen.checked_sub(age).unwrap_or(seen);
+            debouncer.add(ALL, Pending::stored(first, seen));
+        }
+        for (key, age) in keys.keys {
+            let first = seen.checked_sub(age).unwrap_or(seen);
+            debouncer.add(&key, Pending::stored(first, seen));
+        }
+    }
+
+    pub(super) fn on_catch_up_done(&mut self, result: Result<(), String>) {
+        self.intake.catch_up_running = false;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not read the pending keys");
+        }
+        if std::mem::take(&mut self.intake.catch_up_again) {
+            self.start_catch_up();
+        }
+    }
+
+    fn start_prune(&mut self, now: Instant) {
+        self.intake.prune_running = true;
+        self.intake.last_prune = Some(now);
+        let pool = self.pool.clone();
+        let done = self.internal_tx.clone();
+        let retention = self.config.refresh.history_retention;
+        tokio::spawn(async move {
+            let result = async {
+                let client = pool.get().await.map_err(|e| e.to_string())?;
+                let mut total = 0;
+                loop {
+                    let n = store::prune_history(&**client, retention, PRUNE_BATCH)
+                        .await
+                        .map_err(|e| crate::db::error_text(&e))?;
+                    total += n;
+                    if (n as i64) < PRUNE_BATCH {
+                        return Ok(total);
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }
+            .await;
+            let _ = done.send(Internal::Pruned(result));
+        });
+    }
+
+    pub(super) fn on_pruned(&mut self, result: Result<u64, String>) {
+        self.intake.prune_running = false;
+        match result {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(rows = n, "pruned mvrefresh.refresh_history"),
+            Err(e) => tracing::warn!(error = %e, "could not prune mvrefresh.refresh_history"),
+        }
+    }
+
+    /// Takes what the listener received: captured channels ask for a collect; keys of other
+    /// channels are noted for their views (they write nothing durable: forced).
+    pub(super) fn on_inbox(&mut self) {
+        let received = self.inbox.take();
+        if received.collect {
+            self.want_collect();
+        }
+        for (channel, keys) in received.keys {
+            let Some((views, _)) = self.channels.get(&channel) else {
+                continue;
+            };
+            for &i in views {
+                for (key, at) in &keys {
+                    self.views[i].debouncer.note(key, *at, true);
+                }
+            }
+        }
+        for ((channel, reason), r) in received.rejected {
+            tracing::warn!(
+                channel = %channel,
+                reason,
+                count = r.count,
+                payload = %r.sample,
+                "notification rejected: {}",
+                r.error
+            );
+        }
+    }
+
+    pub(super) fn on_listener(&mut self, event: ListenerEvent) {
+        match event {
+            ListenerEvent::Up => {
+                if let Some((since, _)) = self.listener_down.take() {
+                    let now = Instant::now();
+                    let event = crate::alert::Event::new(
+                        crate::alert::Kind::ListenerRecovered,
+                        "listener",
+                        format!(
+                            "the LISTEN connection is back after {}",
+                            super::secs(now.saturating_duration_since(since))
+                        ),
+                    );
+                    self.alerts.send_opt(self.tracker.recover(event));
+                }
+                // Notifications on channels without capture were missed while not listening
+                // (before start-up too): everything may have changed for their views.
+                let now = Instant::now();
+                for (views, captured) in self.channels.values() {
+                    if !captured {
+                        for &i in views {
+                            self.views[i].debouncer.note(ALL, now, true);
+                        }
+                    }
+                }
+                self.start_catch_up();
+            }
+            ListenerEvent::Down(reason) => match &mut self.listener_down {
+                Some((_, last)) => *last = reason,
+                None => self.listener_down = Some((Instant::now(), reason)),
+            },
+        }
+    }
+}
