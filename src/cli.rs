@@ -92,10 +92,33 @@ pub async fn execute(command: Command, config: Config) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("mvrefresh: {e:#}");
+            eprintln!("mvrefresh: {}", describe(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// `e` and its causes, `: `-separated, a PostgreSQL error as [`crate::db::error_text`] tells it
+/// (tokio-postgres's own text is only "db error"); a cause already told is not repeated.
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = match cause.downcast_ref::<tokio_postgres::Error>() {
+            Some(pg) => crate::db::error_text(pg),
+            None => cause.to_string(),
+        };
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+        if cause.is::<tokio_postgres::Error>() {
+            // Its causes are in the text already.
+            break;
+        }
+    }
+    text
 }
 
 async fn run(config: Config) -> anyhow::Result<ExitCode> {

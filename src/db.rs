@@ -42,7 +42,7 @@ impl UrlError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("cannot connect to {target} (sslmode={mode}): {}", causes(source))]
+    #[error("cannot connect to {target} (sslmode={mode}): {}", error_text(source))]
     Connect {
         target: String,
         mode: SslMode,
@@ -55,7 +55,7 @@ pub enum DbError {
     Standby { target: String },
     #[error("cannot get a connection from the pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
-    #[error(transparent)]
+    #[error("{}", error_text(.0))]
     Query(#[from] tokio_postgres::Error),
 }
 
@@ -257,8 +257,34 @@ impl Canceller {
     }
 }
 
-/// `e` and its causes, `: `-separated: tokio-postgres's own message is only the kind ("error
-/// performing TLS handshake", "db error"); the why is in the causes.
+/// Where [`error_text`] puts the server's DETAIL.
+const DETAIL: &str = " (detail: ";
+
+/// What went wrong, for people (logs, alerts, `status`, the refresh history): tokio-postgres's
+/// own `Display` is only the kind ("db error", "error performing TLS handshake").
+///
+/// A server error is `SEVERITY: message (detail: …) (hint: …)`, the parts present; any other
+/// error is the kind followed by its causes, `: `-separated (and what to check when the server's
+/// certificate was refused).
+pub fn error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => server_text(db.severity(), db.message(), db.detail(), db.hint()),
+        None => causes(e),
+    }
+}
+
+fn server_text(severity: &str, message: &str, detail: Option<&str>, hint: Option<&str>) -> String {
+    let mut text = format!("{severity}: {message}");
+    if let Some(d) = detail {
+        text.push_str(&format!("{DETAIL}{d})"));
+    }
+    if let Some(h) = hint {
+        text.push_str(&format!(" (hint: {h})"));
+    }
+    text
+}
+
+/// `e` and its causes, `: `-separated.
 fn causes(e: &tokio_postgres::Error) -> String {
     let mut text = e.to_string();
     let mut cause = std::error::Error::source(e);
@@ -302,4 +328,41 @@ fn tls_hint(e: &rustls::Error) -> Option<&'static str> {
 /// Whether an error means the connection is gone (as opposed to a failing statement).
 pub fn is_connection_error(e: &tokio_postgres::Error) -> bool {
     e.is_closed() || e.code().is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_errors_read_as_severity_message_detail_hint() {
+        assert_eq!(
+            server_text(
+                "ERROR",
+                "duplicate key value violates unique constraint \"t_pkey\"",
+                Some("Key (id)=(42) already exists."),
+                Some("look elsewhere")
+            ),
+            "ERROR: duplicate key value violates unique constraint \"t_pkey\" \
+             (detail: Key (id)=(42) already exists.) (hint: look elsewhere)"
+        );
+        assert_eq!(
+            server_text("FATAL", "too many connections", None, None),
+            "FATAL: too many connections"
+        );
+    }
+
+    #[test]
+    fn other_errors_keep_their_causes() {
+        let e = "host=localhost port=notaport"
+            .parse::<tokio_postgres::Config>()
+            .unwrap_err();
+        let text = error_text(&e);
+        // tokio-postgres's own text is only the kind; the cause says what is wrong.
+        assert_eq!(e.to_string(), "invalid connection string");
+        assert_eq!(
+            text,
+            "invalid connection string: invalid value for option `port`"
+        );
+    }
 }

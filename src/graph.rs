@@ -41,7 +41,7 @@ pub enum PlanError {
     Cycle(String),
     #[error("mvrefresh's schema is not installed in this database (no table mvrefresh.change_log); fix: run `mvrefresh install`")]
     NotInstalled,
-    #[error(transparent)]
+    #[error("{}", crate::db::error_text(.0))]
     Db(#[from] tokio_postgres::Error),
 }
 

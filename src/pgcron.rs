@@ -66,7 +66,7 @@ pub enum PgCronError {
     Url(#[source] crate::db::UrlError),
     #[error(transparent)]
     Db(#[from] DbError),
-    #[error("pg_cron: {0}")]
+    #[error("pg_cron: {}", crate::db::error_text(.0))]
     Query(#[from] tokio_postgres::Error),
 }
 

@@ -80,28 +80,7 @@ pub struct RefreshError {
 impl RefreshError {
     /// The server's message (with detail and hint when present), for history and alerts.
     pub fn message(&self) -> String {
-        match self.source.as_db_error() {
-            Some(db) => {
-                let mut m = format!("{}: {}", db.severity(), db.message());
-                if let Some(d) = db.detail() {
-                    m.push_str(&format!(" (detail: {d})"));
-                }
-                if let Some(h) = db.hint() {
-                    m.push_str(&format!(" (hint: {h})"));
-                }
-                m
-            }
-            None => {
-                // Keep the cause: "error serializing parameter 0" alone says little.
-                let mut m = self.source.to_string();
-                let mut cause = std::error::Error::source(&self.source);
-                while let Some(c) = cause {
-                    m.push_str(&format!(": {c}"));
-                    cause = c.source();
-                }
-                m
-            }
-        }
+        crate::db::error_text(&self.source)
     }
 
     pub fn is_connection_error(&self) -> bool {
