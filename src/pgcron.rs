@@ -12,6 +12,9 @@
 //!
 //! # The watch
 //!
+//! It reports the failed runs of every job of pg_cron's database, not only the `mvrefresh:*`
+//! jobs (failed pg_cron jobs are otherwise silent), with the job's command and error text.
+//!
 //! Every `[pg_cron] poll_interval` it reads the runs after the cursor, in `runid` order:
 //!
 //! 1. a run is *failed* when its status is `failed` or its message starts with
