@@ -149,6 +149,9 @@ pub struct HttpConfig {
     /// `host:port`; empty turns the server off. Loopback by default.
     #[serde(default = "default_http_listen")]
     pub listen: String,
+    /// Connections served at once; more are answered 503 and closed.
+    #[serde(default = "default_http_max_connections")]
+    pub max_connections: usize,
     /// Bearer token for `POST /refresh`, from [`ENV_ADMIN_TOKEN`] only (never the file).
     #[serde(skip)]
     pub admin_token: Option<Secret>,
@@ -452,6 +455,9 @@ impl Default for AlertConfig {
 fn default_http_listen() -> String {
     "127.0.0.1:9187".to_owned()
 }
+fn default_http_max_connections() -> usize {
+    32
+}
 fn default_export_interval() -> Duration {
     Duration::from_secs(15)
 }
@@ -466,6 +472,7 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: default_http_listen(),
+            max_connections: default_http_max_connections(),
             admin_token: None,
         }
     }
@@ -693,6 +700,9 @@ impl Config {
                     "`{listen}` is not an address like 127.0.0.1:9187 (empty turns the server off)"
                 ),
             );
+        }
+        if !(1..=10_000).contains(&self.http.max_connections) {
+            return err("http.max_connections", "must be between 1 and 10000");
         }
         positive("telemetry.export_interval", self.telemetry.export_interval)?;
         positive("telemetry.export_timeout", self.telemetry.export_timeout)?;
@@ -925,6 +935,7 @@ channels = ["c"]
         assert_eq!(c.alert.max_attempts, d.max_attempts);
         assert_eq!(c.pg_cron.watch, PgCronConfig::default().watch);
         assert_eq!(c.pg_cron.poll_interval, default_pg_cron_poll_interval());
+        assert_eq!(c.http.max_connections, default_http_max_connections());
     }
 
     #[test]
@@ -1011,6 +1022,19 @@ channels = ["c"]
         let shown = format!("{c:?}");
         assert!(!shown.contains("T0K3N"), "{shown}");
         assert!(!shown.contains("s3cret"), "{shown}");
+    }
+
+    #[test]
+    fn max_connections_is_bounded() {
+        for bad in [0, 10_001] {
+            let text = MINIMAL.replace(
+                "[[view]]",
+                &format!("[http]\nmax_connections = {bad}\n[[view]]"),
+            );
+            let msg = parse(&text).unwrap_err().to_string();
+            assert!(msg.contains("key `http.max_connections`"), "{msg}");
+        }
+        assert_eq!(parse(MINIMAL).unwrap().http.max_connections, 32);
     }
 
     #[test]

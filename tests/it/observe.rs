@@ -12,7 +12,12 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::harness::{self, Cluster, Daemon};
 
 /// A minimal HTTP/1.1 request: returns the status code and the body.
-async fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+pub(crate) async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
     let mut stream = TcpStream::connect(addr)
         .await
         .expect("connect to the admin server");
@@ -36,7 +41,7 @@ async fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -
     (code, body)
 }
 
-async fn admin_addr(daemon: &Daemon) -> SocketAddr {
+pub(crate) async fn admin_addr(daemon: &Daemon) -> SocketAddr {
     let stats = daemon.stats.clone();
     harness::wait_some("the admin server to listen", || {
         let addr = *stats.http_addr.lock().unwrap();
@@ -46,7 +51,7 @@ async fn admin_addr(daemon: &Daemon) -> SocketAddr {
 }
 
 /// The value of the first series named `name` whose labels include every `labels` pair.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.rsplit_once(' '))

@@ -1,0 +1,148 @@
+//! The admin server under abuse, over raw TCP: silent and half-sent requests are cut off,
+//! connections beyond `[http] max_connections` are refused without growing anything.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::harness::{self, Cluster, Daemon};
+use crate::observe::{admin_addr, http, metric};
+
+/// Reads until the server closes the connection (a reset counts as closing); everything read.
+async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(harness::PATIENCE, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "the server kept the connection open for {:?}",
+        harness::PATIENCE
+    );
+    got
+}
+
+/// Reads one response with a `content-length` from a kept-alive connection.
+async fn read_response(stream: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).await.expect("read the response");
+        assert!(n > 0, "closed before a whole response");
+        got.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_owned())
+                })
+                .and_then(|v| v.parse().ok())
+                .expect("a content-length");
+            if body.len() >= length {
+                return text;
+            }
+        }
+    }
+}
+
+async fn connections(daemon: &Daemon) -> i64 {
+    daemon.stats.http_connections.get()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_half_sent_and_idle_connections_are_closed_by_the_server() {
+    let (_db, _c, config) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
+    let daemon = Daemon::start(config);
+    let addr = admin_addr(&daemon).await;
+
+    // Connects and says nothing.
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    // Half a request line.
+    let mut partial = TcpStream::connect(addr).await.unwrap();
+    partial.write_all(b"GET /heal").await.unwrap();
+    // A whole request on a kept-alive connection, then nothing.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_response(&mut idle).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    for (what, stream) in [
+        ("silent", &mut silent),
+        ("partial", &mut partial),
+        ("idle", &mut idle),
+    ] {
+        let got = read_until_closed(stream).await;
+        assert!(
+            got.is_empty(),
+            "{what}: nothing more is sent before closing: {}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    harness::wait_for("every admin connection closed", || async {
+        connections(&daemon).await == 0
+    })
+    .await;
+    assert_eq!(http(addr, "GET", "/healthz", None).await.0, 200);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_refused_and_healthz_answers_once_they_go() {
+    let (_db, _c, mut config) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
+    config.http.max_connections = 2;
+    let daemon = Daemon::start(config);
+    let addr = admin_addr(&daemon).await;
+
+    // Two slow requests take both slots: headers started, never finished.
+    let mut hanging = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n")
+            .await
+            .unwrap();
+        hanging.push(s);
+    }
+    harness::wait_for("both slots taken", || async {
+        connections(&daemon).await == 2
+    })
+    .await;
+
+    // Many more while they hang: each is answered 503 and closed; nothing grows.
+    for i in 0..20 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let got = String::from_utf8_lossy(&read_until_closed(&mut s).await).into_owned();
+        assert!(got.starts_with("HTTP/1.1 503 "), "connection {i}: {got}");
+        assert!(got.contains("too many connections"), "{got}");
+        assert_eq!(connections(&daemon).await, 2);
+    }
+    assert_eq!(daemon.stats.http_refused.get(), 20);
+
+    // The server ends the slow requests itself (header read timeout)...
+    for s in &mut hanging {
+        assert!(read_until_closed(s).await.is_empty());
+    }
+    // ...and answers again.
+    harness::wait_for(
+        "/healthz answering once the slow requests are gone",
+        || async { http(addr, "GET", "/healthz", None).await.0 == 200 },
+    )
+    .await;
+    let metrics = http(addr, "GET", "/metrics", None).await.1;
+    assert_eq!(
+        metric(&metrics, "mvrefresh_http_refused_total", &[]),
+        Some(20.0),
+        "{metrics}"
+    );
+    daemon.stop().await;
+}
