@@ -122,6 +122,10 @@ fn describe(e: &anyhow::Error) -> String {
 }
 
 async fn run(config: Config) -> anyhow::Result<ExitCode> {
+    if let Some(problem) = config.http.exposure_problem() {
+        eprintln!("mvrefresh: {problem}");
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
     daemon::run(
         config,
         Arc::new(Stats::default()),
@@ -254,7 +258,14 @@ async fn refresh_cmd(config: Config, names: Vec<String>, all: bool) -> anyhow::R
 
 async fn check_cmd(config: Config, test_alert: bool) -> anyhow::Result<ExitCode> {
     println!("ok: configuration is valid");
-    let webhook_ok = check_webhook(&config, test_alert).await;
+    let exposure_ok = match config.http.exposure_problem() {
+        Some(problem) => {
+            println!("problem: {problem}");
+            false
+        }
+        None => true,
+    };
+    let webhook_ok = check_webhook(&config, test_alert).await && exposure_ok;
     let db = Db::new(&config.database)?;
     let client = match db.connect_simple("mvrefresh-check").await {
         Ok(c) => c,

@@ -1,9 +1,13 @@
 //! The admin server under abuse, over raw TCP: silent and half-sent requests are cut off,
-//! connections beyond `[http] max_connections` are refused without growing anything.
+//! connections beyond `[http] max_connections` are refused without growing anything, and the
+//! token is checked before anything starts.
+
+use std::process::Command;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::cli::{text, write_config};
 use crate::harness::{self, Cluster, Daemon};
 use crate::observe::{admin_addr, http, metric};
 
@@ -145,4 +149,42 @@ async fn connections_beyond_the_limit_are_refused_and_healthz_answers_once_they_
         "{metrics}"
     );
     daemon.stop().await;
+}
+
+fn run_daemon(config: &std::path::Path, token: Option<&str>) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mvrefresh"));
+    cmd.arg("--config")
+        .arg(config)
+        .arg("run")
+        .env_remove("MVREFRESH_DATABASE_URL")
+        .env_remove("MVREFRESH_ADMIN_TOKEN");
+    if let Some(t) = token {
+        cmd.env("MVREFRESH_ADMIN_TOKEN", t);
+    }
+    cmd.output().expect("run mvrefresh")
+}
+
+#[test]
+fn the_daemon_refuses_a_weak_token_or_an_open_listen_without_one() {
+    // Neither check needs the database: both come before any connection.
+    let body = "[database]\nurl = \"postgres://nobody@127.0.0.1:1/none\"\n\
+                [[view]]\nname = \"mv_counts\"\nmode = \"concurrently\"\n";
+    let open = write_config(
+        "open.toml",
+        &format!("[http]\nlisten = \"0.0.0.0:0\"\n{body}"),
+    );
+    let out = run_daemon(&open, None);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(78), "{said}");
+    assert!(said.contains("MVREFRESH_ADMIN_TOKEN"), "{said}");
+    assert!(said.contains("http.listen"), "{said}");
+
+    for weak in ["s3cret-but-short", "CHANGE-ME"] {
+        let out = run_daemon(&open, Some(weak));
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(78), "{said}");
+        assert!(said.contains("MVREFRESH_ADMIN_TOKEN"), "{said}");
+        assert!(said.contains("openssl rand -hex 32"), "{said}");
+        assert!(!said.contains(weak), "the token is printed: {said}");
+    }
 }

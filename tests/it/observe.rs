@@ -176,14 +176,15 @@ async fn status_endpoint_matches_the_cli_and_what_happened() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_refresh_needs_the_token() {
     let (db, c, _) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
-    let env = HashMap::from([("MVREFRESH_ADMIN_TOKEN".to_owned(), "s3cret".to_owned())]);
+    const TOKEN: &str = "s3cret-0123456789abcdef-0123456789abcdef";
+    let env = HashMap::from([("MVREFRESH_ADMIN_TOKEN".to_owned(), TOKEN.to_owned())]);
     let config = harness::config_with_env(
         &db.url,
         &format!("{}{}", harness::CAPTURE, harness::VIEW_COUNTS),
         &env,
     );
     assert!(
-        !format!("{config:?}").contains("s3cret"),
+        !format!("{config:?}").contains(TOKEN),
         "the token leaks in Debug"
     );
     let daemon = Daemon::start(config);
@@ -191,10 +192,10 @@ async fn manual_refresh_needs_the_token() {
     let addr = admin_addr(&daemon).await;
     assert_eq!(http(addr, "POST", "/refresh", None).await.0, 401);
     assert_eq!(http(addr, "POST", "/refresh", Some("wrong")).await.0, 401);
-    let (code, body) = http(addr, "POST", "/refresh/mv_nope", Some("s3cret")).await;
+    let (code, body) = http(addr, "POST", "/refresh/mv_nope", Some(TOKEN)).await;
     assert_eq!(code, 404, "{body}");
     assert!(body.contains("mv_nope"), "{body}");
-    let (code, body) = http(addr, "POST", "/refresh/mv_counts", Some("s3cret")).await;
+    let (code, body) = http(addr, "POST", "/refresh/mv_counts", Some(TOKEN)).await;
     assert_eq!(code, 202, "{body}");
     assert!(body.contains("mv_counts"), "{body}");
     harness::wait_for("the manual refresh in the history", || async {
