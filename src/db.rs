@@ -284,6 +284,16 @@ fn server_text(severity: &str, message: &str, detail: Option<&str>, hint: Option
     text
 }
 
+/// `text` as [`error_text`] makes it, without the server's DETAIL: PostgreSQL quotes row values
+/// there (`Key (id)=(42) already exists.`). What follows the DETAIL goes too, since where it ends
+/// cannot be told for sure (it may contain anything); a text without DETAIL is unchanged.
+pub fn without_detail(text: &str) -> std::borrow::Cow<'_, str> {
+    match text.find(DETAIL) {
+        Some(at) => format!("{} (detail hidden)", &text[..at]).into(),
+        None => text.into(),
+    }
+}
+
 /// `e` and its causes, `: `-separated.
 fn causes(e: &tokio_postgres::Error) -> String {
     let mut text = e.to_string();
@@ -364,5 +374,27 @@ mod tests {
             text,
             "invalid connection string: invalid value for option `port`"
         );
+    }
+
+    #[test]
+    fn the_detail_is_hidden_and_nothing_else_changes() {
+        let full = server_text(
+            "ERROR",
+            "could not create unique index \"mv_idx\"",
+            Some("Key (challenge_id)=(424242) is duplicated."),
+            Some("x"),
+        );
+        let hidden = without_detail(&full);
+        assert_eq!(
+            hidden,
+            "ERROR: could not create unique index \"mv_idx\" (detail hidden)"
+        );
+        assert!(!hidden.contains("424242"));
+        // A detail that imitates the format cannot smuggle anything past the cut.
+        let tricky = server_text("ERROR", "m", Some("a) (hint: 424242"), None);
+        assert!(!without_detail(&tricky).contains("424242"));
+        for plain in ["ERROR: division by zero", "the connection was closed", ""] {
+            assert_eq!(without_detail(plain), plain);
+        }
     }
 }

@@ -5,7 +5,7 @@
 //! | `GET /healthz` | 200 while the process runs |
 //! | `GET /readyz` | 200 when the listener is connected and the change log is readable; 503 otherwise and during shutdown |
 //! | `GET /metrics` | Prometheus text exposition |
-//! | `GET /status` | the JSON of `mvrefresh status --json` |
+//! | `GET /status` | the JSON of `mvrefresh status --json`; without the admin token, error texts lose the server's DETAIL (row values) |
 //! | `POST /refresh`, `POST /refresh/{view}` | queue a manual refresh of every view / one view (202); needs `Authorization: Bearer <MVREFRESH_ADMIN_TOKEN>`; 404 when no token is configured |
 //!
 //! # Bounds
@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::db;
 use crate::stats::Stats;
 use crate::status;
 use crate::telemetry::Telemetry;
@@ -232,7 +233,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
         client
             .query_opt("SELECT 1 FROM mvrefresh.change_log LIMIT 1", &[])
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| db::without_detail(&db::error_text(&e)).into_owned())
     };
     match tokio::time::timeout(DB_PATIENCE, probe).await {
         Ok(Ok(_)) => (StatusCode::OK, "ready\n").into_response(),
@@ -258,21 +259,44 @@ async fn metrics(State(s): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn status_json(State(s): State<AppState>) -> Response {
+/// `/status`: error texts keep the server's DETAIL (where PostgreSQL quotes row values, e.g.
+/// `Key (id)=(42) already exists`) only for a request with the admin token.
+async fn status_json(State(s): State<AppState>, headers: HeaderMap) -> Response {
     let work = async {
         let client = s.pool.get().await.map_err(|e| e.to_string())?;
         status::status(&**client, &s.config)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| db::without_detail(&db::error_text(&e)).into_owned())
     };
     match tokio::time::timeout(DB_PATIENCE, work).await {
-        Ok(Ok(st)) => Json(st).into_response(),
+        Ok(Ok(mut st)) => {
+            if authorised(&s.config, &headers) != Some(true) {
+                for v in &mut st.views {
+                    if let Some(e) = &mut v.last_error {
+                        *e = db::without_detail(e).into_owned();
+                    }
+                }
+            }
+            Json(st).into_response()
+        }
         Ok(Err(e)) => problem(StatusCode::SERVICE_UNAVAILABLE, e),
         Err(_) => problem(
             StatusCode::SERVICE_UNAVAILABLE,
             "the database did not answer in time",
         ),
     }
+}
+
+/// Whether `headers` carry `Authorization: Bearer <MVREFRESH_ADMIN_TOKEN>`; `None` when no token
+/// is configured.
+fn authorised(config: &Config, headers: &HeaderMap) -> Option<bool> {
+    let token = config.http.admin_token.as_ref()?.expose();
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    Some(constant_time_eq(given.as_bytes(), token.as_bytes()))
 }
 
 async fn refresh_all(State(s): State<AppState>, headers: HeaderMap) -> Response {
@@ -288,19 +312,17 @@ async fn refresh_one(
 }
 
 async fn manual(s: AppState, headers: HeaderMap, view: Option<String>) -> Response {
-    let Some(token) = s.config.http.admin_token.as_ref().map(|t| t.expose()) else {
-        return problem(
-            StatusCode::NOT_FOUND,
-            "manual refresh is off: set MVREFRESH_ADMIN_TOKEN to enable it",
-        );
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
-        return problem(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+    match authorised(&s.config, &headers) {
+        None => {
+            return problem(
+                StatusCode::NOT_FOUND,
+                "manual refresh is off: set MVREFRESH_ADMIN_TOKEN to enable it",
+            )
+        }
+        Some(false) => {
+            return problem(StatusCode::UNAUTHORIZED, "a valid bearer token is required")
+        }
+        Some(true) => {}
     }
     let (reply, answer) = oneshot::channel();
     if s.manual.send(ManualRefresh { view, reply }).await.is_err() {

@@ -1,7 +1,9 @@
 //! The admin server under abuse, over raw TCP: silent and half-sent requests are cut off,
-//! connections beyond `[http] max_connections` are refused without growing anything, and the
-//! token is checked before anything starts.
+//! connections beyond `[http] max_connections` are refused without growing anything, `/status`
+//! shows row values only to the token's holder, and the token itself is checked before anything
+//! starts.
 
+use std::collections::HashMap;
 use std::process::Command;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -10,6 +12,9 @@ use tokio::net::TcpStream;
 use crate::cli::{text, write_config};
 use crate::harness::{self, Cluster, Daemon};
 use crate::observe::{admin_addr, http, metric};
+
+/// A token of the accepted length.
+const TOKEN: &str = "9f2c4e6a8b0d1f3e5a7c9b1d3f5e7a9c0b2d4f6e8a1c3e5b7d9f1a3c5e7b9d0f";
 
 /// Reads until the server closes the connection (a reset counts as closing); everything read.
 async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
@@ -147,6 +152,75 @@ async fn connections_beyond_the_limit_are_refused_and_healthz_answers_once_they_
         metric(&metrics, "mvrefresh_http_refused_total", &[]),
         Some(20.0),
         "{metrics}"
+    );
+    daemon.stop().await;
+}
+
+/// `mv_dup` fails to refresh once two scored rows share a challenge: its unique index is
+/// rebuilt and PostgreSQL says which key is duplicated, in the error's DETAIL.
+const DUP_SCHEMA: &str = "
+CREATE MATERIALIZED VIEW mv_dup AS
+    SELECT challenge_id FROM submissions WHERE status = 'scored';
+CREATE UNIQUE INDEX mv_dup_key ON mv_dup (challenge_id);
+";
+
+const VIEW_DUP: &str = r#"
+[[view]]
+name = "mv_dup"
+mode = "blocking"
+channels = ["submission_scored"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_row_values_of_errors_only_with_the_token() {
+    let db = Cluster::shared().create_db().await;
+    let c = db.client().await;
+    c.batch_execute(harness::SCHEMA).await.unwrap();
+    c.batch_execute(DUP_SCHEMA).await.unwrap();
+    let env = HashMap::from([("MVREFRESH_ADMIN_TOKEN".to_owned(), TOKEN.to_owned())]);
+    let config =
+        harness::config_with_env(&db.url, &format!("{}{VIEW_DUP}", harness::CAPTURE), &env);
+    harness::install(&config).await;
+    let daemon = Daemon::start(config);
+    daemon.wait_listening().await;
+    let addr = admin_addr(&daemon).await;
+
+    harness::score(&c, 424242, 2).await;
+    harness::wait_for("the failed refresh in the history", || async {
+        c.query_one(
+            "SELECT count(*) FROM mvrefresh.refresh_history
+             WHERE view_name = 'mv_dup' AND outcome = 'failure' AND error LIKE '%424242%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            >= 1
+    })
+    .await;
+
+    let last_error = |token: Option<&'static str>| async move {
+        let (code, body) = http(addr, "GET", "/status", token).await;
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["views"][0]["last_error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no last_error: {body}"))
+            .to_owned()
+    };
+    for token in [None, Some("wrong"), Some(&TOKEN[1..])] {
+        let shown = last_error(token).await;
+        assert!(
+            shown.contains("could not create unique index"),
+            "{token:?}: {shown}"
+        );
+        assert!(shown.contains("(detail hidden)"), "{token:?}: {shown}");
+        assert!(!shown.contains("424242"), "{token:?}: {shown}");
+    }
+    let full = last_error(Some(TOKEN)).await;
+    assert!(
+        full.contains("(detail: Key (challenge_id)=(424242) is duplicated.)"),
+        "{full}"
     );
     daemon.stop().await;
 }
