@@ -53,7 +53,7 @@ pub enum DbError {
     ConnectTimeout { target: String, timeout: Duration },
     #[error("{target} is a standby (pg_is_in_recovery() is true): mvrefresh must run against the primary, where refreshes and the change log can be written")]
     Standby { target: String },
-    #[error("cannot get a connection from the pool: {0}")]
+    #[error("cannot get a connection from the pool: {}", pool_error_text(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("{}", error_text(.0))]
     Query(#[from] tokio_postgres::Error),
@@ -273,6 +273,17 @@ pub fn error_text(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// A pool error, the PostgreSQL error inside told by [`error_text`] (the pool's own `Display`
+/// ends in tokio-postgres's "db error").
+pub fn pool_error_text(e: &deadpool_postgres::PoolError) -> String {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => {
+            format!("error creating a connection: {}", error_text(e))
+        }
+        other => other.to_string(),
+    }
+}
+
 fn server_text(severity: &str, message: &str, detail: Option<&str>, hint: Option<&str>) -> String {
     let mut text = format!("{severity}: {message}");
     if let Some(d) = detail {
@@ -373,6 +384,22 @@ mod tests {
         assert_eq!(
             text,
             "invalid connection string: invalid value for option `port`"
+        );
+    }
+
+    #[test]
+    fn pool_errors_tell_the_postgresql_error_inside() {
+        let e = "host=localhost port=notaport"
+            .parse::<tokio_postgres::Config>()
+            .unwrap_err();
+        let text = pool_error_text(&deadpool_postgres::PoolError::Backend(e));
+        assert_eq!(
+            text,
+            "error creating a connection: invalid connection string: invalid value for option `port`"
+        );
+        assert_eq!(
+            pool_error_text(&deadpool_postgres::PoolError::Closed),
+            "Pool has been closed"
         );
     }
 

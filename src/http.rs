@@ -229,7 +229,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
         );
     }
     let probe = async {
-        let client = s.pool.get().await.map_err(|e| e.to_string())?;
+        let client = s.pool.get().await.map_err(|e| db::pool_error_text(&e))?;
         client
             .query_opt("SELECT 1 FROM mvrefresh.change_log LIMIT 1", &[])
             .await
@@ -263,7 +263,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
 /// `Key (id)=(42) already exists`) only for a request with the admin token.
 async fn status_json(State(s): State<AppState>, headers: HeaderMap) -> Response {
     let work = async {
-        let client = s.pool.get().await.map_err(|e| e.to_string())?;
+        let client = s.pool.get().await.map_err(|e| db::pool_error_text(&e))?;
         status::status(&**client, &s.config)
             .await
             .map_err(|e| db::without_detail(&db::error_text(&e)).into_owned())
