@@ -1,7 +1,11 @@
 -- Removes everything `mvrefresh install` created, except the bundled analytics (see the end).
 -- Run it in one transaction: psql -1 -v ON_ERROR_STOP=1 -f sql/uninstall.sql "$DATABASE_URL"
 -- Stop every mvrefresh daemon first. pg_cron jobs registered with `install --pg-cron` are named
--- mvrefresh:<view> and removed too when pg_cron is installed in this database.
+-- mvrefresh:<view>; those that run in this database are removed too when pg_cron is installed
+-- in this database (jobs of other databases are left alone). When pg_cron lives in another
+-- database (cron.database_name), remove them there:
+--   SELECT cron.unschedule(jobid) FROM cron.job
+--   WHERE jobname LIKE 'mvrefresh:%' AND database = '<this database>';
 
 -- Capture triggers call mvrefresh.record_changes(): drop them before the schema, or writes to the
 -- captured tables would fail.
@@ -20,7 +24,8 @@ BEGIN
         DROP FUNCTION mvrefresh_capture_bout_results();
     END IF;
     IF to_regclass('cron.job') IS NOT NULL THEN
-        PERFORM cron.unschedule(jobid) FROM cron.job WHERE jobname LIKE 'mvrefresh:%';
+        PERFORM cron.unschedule(jobid) FROM cron.job
+        WHERE jobname LIKE 'mvrefresh:%' AND database = current_database();
     END IF;
 END
 $uninstall$;

@@ -33,7 +33,7 @@
 //!
 //! [`Alerts::send`] logs the alert and puts it on a bounded in-memory queue; it never waits.
 //! When the queue is full the oldest alert is dropped and counted
-//! ([`Stats::alerts_dropped`]). One background task ([`deliver`]) posts the queue in order:
+//! ([`Stats::alerts_dropped`]). One background task (`deliver`) posts the queue in order:
 //! each POST has `[alert] timeout`, failures (connection errors, timeouts, 429 and 5xx) are
 //! retried with jittered exponential backoff (`retry_min`..`retry_max`, `max_attempts` in all),
 //! then the alert is counted as failed and the next one is tried. Refreshes never wait for it.
@@ -61,7 +61,9 @@
 //! | `source` | string | the replica that sent it (`host:pid`) |
 //! | `details` | object | kind-specific numbers and names (see `docs/alerts.md`) |
 //!
-//! `format = "slack"` posts `{"text": "<status icon> mvrefresh <kind> <subject>: <summary>"}`.
+//! `format = "slack"` posts `{"text": "<status icon> mvrefresh <kind> <subject>: <summary>"}`,
+//! the error quoted on a second line; subject, summary and error are escaped for Slack's mrkdwn
+//! (`&`, `<`, `>`), so they cannot mention or link.
 //!
 //! With `MVREFRESH_ALERT_SECRET` set, every POST carries
 //! `X-Mvrefresh-Signature: sha256=<hex HMAC-SHA256 of the exact body with the secret>`.
@@ -350,11 +352,11 @@ fn slack_text(alert: &Alert) -> String {
     let mut text = format!(
         "{icon} mvrefresh {} {}: {}",
         alert.kind.as_str(),
-        alert.subject,
-        alert.summary
+        slack_escape(&alert.subject),
+        slack_escape(&alert.summary)
     );
     if let Some(e) = &alert.error {
-        text.push_str(&format!("\n> {e}"));
+        text.push_str(&format!("\n> {}", slack_escape(e)));
     }
     if alert.reminder {
         text.push_str(&format!(
@@ -363,6 +365,21 @@ fn slack_text(alert: &Alert) -> String {
         ));
     }
     text
+}
+
+/// `text` as Slack's mrkdwn shows it literally: `&`, `<` and `>` escaped, so that an error text
+/// cannot make a mention (`<!channel>`) or a link (`<http://x|y>`).
+fn slack_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// `sha256=<hex>`: HMAC-SHA256 of `body` with `secret`.
@@ -689,6 +706,34 @@ mod tests {
             text.contains("refresh_failed") && text.contains("boom"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn slack_text_cannot_mention_or_link() {
+        let a = Event::new(
+            Kind::RefreshFailed,
+            "view:<!here>",
+            "refresh of <@U123> failed & <!subteam^S1>",
+        )
+        .error("ERROR: value <!channel> in <http://evil.example|your bank> > 1 (detail: a&b)")
+        .into_alert("h:1");
+        let s: serde_json::Value = serde_json::from_slice(&render(&a, AlertFormat::Slack)).unwrap();
+        let text = s["text"].as_str().unwrap();
+        let (head, quoted) = text.split_once("\n> ").expect("the error is quoted");
+        for part in [head, quoted] {
+            assert!(!part.contains('<') && !part.contains('>'), "{text}");
+        }
+        assert!(text.contains("view:&lt;!here&gt;"), "{text}");
+        assert!(
+            text.contains("&lt;@U123&gt; failed &amp; &lt;!subteam^S1&gt;"),
+            "{text}"
+        );
+        assert!(
+            text.contains("&lt;!channel&gt; in &lt;http://evil.example|your bank&gt; &gt; 1 (detail: a&amp;b)"),
+            "{text}"
+        );
+        assert_eq!(slack_escape("a & b"), "a &amp; b");
+        assert_eq!(slack_escape("&amp;"), "&amp;amp;");
     }
 
     #[test]

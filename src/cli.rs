@@ -97,13 +97,40 @@ pub async fn execute(command: Command, config: Config) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("mvrefresh: {e:#}");
+            eprintln!("mvrefresh: {}", describe(&e));
             ExitCode::from(1)
         }
     }
 }
 
+/// `e` and its causes, `: `-separated, a PostgreSQL error as [`crate::db::error_text`] tells it
+/// (tokio-postgres's own text is only "db error"); a cause already told is not repeated.
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = match cause.downcast_ref::<tokio_postgres::Error>() {
+            Some(pg) => crate::db::error_text(pg),
+            None => cause.to_string(),
+        };
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+        if cause.is::<tokio_postgres::Error>() {
+            // Its causes are in the text already.
+            break;
+        }
+    }
+    text
+}
+
 async fn run(config: Config) -> anyhow::Result<ExitCode> {
+    if let Some(problem) = config.http.exposure_problem() {
+        eprintln!("mvrefresh: {problem}");
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
     daemon::run(
         config,
         Arc::new(Stats::default()),
@@ -239,7 +266,14 @@ async fn refresh_cmd(config: Config, names: Vec<String>, all: bool) -> anyhow::R
 
 async fn check_cmd(config: Config, test_alert: bool) -> anyhow::Result<ExitCode> {
     println!("ok: configuration is valid");
-    let webhook_ok = check_webhook(&config, test_alert).await;
+    let exposure_ok = match config.http.exposure_problem() {
+        Some(problem) => {
+            println!("problem: {problem}");
+            false
+        }
+        None => true,
+    };
+    let webhook_ok = check_webhook(&config, test_alert).await && exposure_ok;
     let db = Db::new(&config.database)?;
     let client = match db.connect_simple("mvrefresh-check").await {
         Ok(c) => c,

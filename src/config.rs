@@ -27,6 +27,11 @@ pub const ENV_PG_CRON_DATABASE_URL: &str = "MVREFRESH_PG_CRON_DATABASE_URL";
 pub const ENV_ALERT_SECRET: &str = "MVREFRESH_ALERT_SECRET";
 /// Environment variable holding the bearer token of `POST /refresh` (off when unset).
 pub const ENV_ADMIN_TOKEN: &str = "MVREFRESH_ADMIN_TOKEN";
+/// The shortest admin token accepted, in bytes.
+pub const ADMIN_TOKEN_MIN_LEN: usize = 32;
+/// The placeholder of the shipped examples (`deploy/kubernetes/secret.example.yaml`): a secret
+/// holding it is refused.
+pub const PLACEHOLDER: &str = "CHANGE-ME";
 
 /// A configuration problem: the file, the key and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +50,9 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
+    /// An environment variable's value is unusable. The message never holds the value.
+    #[error("environment variable {var}: {message}")]
+    Env { var: &'static str, message: String },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -155,7 +163,11 @@ pub struct HttpConfig {
     /// `host:port`; empty turns the server off. Loopback by default.
     #[serde(default = "default_http_listen")]
     pub listen: String,
-    /// Bearer token for `POST /refresh`, from [`ENV_ADMIN_TOKEN`] only (never the file).
+    /// Connections served at once; more are answered 503 and closed.
+    #[serde(default = "default_http_max_connections")]
+    pub max_connections: usize,
+    /// Bearer token for `POST /refresh` and the full error texts of `/status`, from
+    /// [`ENV_ADMIN_TOKEN`] only (never the file). At least [`ADMIN_TOKEN_MIN_LEN`] bytes.
     #[serde(skip)]
     pub admin_token: Option<Secret>,
 }
@@ -464,6 +476,9 @@ impl Default for AlertConfig {
 fn default_http_listen() -> String {
     "127.0.0.1:9187".to_owned()
 }
+fn default_http_max_connections() -> usize {
+    32
+}
 fn default_export_interval() -> Duration {
     Duration::from_secs(15)
 }
@@ -478,6 +493,7 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: default_http_listen(),
+            max_connections: default_http_max_connections(),
             admin_token: None,
         }
     }
@@ -510,6 +526,46 @@ impl HttpConfig {
         let l = self.listen.trim();
         (!l.is_empty()).then(|| l.parse().expect("validated at load"))
     }
+
+    /// Why the daemon must not serve as configured: an admin server reachable beyond loopback
+    /// needs [`ENV_ADMIN_TOKEN`] (checked by `mvrefresh run` and reported by `check`; other
+    /// commands do not serve).
+    pub fn exposure_problem(&self) -> Option<String> {
+        let addr = self.address()?;
+        if addr.ip().is_loopback() || self.admin_token.is_some() {
+            return None;
+        }
+        Some(format!(
+            "http.listen = \"{addr}\" is reachable beyond this host, so the admin server needs \
+             a token: set {ENV_ADMIN_TOKEN} (at least {ADMIN_TOKEN_MIN_LEN} bytes, e.g. \
+             `openssl rand -hex 32`), or listen on a loopback address"
+        ))
+    }
+}
+
+/// Why `token` cannot be the admin token (never quoting it).
+fn admin_token_problem(token: &str) -> Option<String> {
+    if token.to_ascii_uppercase().contains(PLACEHOLDER) {
+        return Some(
+            "is the placeholder of the examples; generate a token with `openssl rand -hex 32`"
+                .to_owned(),
+        );
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Some(
+            "must be printable ASCII without spaces or line breaks (it is compared with an HTTP \
+             header; a trailing newline from a file?); generate one with `openssl rand -hex 32`"
+                .to_owned(),
+        );
+    }
+    if token.len() < ADMIN_TOKEN_MIN_LEN {
+        return Some(format!(
+            "is {} bytes long; at least {ADMIN_TOKEN_MIN_LEN} are required: generate one with \
+             `openssl rand -hex 32`",
+            token.len()
+        ));
+    }
+    None
 }
 
 impl Default for ListenerConfig {
@@ -632,6 +688,30 @@ impl Config {
             .get(ENV_ADMIN_TOKEN)
             .filter(|t| !t.is_empty())
             .map(|t| Secret(t.clone()));
+        if let Some(message) = config
+            .http
+            .admin_token
+            .as_ref()
+            .and_then(|t| admin_token_problem(t.expose()))
+        {
+            return Err(ConfigError::Env {
+                var: ENV_ADMIN_TOKEN,
+                message,
+            });
+        }
+        if config
+            .alert
+            .secret
+            .as_ref()
+            .is_some_and(|s| s.expose().to_ascii_uppercase().contains(PLACEHOLDER))
+        {
+            return Err(ConfigError::Env {
+                var: ENV_ALERT_SECRET,
+                message: "is the placeholder of the examples; generate a secret with \
+                          `openssl rand -hex 32`"
+                    .to_owned(),
+            });
+        }
         config
             .validate()
             .map_err(|(key, message)| invalid(String::new(), key, message))?;
@@ -713,6 +793,9 @@ impl Config {
                     "`{listen}` is not an address like 127.0.0.1:9187 (empty turns the server off)"
                 ),
             );
+        }
+        if !(1..=10_000).contains(&self.http.max_connections) {
+            return err("http.max_connections", "must be between 1 and 10000");
         }
         positive("telemetry.export_interval", self.telemetry.export_interval)?;
         positive("telemetry.export_timeout", self.telemetry.export_timeout)?;
@@ -950,6 +1033,7 @@ channels = ["c"]
         assert_eq!(c.alert.max_attempts, d.max_attempts);
         assert_eq!(c.pg_cron.watch, PgCronConfig::default().watch);
         assert_eq!(c.pg_cron.poll_interval, default_pg_cron_poll_interval());
+        assert_eq!(c.http.max_connections, default_http_max_connections());
     }
 
     #[test]
@@ -1036,6 +1120,88 @@ channels = ["c"]
         let shown = format!("{c:?}");
         assert!(!shown.contains("T0K3N"), "{shown}");
         assert!(!shown.contains("s3cret"), "{shown}");
+    }
+
+    fn with_env(text: &str, pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::from_str_with_env(text, Path::new("x.toml"), &env)
+    }
+
+    #[test]
+    fn admin_tokens_too_short_or_placeholders_are_refused_without_echo() {
+        let cases = [
+            ("sh0rt-T0K3N", "at least 32"),
+            ("CHANGE-ME", "placeholder"),
+            ("change-me-T0K3N-0123456789abcdef0123456789", "placeholder"),
+            ("T0K3N0123456789abcdef0123456789abcdef\n", "printable ASCII"),
+            ("T0K3N 0123456789abcdef0123456789abcdef", "printable ASCII"),
+        ];
+        for (token, expected) in cases {
+            let e = with_env(MINIMAL, &[(ENV_ADMIN_TOKEN, token)]).unwrap_err();
+            assert!(matches!(e, ConfigError::Env { .. }), "{e:?}");
+            let msg = e.to_string();
+            assert!(msg.contains(ENV_ADMIN_TOKEN), "{msg}");
+            assert!(msg.contains(expected), "{msg}");
+            assert!(msg.contains("openssl rand -hex 32"), "{msg}");
+            assert!(!msg.contains("T0K3N"), "the token is echoed: {msg}");
+        }
+        let token = "0123456789abcdef0123456789abcdef";
+        let c = with_env(MINIMAL, &[(ENV_ADMIN_TOKEN, token)]).unwrap();
+        assert_eq!(c.http.admin_token.unwrap().expose(), token);
+        // Empty is unset: manual refresh off.
+        assert!(with_env(MINIMAL, &[(ENV_ADMIN_TOKEN, "")])
+            .unwrap()
+            .http
+            .admin_token
+            .is_none());
+    }
+
+    #[test]
+    fn the_placeholder_alert_secret_is_refused() {
+        let msg = with_env(MINIMAL, &[(ENV_ALERT_SECRET, "CHANGE-ME")])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains(ENV_ALERT_SECRET), "{msg}");
+        assert!(msg.contains("openssl rand -hex 32"), "{msg}");
+    }
+
+    #[test]
+    fn listening_beyond_loopback_needs_a_token() {
+        let token = "0123456789abcdef0123456789abcdef";
+        let listen = |addr: &str| {
+            MINIMAL.replace(
+                "[[view]]",
+                &format!("[http]\nlisten = \"{addr}\"\n[[view]]"),
+            )
+        };
+        for open in ["0.0.0.0:9187", "[::]:9187", "10.1.2.3:9187"] {
+            let c = with_env(&listen(open), &[]).unwrap();
+            let problem = c.http.exposure_problem().expect(open);
+            assert!(problem.contains(ENV_ADMIN_TOKEN), "{problem}");
+            assert!(problem.contains("http.listen"), "{problem}");
+            let c = with_env(&listen(open), &[(ENV_ADMIN_TOKEN, token)]).unwrap();
+            assert_eq!(c.http.exposure_problem(), None);
+        }
+        for closed in ["127.0.0.1:9187", "[::1]:9187", ""] {
+            let c = with_env(&listen(closed), &[]).unwrap();
+            assert_eq!(c.http.exposure_problem(), None, "{closed}");
+        }
+    }
+
+    #[test]
+    fn max_connections_is_bounded() {
+        for bad in [0, 10_001] {
+            let text = MINIMAL.replace(
+                "[[view]]",
+                &format!("[http]\nmax_connections = {bad}\n[[view]]"),
+            );
+            let msg = parse(&text).unwrap_err().to_string();
+            assert!(msg.contains("key `http.max_connections`"), "{msg}");
+        }
+        assert_eq!(parse(MINIMAL).unwrap().http.max_connections, 32);
     }
 
     #[test]

@@ -42,7 +42,7 @@ impl UrlError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("cannot connect to {target} (sslmode={mode}): {}", causes(source))]
+    #[error("cannot connect to {target} (sslmode={mode}): {}", error_text(source))]
     Connect {
         target: String,
         mode: SslMode,
@@ -53,9 +53,9 @@ pub enum DbError {
     ConnectTimeout { target: String, timeout: Duration },
     #[error("{target} is a standby (pg_is_in_recovery() is true): mvrefresh must run against the primary, where refreshes and the change log can be written")]
     Standby { target: String },
-    #[error("cannot get a connection from the pool: {0}")]
+    #[error("cannot get a connection from the pool: {}", pool_error_text(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
-    #[error(transparent)]
+    #[error("{}", error_text(.0))]
     Query(#[from] tokio_postgres::Error),
 }
 
@@ -257,8 +257,55 @@ impl Canceller {
     }
 }
 
-/// `e` and its causes, `: `-separated: tokio-postgres's own message is only the kind ("error
-/// performing TLS handshake", "db error"); the why is in the causes.
+/// Where [`error_text`] puts the server's DETAIL.
+const DETAIL: &str = " (detail: ";
+
+/// What went wrong, for people (logs, alerts, `status`, the refresh history): tokio-postgres's
+/// own `Display` is only the kind ("db error", "error performing TLS handshake").
+///
+/// A server error is `SEVERITY: message (detail: …) (hint: …)`, the parts present; any other
+/// error is the kind followed by its causes, `: `-separated (and what to check when the server's
+/// certificate was refused).
+pub fn error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => server_text(db.severity(), db.message(), db.detail(), db.hint()),
+        None => causes(e),
+    }
+}
+
+/// A pool error, the PostgreSQL error inside told by [`error_text`] (the pool's own `Display`
+/// ends in tokio-postgres's "db error").
+pub fn pool_error_text(e: &deadpool_postgres::PoolError) -> String {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => {
+            format!("error creating a connection: {}", error_text(e))
+        }
+        other => other.to_string(),
+    }
+}
+
+fn server_text(severity: &str, message: &str, detail: Option<&str>, hint: Option<&str>) -> String {
+    let mut text = format!("{severity}: {message}");
+    if let Some(d) = detail {
+        text.push_str(&format!("{DETAIL}{d})"));
+    }
+    if let Some(h) = hint {
+        text.push_str(&format!(" (hint: {h})"));
+    }
+    text
+}
+
+/// `text` as [`error_text`] makes it, without the server's DETAIL: PostgreSQL quotes row values
+/// there (`Key (id)=(42) already exists.`). What follows the DETAIL goes too, since where it ends
+/// cannot be told for sure (it may contain anything); a text without DETAIL is unchanged.
+pub fn without_detail(text: &str) -> std::borrow::Cow<'_, str> {
+    match text.find(DETAIL) {
+        Some(at) => format!("{} (detail hidden)", &text[..at]).into(),
+        None => text.into(),
+    }
+}
+
+/// `e` and its causes, `: `-separated.
 fn causes(e: &tokio_postgres::Error) -> String {
     let mut text = e.to_string();
     let mut cause = std::error::Error::source(e);
@@ -299,25 +346,82 @@ fn tls_hint(e: &rustls::Error) -> Option<&'static str> {
     }
 }
 
-/// An error as an operator should read it: for a server error its severity, message, detail and
-/// hint (tokio-postgres's own text is only "db error"); otherwise the error and its causes.
-pub fn error_text(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => {
-            let mut m = format!("{}: {}", db.severity(), db.message());
-            if let Some(d) = db.detail() {
-                m.push_str(&format!(" (detail: {d})"));
-            }
-            if let Some(h) = db.hint() {
-                m.push_str(&format!(" (hint: {h})"));
-            }
-            m
-        }
-        None => causes(e),
-    }
-}
-
 /// Whether an error means the connection is gone (as opposed to a failing statement).
 pub fn is_connection_error(e: &tokio_postgres::Error) -> bool {
     e.is_closed() || e.code().is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_errors_read_as_severity_message_detail_hint() {
+        assert_eq!(
+            server_text(
+                "ERROR",
+                "duplicate key value violates unique constraint \"t_pkey\"",
+                Some("Key (id)=(42) already exists."),
+                Some("look elsewhere")
+            ),
+            "ERROR: duplicate key value violates unique constraint \"t_pkey\" \
+             (detail: Key (id)=(42) already exists.) (hint: look elsewhere)"
+        );
+        assert_eq!(
+            server_text("FATAL", "too many connections", None, None),
+            "FATAL: too many connections"
+        );
+    }
+
+    #[test]
+    fn other_errors_keep_their_causes() {
+        let e = "host=localhost port=notaport"
+            .parse::<tokio_postgres::Config>()
+            .unwrap_err();
+        let text = error_text(&e);
+        // tokio-postgres's own text is only the kind; the cause says what is wrong.
+        assert_eq!(e.to_string(), "invalid connection string");
+        assert_eq!(
+            text,
+            "invalid connection string: invalid value for option `port`"
+        );
+    }
+
+    #[test]
+    fn pool_errors_tell_the_postgresql_error_inside() {
+        let e = "host=localhost port=notaport"
+            .parse::<tokio_postgres::Config>()
+            .unwrap_err();
+        let text = pool_error_text(&deadpool_postgres::PoolError::Backend(e));
+        assert_eq!(
+            text,
+            "error creating a connection: invalid connection string: invalid value for option `port`"
+        );
+        assert_eq!(
+            pool_error_text(&deadpool_postgres::PoolError::Closed),
+            "Pool has been closed"
+        );
+    }
+
+    #[test]
+    fn the_detail_is_hidden_and_nothing_else_changes() {
+        let full = server_text(
+            "ERROR",
+            "could not create unique index \"mv_idx\"",
+            Some("Key (challenge_id)=(424242) is duplicated."),
+            Some("x"),
+        );
+        let hidden = without_detail(&full);
+        assert_eq!(
+            hidden,
+            "ERROR: could not create unique index \"mv_idx\" (detail hidden)"
+        );
+        assert!(!hidden.contains("424242"));
+        // A detail that imitates the format cannot smuggle anything past the cut.
+        let tricky = server_text("ERROR", "m", Some("a) (hint: 424242"), None);
+        assert!(!without_detail(&tricky).contains("424242"));
+        for plain in ["ERROR: division by zero", "the connection was closed", ""] {
+            assert_eq!(without_detail(plain), plain);
+        }
+    }
 }

@@ -43,7 +43,7 @@ pub enum PlanError {
     NotInstalled,
     #[error("mvrefresh's schema in this database is version {installed}, this binary needs version {}; fix: run `mvrefresh install` (it upgrades in place; nothing pending is lost)", crate::install::SCHEMA_VERSION)]
     Outdated { installed: String },
-    #[error(transparent)]
+    #[error("{}", crate::db::error_text(.0))]
     Db(#[from] tokio_postgres::Error),
 }
 

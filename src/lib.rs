@@ -23,8 +23,9 @@
 //! | [`pgcron`] | pg_cron: watch of failed job runs, `install --pg-cron` jobs |
 //! | [`status`] | `status` and `check` reports from the database |
 //! | [`telemetry`] | OpenTelemetry metrics: Prometheus registry and OTLP push |
-//! | [`http`] | the admin server: health, readiness, metrics, status, manual refresh |
+//! | [`http`] | the admin server: health, readiness, metrics, status, manual refresh; bounded connections and timeouts |
 //! | [`stats`] | live counters shared by tasks and readers |
+//! | [`ratelimit`] | at most one log line per key and interval, with the count of the rest |
 //! | [`shutdown`] | SIGTERM/SIGINT |
 //! | [`sql`] | quoting of identifiers and literals |
 //!
@@ -47,6 +48,7 @@ pub mod http;
 pub mod install;
 pub mod listener;
 pub mod pgcron;
+pub mod ratelimit;
 pub mod refresh;
 pub mod shutdown;
 pub mod sql;

@@ -12,6 +12,9 @@
 //!
 //! # The watch
 //!
+//! It reports the failed runs of every job of pg_cron's database, not only the `mvrefresh:*`
+//! jobs (failed pg_cron jobs are otherwise silent), with the job's command and error text.
+//!
 //! Every `[pg_cron] poll_interval` it reads the runs after the cursor, in `runid` order:
 //!
 //! 1. a run is *failed* when its status is `failed` or its message starts with
@@ -66,7 +69,7 @@ pub enum PgCronError {
     Url(#[source] crate::db::UrlError),
     #[error(transparent)]
     Db(#[from] DbError),
-    #[error("pg_cron: {0}")]
+    #[error("pg_cron: {}", crate::db::error_text(.0))]
     Query(#[from] tokio_postgres::Error),
 }
 

@@ -2,7 +2,7 @@
 //! move them and the readers that report them (tests, the admin endpoints).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,22 @@ impl Counter {
         self.0.fetch_add(n, Ordering::Relaxed);
     }
     pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A count that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> i64 {
         self.0.load(Ordering::Relaxed)
     }
 }
@@ -94,6 +110,10 @@ pub struct Stats {
     /// Set once start-up is complete and the main loop runs; cleared at shutdown.
     pub ready: Flag,
     pub views: Mutex<Vec<ViewGauges>>,
+    /// Connections open to the admin HTTP server (at most `[http] max_connections`).
+    pub http_connections: Gauge,
+    /// Connections to the admin HTTP server refused because `max_connections` were open.
+    pub http_refused: Counter,
     /// Where the admin HTTP server listens, once bound.
     pub http_addr: Mutex<Option<SocketAddr>>,
 }

@@ -20,6 +20,8 @@
 //! | `mvrefresh_catch_ups_total` | counter | | reads of the change log |
 //! | `mvrefresh_alerts_sent_total`, `_failed_total`, `_dropped_total` | counter | | alert deliveries |
 //! | `mvrefresh_pg_cron_failed_runs_total` | counter | | failed pg_cron runs seen |
+//! | `mvrefresh_http_connections` | gauge | | connections open to the admin server |
+//! | `mvrefresh_http_refused_total` | counter | | admin connections refused (`[http] max_connections` open) |
 //! | `mvrefresh_build_info` | gauge | version | always 1 |
 
 use std::sync::Arc;
@@ -273,6 +275,12 @@ fn instruments(meter: &Meter, stats: Arc<Stats>) -> Metrics {
         |s| f64::from(u8::from(s.listener_connected.get())),
     );
     gauge(
+        "mvrefresh.http.connections",
+        "Connections open to the admin HTTP server",
+        None,
+        |s| s.http_connections.get() as f64,
+    );
+    gauge(
         "mvrefresh.heartbeat.latency",
         "Round trip of the last heartbeat query on the LISTEN connection",
         Some("s"),
@@ -309,6 +317,11 @@ fn instruments(meter: &Meter, stats: Arc<Stats>) -> Metrics {
         "mvrefresh.alerts.dropped",
         "Alerts dropped because the delivery queue was full",
         |s| s.alerts_dropped.get(),
+    );
+    counter(
+        "mvrefresh.http.refused",
+        "Admin HTTP connections refused because [http] max_connections were open",
+        |s| s.http_refused.get(),
     );
     counter(
         "mvrefresh.pg_cron.failed_runs",

@@ -23,6 +23,9 @@ impl Daemon {
 
     /// Staleness of each view with a `max_staleness`, and a listener down too long.
     pub(super) fn check_health(&mut self, now: Instant) {
+        for ((channel, reason), suppressed) in self.rejected_log.flush(now) {
+            tracing::warn!(%channel, reason, suppressed, "notification rejected: {suppressed} more like it suppressed");
+        }
         for i in 0..self.views.len() {
             let Some(limit) = self.plan.views[i].config.max_staleness else {
                 continue;

@@ -383,15 +383,21 @@ impl Daemon {
                 }
             }
         }
+        let now = Instant::now();
         for ((channel, reason), r) in received.rejected {
-            tracing::warn!(
-                channel = %channel,
-                reason,
-                count = r.count,
-                payload = %r.sample,
-                "notification rejected: {}",
-                r.error
-            );
+            // Counted exactly (metrics); logged at most once per channel, reason and interval.
+            let key = (channel, reason);
+            if let Some(suppressed) = self.rejected_log.allow_many(&key, r.count, now) {
+                tracing::warn!(
+                    channel = %key.0,
+                    reason,
+                    count = r.count,
+                    suppressed,
+                    payload = %r.sample,
+                    "notification rejected: {}",
+                    r.error
+                );
+            }
         }
     }
 

@@ -81,7 +81,7 @@ pub enum DaemonError {
     Db(#[from] DbError),
     #[error(transparent)]
     Plan(#[from] PlanError),
-    #[error("start-up query failed: {0}")]
+    #[error("start-up query failed: {}", crate::db::error_text(.0))]
     Query(#[from] tokio_postgres::Error),
     #[error("cannot set up alert delivery: {0}")]
     Alert(String),
@@ -282,6 +282,8 @@ struct Daemon {
     intake: intake::Intake,
     /// Filled by the listener; taken by this loop.
     inbox: Arc<Inbox>,
+    /// One "notification rejected" warning per (channel, reason) per interval.
+    rejected_log: crate::ratelimit::LogLimiter<(String, &'static str)>,
     replica: String,
     metrics: Metrics,
     /// Manual refreshes asked over HTTP; [`crate::http`] holds the senders.
@@ -379,6 +381,7 @@ impl Daemon {
             internal_rx,
             intake: intake::Intake::new(quiet),
             inbox: Arc::default(),
+            rejected_log: crate::ratelimit::LogLimiter::new(crate::ratelimit::DEFAULT_INTERVAL),
             replica,
             metrics,
             manual_rx,

@@ -301,3 +301,57 @@ async fn uninstall_leaves_writers_working() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uninstall_removes_only_this_databases_pg_cron_jobs() {
+    // A cluster of its own: pg_cron's database (`postgres`) is where the script runs, and the
+    // jobs of the shared cluster's other tests must not be touched.
+    let cluster = Cluster::new();
+    let cron = harness::connect(&cluster.url("postgres")).await;
+    cron.batch_execute("CREATE EXTENSION pg_cron")
+        .await
+        .expect("pg_cron is preloaded in the test cluster");
+    let other = cluster.create_db().await;
+    let other_name = other
+        .url
+        .rsplit('/')
+        .next()
+        .and_then(|n| n.split('?').next())
+        .unwrap()
+        .to_owned();
+    for (job, database) in [
+        ("mvrefresh:mv_mine", "postgres"),
+        ("mvrefresh:mv_theirs", other_name.as_str()),
+        ("nightly", "postgres"),
+    ] {
+        cron.execute(
+            "SELECT cron.schedule_in_database($1, '0 3 * * *', 'SELECT 1', $2)",
+            &[&job, &database],
+        )
+        .await
+        .unwrap();
+    }
+    cron.batch_execute(&format!(
+        "BEGIN; {} COMMIT;",
+        include_str!("../../sql/uninstall.sql")
+    ))
+    .await
+    .unwrap();
+    let left: Vec<(String, String)> = cron
+        .query(
+            "SELECT jobname, database FROM cron.job ORDER BY jobname",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        left,
+        [
+            ("mvrefresh:mv_theirs".to_owned(), other_name),
+            ("nightly".to_owned(), "postgres".to_owned()),
+        ]
+    );
+}

@@ -79,6 +79,12 @@ fn kubernetes_config_and_manifests_agree() {
         addr.ip().is_unspecified(),
         "probes need {addr} on every interface"
     );
+    // Listening on every interface needs the admin token, which the Secret provides.
+    let problem = config
+        .http
+        .exposure_problem()
+        .expect("no token: the daemon refuses to serve on every interface");
+    assert!(problem.contains("MVREFRESH_ADMIN_TOKEN"), "{problem}");
     let deadline = config.refresh.shutdown_deadline.as_secs();
     for manifest in [
         "deploy/kubernetes/deployment.yaml",
@@ -121,6 +127,57 @@ fn kubernetes_config_and_manifests_agree() {
         .expect("an initContainers section");
     assert!(init.contains("restartPolicy: Always"), "a native sidecar");
     assert!(read("deploy/kubernetes/kustomization.yaml").contains("config.toml"));
+}
+
+/// `stringData` of the example Secret, as the environment it becomes.
+fn example_secret() -> HashMap<String, String> {
+    read("deploy/kubernetes/secret.example.yaml")
+        .split("stringData:")
+        .nth(1)
+        .expect("a stringData section")
+        .lines()
+        .filter_map(|l| l.trim().split_once(": "))
+        .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+        .collect()
+}
+
+#[test]
+fn the_example_secret_is_refused_until_its_placeholders_are_replaced() {
+    let load = |env: &HashMap<String, String>| {
+        Config::from_str_with_env(
+            &read("deploy/kubernetes/config.toml"),
+            Path::new("deploy/kubernetes/config.toml"),
+            env,
+        )
+    };
+    let mut env = example_secret();
+    assert_eq!(env.len(), 4, "{env:?}");
+    for (var, what) in [
+        ("MVREFRESH_ADMIN_TOKEN", "token"),
+        ("MVREFRESH_ALERT_SECRET", "secret"),
+    ] {
+        assert_eq!(env[var], "CHANGE-ME");
+        let msg = load(&env)
+            .err()
+            .unwrap_or_else(|| panic!("the placeholder {var} is accepted"))
+            .to_string();
+        assert!(msg.contains(var), "{msg}");
+        assert!(msg.contains("placeholder"), "{msg}");
+        assert!(
+            msg.contains(&format!("generate a {what} with `openssl rand -hex 32`")),
+            "{msg}"
+        );
+        // What `openssl rand -hex 32` makes.
+        env.insert(var.to_owned(), "a1".repeat(32));
+    }
+    // The CA file the example URL names exists only in the pod.
+    env.insert(
+        "MVREFRESH_DATABASE_URL".to_owned(),
+        "postgres://mvrefresh@postgres:5432/app".to_owned(),
+    );
+    let config = load(&env).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.http.exposure_problem(), None);
+    assert!(read("deploy/kubernetes/secret.example.yaml").contains("openssl rand -hex 32"));
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Integration tests against a real PostgreSQL (a throwaway cluster started by [`harness`]).
 //! One test binary, one module per concern.
 
+mod admin;
 mod alerts;
 mod analytics;
 mod capture;

@@ -12,7 +12,12 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::harness::{self, Cluster, Daemon};
 
 /// A minimal HTTP/1.1 request: returns the status code and the body.
-async fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+pub(crate) async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
     let mut stream = TcpStream::connect(addr)
         .await
         .expect("connect to the admin server");
@@ -36,7 +41,7 @@ async fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -
     (code, body)
 }
 
-async fn admin_addr(daemon: &Daemon) -> SocketAddr {
+pub(crate) async fn admin_addr(daemon: &Daemon) -> SocketAddr {
     let stats = daemon.stats.clone();
     harness::wait_some("the admin server to listen", || {
         let addr = *stats.http_addr.lock().unwrap();
@@ -46,7 +51,7 @@ async fn admin_addr(daemon: &Daemon) -> SocketAddr {
 }
 
 /// The value of the first series named `name` whose labels include every `labels` pair.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.rsplit_once(' '))
@@ -171,14 +176,15 @@ async fn status_endpoint_matches_the_cli_and_what_happened() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_refresh_needs_the_token() {
     let (db, c, _) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
-    let env = HashMap::from([("MVREFRESH_ADMIN_TOKEN".to_owned(), "s3cret".to_owned())]);
+    const TOKEN: &str = "s3cret-0123456789abcdef-0123456789abcdef";
+    let env = HashMap::from([("MVREFRESH_ADMIN_TOKEN".to_owned(), TOKEN.to_owned())]);
     let config = harness::config_with_env(
         &db.url,
         &format!("{}{}", harness::CAPTURE, harness::VIEW_COUNTS),
         &env,
     );
     assert!(
-        !format!("{config:?}").contains("s3cret"),
+        !format!("{config:?}").contains(TOKEN),
         "the token leaks in Debug"
     );
     let daemon = Daemon::start(config);
@@ -186,10 +192,10 @@ async fn manual_refresh_needs_the_token() {
     let addr = admin_addr(&daemon).await;
     assert_eq!(http(addr, "POST", "/refresh", None).await.0, 401);
     assert_eq!(http(addr, "POST", "/refresh", Some("wrong")).await.0, 401);
-    let (code, body) = http(addr, "POST", "/refresh/mv_nope", Some("s3cret")).await;
+    let (code, body) = http(addr, "POST", "/refresh/mv_nope", Some(TOKEN)).await;
     assert_eq!(code, 404, "{body}");
     assert!(body.contains("mv_nope"), "{body}");
-    let (code, body) = http(addr, "POST", "/refresh/mv_counts", Some("s3cret")).await;
+    let (code, body) = http(addr, "POST", "/refresh/mv_counts", Some(TOKEN)).await;
     assert_eq!(code, 202, "{body}");
     assert!(body.contains("mv_counts"), "{body}");
     harness::wait_for("the manual refresh in the history", || async {
