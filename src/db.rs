@@ -16,6 +16,9 @@ use crate::tls::{self, MakeTls, SslMode, TlsError, TlsStream};
 /// A dedicated connection's driver, as returned by [`Db::connect`].
 pub type DbConnection = Connection<Socket, TlsStream>;
 
+/// `statement_timeout` of pooled connections outside refreshes.
+pub const BOOKKEEPING_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Advisory-lock namespace (first key of the two-key form): "mvrf".
 pub const LOCK_NAMESPACE: i32 = 0x6d76_7266;
 
@@ -212,8 +215,17 @@ impl Db {
 
     /// The refresh pool: every wait bounded (the pool's defaults are "forever").
     pub fn pool(&self, size: usize) -> Pool {
+        // Bookkeeping statements (collects, reads, status) end server-side after this, even when
+        // the daemon gave up on them earlier; a refresh sets its own (`SET LOCAL`).
+        let mut config = self.config.clone();
+        let timeout = format!("-c statement_timeout={}", BOOKKEEPING_TIMEOUT.as_millis());
+        let options = match config.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} {timeout}"),
+            _ => timeout,
+        };
+        config.options(&options);
         let manager = Manager::from_config(
-            self.config.clone(),
+            config,
             self.tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Verified,

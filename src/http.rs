@@ -79,7 +79,12 @@ struct AppState {
     config: Arc<Config>,
     /// The daemon's main loop holds the receiving end.
     manual: mpsc::Sender<ManualRefresh>,
+    /// The last `/status`, computed at most once per [`STATUS_MAX_AGE`].
+    status: Arc<tokio::sync::Mutex<Option<(std::time::Instant, status::Status)>>>,
 }
+
+/// A `/status` this old is served again instead of asking the database.
+const STATUS_MAX_AGE: Duration = Duration::from_secs(2);
 
 /// Serves until `cancel` fires; then lets the requests in progress finish (within
 /// [`REQUEST_TIMEOUT`]) and returns.
@@ -99,6 +104,7 @@ pub async fn serve(
         pool,
         config,
         manual,
+        status: Arc::default(),
     };
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -261,15 +267,29 @@ async fn metrics(State(s): State<AppState>) -> Response {
 
 /// `/status`: error texts keep the server's DETAIL (where PostgreSQL quotes row values, e.g.
 /// `Key (id)=(42) already exists`) only for a request with the admin token.
+/// `/status`: from the database at most once per [`STATUS_MAX_AGE`], by one query at a time
+/// whatever the number of requests (they wait for it and share it). The query runs in a task of
+/// its own to its end (bounded by the pool's `statement_timeout`): a request that stops
+/// waiting leaves no query behind on a connection handed back to the pool.
 async fn status_json(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    let work = async {
-        let client = s.pool.get().await.map_err(|e| db::pool_error_text(&e))?;
-        status::status(&**client, &s.config)
+    let slot = s.status.clone();
+    let (pool, config) = (s.pool.clone(), s.config.clone());
+    let work = tokio::spawn(async move {
+        let mut slot = slot.lock().await;
+        if let Some((at, st)) = slot.as_ref() {
+            if at.elapsed() < STATUS_MAX_AGE {
+                return Ok(st.clone());
+            }
+        }
+        let client = pool.get().await.map_err(|e| db::pool_error_text(&e))?;
+        let st = status::status(&**client, &config)
             .await
-            .map_err(|e| db::without_detail(&db::error_text(&e)).into_owned())
-    };
+            .map_err(|e| db::without_detail(&db::error_text(&e)).into_owned())?;
+        *slot = Some((std::time::Instant::now(), st.clone()));
+        Ok::<_, String>(st)
+    });
     match tokio::time::timeout(DB_PATIENCE, work).await {
-        Ok(Ok(mut st)) => {
+        Ok(Ok(Ok(mut st))) => {
             if authorised(&s.config, &headers) != Some(true) {
                 for v in &mut st.views {
                     if let Some(e) = &mut v.last_error {
@@ -279,7 +299,8 @@ async fn status_json(State(s): State<AppState>, headers: HeaderMap) -> Response 
             }
             Json(st).into_response()
         }
-        Ok(Err(e)) => problem(StatusCode::SERVICE_UNAVAILABLE, e),
+        Ok(Ok(Err(e))) => problem(StatusCode::SERVICE_UNAVAILABLE, e),
+        Ok(Err(_)) => problem(StatusCode::SERVICE_UNAVAILABLE, "the status query failed"),
         Err(_) => problem(
             StatusCode::SERVICE_UNAVAILABLE,
             "the database did not answer in time",

@@ -223,7 +223,10 @@ pub async fn watch(
             return;
         }
     };
+    let database = db.dbname();
     let mut watcher = Watcher {
+        own_database: config.pg_cron.database_url.is_none(),
+        database,
         cron,
         pool,
         alerts,
@@ -259,6 +262,11 @@ pub async fn watch(
 
 struct Watcher {
     cron: Db,
+    /// pg_cron lives in the daemon's own database: poll on a pooled connection, so the daemon
+    /// holds no connection beyond the pool and the listener.
+    own_database: bool,
+    /// The daemon's database (the jobs `install --pg-cron` made for it).
+    database: String,
     pool: Pool,
     config: Config,
     alerts: Alerts,
@@ -296,6 +304,11 @@ impl Watcher {
     }
 
     async fn poll(&mut self) -> Result<(), PgCronError> {
+        if self.own_database {
+            let pool = self.pool.clone();
+            let client = pool.get().await.map_err(DbError::from)?;
+            return self.poll_with(&client).await;
+        }
         let cron = match self.client.take() {
             Some(c) if !c.is_closed() => c,
             _ => self.cron.connect_simple("mvrefresh-pg-cron").await?,
@@ -395,9 +408,7 @@ impl Watcher {
     }
 
     async fn check_late(&mut self, cron: &Client) -> Result<(), PgCronError> {
-        let database = crate::db::Db::new(&self.config.database)
-            .map(|d| d.dbname())
-            .unwrap_or_default();
+        let database = self.database.clone();
         let now = Instant::now();
         for v in &self.config.views {
             let (Some(_), Some(limit)) = (v.schedule, v.max_staleness) else {
