@@ -1,4 +1,4 @@
--- The seed's event-driven trigger (/work/shared/seeds/001_9fae609e9ff80708.txt), verbatim: a
+-- The seed design's trigger, verbatim: the event-driven trigger the project started from, a
 -- per-row AFTER UPDATE OF status trigger with one pg_notify per row that becomes 'scored'.
 -- Nothing needed fixing to run it on PostgreSQL 15.
 CREATE OR REPLACE FUNCTION notify_submission_scored()
