@@ -206,6 +206,10 @@ pub fn capture_sql(c: &CaptureConfig) -> String {
     let f_row = format!("mvrefresh.{}", ident(&format!("capture_{}", c.name)));
     let f_clean = format!("mvrefresh.{}", ident(&format!("capture_{}_clean", c.name)));
     let f_keys = format!("mvrefresh.{}", ident(&format!("capture_{}_keys", c.name)));
+    let f_clean_old = format!(
+        "mvrefresh.{}",
+        ident(&format!("capture_{}_clean_old", c.name))
+    );
     let f_trunc = format!(
         "mvrefresh.{}",
         ident(&format!("capture_{}_truncate", c.name))
@@ -220,23 +224,28 @@ pub fn capture_sql(c: &CaptureConfig) -> String {
     // predicate of the new and of the old row.
     let esc = |text: &str| text.replace('%', "%%");
     let (t, k, sn) = (esc(&table), esc(&key), esc(&seen));
-    // The writer's session remembers the key of that row as dirty under the current generation
-    // (in one of 32 settings, chosen by the key's hash, so that a lookup reads a few entries).
+    // Conservative: true only when certainly nothing to mark. `clean`: both sides irrelevant,
+    // or the new row is relevant, kept its key (or the old row had none), and the writer's
+    // session remembers that key as dirty under the current generation (in one of 32 settings
+    // chosen by the key's hash, so a lookup reads a few entries). `clean_old`, asked only when
+    // `clean` is false: the row stopped being relevant and its old key is remembered. Anything
+    // else (a row moving to another key, a NULL key, a delete) takes the slow path. Each is kept
+    // small: PL/pgSQL sets an expression up again in every transaction, at a cost that grows
+    // with its size, so the common case (a relevant row changed in place) pays for one only.
     let cached = |side: &str| {
         format!(
-            "strpos(coalesce(current_setting({sn} || '_' || (hashtext({side}.{k}::text) & 31)::text, true), ''), \
-             md5({side}.{k}::text || ':' || pg_sequence_last_value('mvrefresh.generation'::regclass)::text)) > 0"
+            "strpos(coalesce(current_setting({sn} || '_' || (hashtext({side}.{k}::text) & 31)::text, true), ''),
+                    md5({side}.{k}::text || ':' || pg_sequence_last_value('mvrefresh.generation'::regclass)::text)) > 0"
         )
     };
-    // Conservative: true only when certainly nothing to mark (both sides irrelevant, or the
-    // row is relevant after the change, kept its key, and that key is remembered). Everything
-    // else (deletes, rows leaving relevance or moving) takes the slow path. Kept small: the
-    // expression is set up again in every transaction, at a cost that grows with its size.
     let clean = format!(
         "(NOT coalesce(%1$s, false) AND NOT coalesce(%2$s, false))
-           OR (coalesce(%1$s, false) AND n.{k} IS NOT NULL AND (o.{k} IS NULL OR o.{k} = n.{k})
-               AND {cn})",
+           OR (coalesce(%1$s, false) AND (o.{k} IS NULL OR o.{k} = n.{k}) AND {cn})",
         cn = cached("n"),
+    );
+    let clean_old = format!(
+        "NOT coalesce(%1$s, false) AND coalesce(%2$s, false) AND {co}",
+        co = cached("o"),
     );
     let keys = format!(
         "ARRAY[CASE WHEN coalesce(%1$s, false) THEN n.{k}::text END,
@@ -244,7 +253,13 @@ pub fn capture_sql(c: &CaptureConfig) -> String {
                          AND NOT (coalesce(%1$s, false) AND n.{k} IS NOT DISTINCT FROM o.{k})
                     THEN o.{k}::text END]"
     );
-    let (fc, fk, fr, ftr) = (esc(&f_clean), esc(&f_keys), esc(&f_row), esc(&f_trunc));
+    let (fc, fco, fk, fr, ftr) = (
+        esc(&f_clean),
+        esc(&f_clean_old),
+        esc(&f_keys),
+        esc(&f_row),
+        esc(&f_trunc),
+    );
     let fingerprint = literal(&fingerprint(c));
     format!(
         r#"DO $mvrefresh$
@@ -287,6 +302,9 @@ BEGIN
     EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {fc}(n {t}, o {t})
         RETURNS boolean LANGUAGE sql VOLATILE
         RETURN {clean}$mvrefresh_f$, when_new, when_old);
+    EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {fco}(n {t}, o {t})
+        RETURNS boolean LANGUAGE sql VOLATILE
+        RETURN {clean_old}$mvrefresh_f$, when_new, when_old);
     -- The keys this row makes dirty (NULL elements: none).
     EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {fk}(n {t}, o {t})
         RETURNS text[] LANGUAGE sql VOLATILE
@@ -295,6 +313,9 @@ BEGIN
         LANGUAGE plpgsql SECURITY DEFINER AS $mvrefresh_b$
         BEGIN
             IF {fc}(NEW, OLD) THEN
+                RETURN NULL;
+            END IF;
+            IF {fco}(NEW, OLD) THEN
                 RETURN NULL;
             END IF;
             PERFORM mvrefresh.mark(%1$L, %2$L, {fk}(NEW, OLD));
@@ -333,8 +354,8 @@ BEGIN
 END
 $mvrefresh$;
 COMMENT ON FUNCTION {f_row}() IS {comment};
-REVOKE ALL ON FUNCTION {f_row}(), {f_trunc}(), {f_clean}({table}, {table}), {f_keys}({table}, {table})
-    FROM PUBLIC;
+REVOKE ALL ON FUNCTION {f_row}(), {f_trunc}(), {f_clean}({table}, {table}),
+    {f_clean_old}({table}, {table}), {f_keys}({table}, {table}) FROM PUBLIC;
 INSERT INTO mvrefresh.capture (name, table_name, channel, fingerprint)
 VALUES ({name}, {table_lit}::regclass, {channel}, {fingerprint})
 ON CONFLICT (name) DO UPDATE
@@ -395,7 +416,8 @@ BEGIN
         FOR f IN SELECT p.oid::regprocedure AS fn FROM pg_proc AS p
                  WHERE p.pronamespace = 'mvrefresh'::regnamespace
                    AND p.proname IN ('capture_' || c.name, 'capture_' || c.name || '_truncate',
-                                     'capture_' || c.name || '_clean', 'capture_' || c.name || '_keys')
+                                     'capture_' || c.name || '_clean', 'capture_' || c.name || '_clean_old',
+                                     'capture_' || c.name || '_keys')
         LOOP
             EXECUTE format('DROP FUNCTION %s', f.fn);
         END LOOP;

@@ -1,13 +1,12 @@
 //! What the main loop learns changed, and the hand-over bookkeeping:
 //!
 //! - **collect** (on a notification of a captured channel, after every (re)connect and every
-//!   `catch_up_interval`, at most once per [`Intake::collect_every`] unless the last one was
-//!   full): moves dirty keys into pending keys in bounded chunks ([`store::collect`]) and notes
+//!   `catch_up_interval`, at most once per `quiet / 2` unless the last one was full): moves dirty keys into pending keys in bounded chunks ([`store::collect`]) and notes
 //!   them in the subscribed views' debouncers;
 //! - **catch-up** (start-up, reconnect, `catch_up_interval`): reads each view's pending keys,
 //!   one bounded query per view ([`store::read_pending`]), for what another replica or an
 //!   earlier run collected;
-//! - **guards** (while a key waits for the horizon, at most once per [`Intake::guard_every`]):
+//! - **guards** (while a key waits for the horizon, at most once per `quiet / 5`):
 //!   one statement takes a new guard and tells which earlier ones cleared; the newest cleared
 //!   one is the horizon passed to refreshes (see [`crate::store`]);
 //! - the listener's **inbox**: captured channels ask for a collect, other channels' keys are
@@ -57,18 +56,22 @@ pub(super) struct Intake {
 }
 
 impl Intake {
-    /// `quiet` is the shortest debounce of any view: collecting and guarding at a fifth of it
-    /// keeps both well ahead of any key falling due.
+    /// `quiet` is the shortest debounce of any view. Collecting every `quiet / 2` takes a key
+    /// before it is due (its due time counts from when it turned dirty, not from the collect),
+    /// while a key written continuously turns dirty again, notifies and is looked up afresh
+    /// by every writer's session at most twice per `quiet`: what writers pay for the daemon
+    /// running. Guards every `quiet / 5`, so the horizon passes a collected key before it is due.
     pub(super) fn new(quiet: Duration) -> Intake {
-        let every = (quiet / 5).clamp(Duration::from_millis(10), Duration::from_millis(500));
+        let collect_every = (quiet / 2).clamp(Duration::from_millis(10), Duration::from_secs(2));
+        let guard_every = (quiet / 5).clamp(Duration::from_millis(10), Duration::from_millis(500));
         Intake {
             collect_running: false,
             collect_wanted: false,
             last_collect: None,
-            collect_every: every,
+            collect_every,
             guard_running: false,
             last_guard: None,
-            guard_every: every,
+            guard_every,
             next_guard: 0,
             waiting: VecDeque::new(),
             horizon: None,
