@@ -72,11 +72,35 @@ CREATE INDEX IF NOT EXISTS pending_view_key ON mvrefresh.pending (view_name, key
 -- dirty as md5(key:generation) in settings `mvrefresh.seen_<capture>_<n>`, and skips even the
 -- lookup while the generation stands; the daemon changes it (to a random value no writer can
 -- read) after taking keys, which forgets every session's memory at once.
+-- Its lowest bit says whether writers must notify when a key turns dirty: 0 while a daemon
+-- collects on its own every few hundred milliseconds (it finds the key without being told, and
+-- writers skip PostgreSQL's commit-time notify lock), 1 once it has gone idle (it waits for a
+-- notification). The daemon goes idle only after every writer that could have seen the 0 has
+-- ended and a last collect found nothing (see src/daemon/intake.rs).
 CREATE SEQUENCE IF NOT EXISTS mvrefresh.generation MINVALUE 1 MAXVALUE 9223372036854775807 NO CYCLE;
 SELECT setval('mvrefresh.generation', mvrefresh_new_generation.v)
-FROM (SELECT ('x' || substr(md5(gen_random_uuid()::text), 1, 15))::bit(60)::bigint + 1 AS v)
+FROM (SELECT ('x' || substr(md5(gen_random_uuid()::text), 1, 15))::bit(60)::bigint | 1 AS v)
      AS mvrefresh_new_generation
 WHERE NOT (SELECT is_called FROM mvrefresh.generation);
+
+-- A view's name as mvrefresh records it (subscriptions, pending keys, history, metrics): the
+-- relation the catalog resolves `p_relation` (a quoted, possibly schema-qualified name) to,
+-- without `public.`, each part quoted only when it needs to be. Two configs naming one view two
+-- ways (`public.mv_x`, `mv_x`) get one name, so replicas share locks and pending keys; two
+-- views whose unquoted spellings look alike (`"a.b".c`, `a."b.c"`) get two. NULL when the
+-- relation does not exist.
+CREATE OR REPLACE FUNCTION mvrefresh.view_name(p_relation text)
+RETURNS text
+LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT CASE WHEN n.nspname = 'public' THEN ''
+                WHEN n.nspname ~ '^[a-z_][a-z0-9_$]*$' THEN n.nspname || '.'
+                ELSE quote_ident(n.nspname) || '.' END
+           || CASE WHEN c.relname ~ '^[a-z_][a-z0-9_$]*$' THEN c.relname::text
+                   ELSE quote_ident(c.relname) END
+    FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+    WHERE c.oid = pg_catalog.to_regclass(p_relation);
+END;
 
 -- One row per refresh attempt, kept for `[refresh] history_retention`.
 CREATE TABLE IF NOT EXISTS mvrefresh.refresh_history (
@@ -101,8 +125,8 @@ CREATE INDEX IF NOT EXISTS refresh_history_finished
 -- Marks `p_keys` dirty on `p_channel` for a capture: the slow path of every capture trigger (the
 -- generated trigger functions skip it when their session remembers every key as dirty already).
 -- For each key not remembered: a lookup in `dirty` (a row that a collect is taking right now does
--- not count); when absent, one row and one notification (PostgreSQL folds a transaction's
--- identical notifications into one). Then the key is remembered in the session setting
+-- not count); when absent, one row, and one notification unless a daemon is collecting on its
+-- own (PostgreSQL folds a transaction's identical notifications into one). Then the key is remembered in the session setting
 -- `<p_seen>_<hash of the key & 31>` as md5(key:generation) (32 settings of at most 16 entries
 -- each, so a lookup reads a few hundred bytes). NULL keys are skipped; a key longer than 1024
 -- bytes is recorded as '*' (everything), so odd data never fails the writer.
@@ -115,7 +139,8 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    gen     text := pg_sequence_last_value('mvrefresh.generation')::text;
+    g       bigint := pg_sequence_last_value('mvrefresh.generation');
+    gen     text := g::text;
     k       text;
     h       text;
     setting text;
@@ -134,7 +159,9 @@ BEGIN
         WHERE d.channel = p_channel AND d.key = k AND d.xmax = '0'::xid;
         IF NOT FOUND THEN
             INSERT INTO mvrefresh.dirty (channel, key) VALUES (p_channel, k);
-            PERFORM pg_notify(p_channel, '');
+            IF g & 1 = 1 THEN
+                PERFORM pg_notify(p_channel, '');
+            END IF;
         END IF;
         IF octet_length(seen) >= 512 THEN
             seen := '';

@@ -1,4 +1,4 @@
-//! The command line (SPEC §3): parsing, and one function per command.
+//! The command line: parsing, and one function per command.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

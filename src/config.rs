@@ -1034,6 +1034,24 @@ channels = ["c"]
         assert_eq!(c.pg_cron.watch, PgCronConfig::default().watch);
         assert_eq!(c.pg_cron.poll_interval, default_pg_cron_poll_interval());
         assert_eq!(c.http.max_connections, default_http_max_connections());
+        assert_eq!(c.refresh.max_pending_keys, default_max_pending_keys());
+        assert_eq!(c.refresh.batch_keys, default_batch_keys());
+    }
+
+    #[test]
+    fn a_capture_name_must_fit_every_generated_identifier() {
+        let with = |name: &str| {
+            format!(
+                "{MINIMAL}[[capture]]\nname = \"{name}\"\ntable = \"t\"\nchannel = \"c\"\nkey = \"k\"\n"
+            )
+        };
+        let longest = "n".repeat(crate::install::MAX_CAPTURE_NAME);
+        assert!(parse(&with(&longest)).is_ok());
+        let e = parse(&with(&format!("{longest}n")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("capture[0].name"), "{e}");
+        assert!(e.contains("1 to 36"), "{e}");
     }
 
     #[test]

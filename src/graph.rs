@@ -256,11 +256,37 @@ impl Plan {
                     .collect();
             }
         }
-        let names: Vec<String> = config
-            .views
+        // Each view's name as recorded: the relation the catalog resolved, however configured.
+        let quoted: Vec<String> = config.views.iter().map(|v| v.relation().quoted()).collect();
+        let names: Vec<String> = client
+            .query(
+                "SELECT mvrefresh.view_name(q) FROM unnest($1::text[]) WITH ORDINALITY AS u(q, i)
+                 ORDER BY i",
+                &[&quoted],
+            )
+            .await?
             .iter()
-            .map(|v| v.relation().to_string())
+            .zip(&config.views)
+            .map(|(r, v)| {
+                r.get::<_, Option<String>>(0)
+                    .unwrap_or_else(|| v.relation().to_string())
+            })
             .collect();
+        for (i, name) in names.iter().enumerate() {
+            if let Some(j) = names[..i].iter().position(|n| n == name) {
+                problems.push(Problem {
+                    view: config.views[i].name.clone(),
+                    message: format!(
+                        "is the same relation as view[{j}] (`{}`)",
+                        config.views[j].name
+                    ),
+                    fix: "configure each view once".into(),
+                });
+            }
+        }
+        if !problems.is_empty() {
+            return Err(PlanError::Problems(problems));
+        }
         let order = topo_order(&names, &depends_on)?;
 
         let mut views: Vec<View> = config
@@ -294,9 +320,12 @@ impl Plan {
         Ok(Plan { views, order })
     }
 
+    /// The view `name` designates: its recorded name, or as configured.
     pub fn index(&self, name: &str) -> Option<usize> {
-        let want = Relation::parse(name).ok()?.to_string();
-        self.views.iter().position(|v| v.name == want)
+        let want = Relation::parse(name).ok()?;
+        self.views
+            .iter()
+            .position(|v| v.name == name || v.config.relation() == want)
     }
 
     /// `a → b → c` lines for the check report.

@@ -439,10 +439,16 @@ fn subscriptions_sql(config: &Config, prune: bool) -> String {
         .views
         .iter()
         .flat_map(|v| {
-            let name = v.relation().to_string();
-            v.channels
-                .iter()
-                .map(move |ch| format!("({}, {})", literal(ch), literal(&name)))
+            let quoted = v.relation().quoted();
+            let shown = v.relation().to_string();
+            v.channels.iter().map(move |ch| {
+                format!(
+                    "({}, coalesce(mvrefresh.view_name({}), {}))",
+                    literal(ch),
+                    literal(&quoted),
+                    literal(&shown)
+                )
+            })
         })
         .collect();
     let desired = if pairs.is_empty() {

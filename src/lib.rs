@@ -2,23 +2,24 @@
 //!
 //! A daemon that keeps PostgreSQL materialized views and `analytics_*` tables fresh within
 //! seconds of the writes that change them, without blocking readers, losing a change, or failing
-//! silently. The contract is `SPEC.md`; this is the map.
+//! silently. This is the map.
 //!
 //! # Layout
 //!
 //! | module | concern |
 //! |---|---|
 //! | [`config`] | `config.toml` → one validated [`config::Config`]; errors name file and key |
-//! | [`cli`] | the commands of SPEC §3 (`run`, `install`, `refresh`, `check`, `status`) |
-//! | [`install`] | the schema, capture triggers and subscriptions, in one transaction |
+//! | [`cli`] | the commands (`run`, `install`, `refresh`, `check`, `status`) |
+//! | [`install`] | the schema, the generated capture (row trigger, its inlined checks) and subscriptions, in one transaction |
 //! | [`db`] | reaching PostgreSQL: URL, timeouts, the refresh pool, primary check |
 //! | [`tls`] | `sslmode`/`sslrootcert`/`sslcert`/`sslkey` → the one rustls connector |
-//! | [`listener`] | the LISTEN connection: reconnect with backoff, heartbeat |
-//! | [`changelog`] | the durable change log and notification payloads |
-//! | [`debounce`] | per-key `quiet` / `max_wait` debouncing |
+//! | [`listener`] | the LISTEN connection: reconnect with backoff, heartbeat, a bounded inbox |
+//! | [`changelog`] | what a notification means (payloads of channels without capture) |
+//! | [`store`] | every statement on `dirty`/`pending`: collect, bounded reads, the hand-over guards |
+//! | [`debounce`] | per-key `quiet` / `max_wait` debouncing, bounded, aware of the hand-over horizon |
 //! | [`graph`] | resolving views in the catalog, dependency order |
-//! | [`refresh`] | one refresh transaction: lock, consume the log, refresh, record |
-//! | [`daemon`] | the main loop tying them together; two-phase shutdown; circuit breaker (`daemon/task.rs`: one refresh and its liveness watch; `daemon/health.rs`: staleness and listener alerts) |
+//! | [`refresh`] | one refresh transaction: lock, consume the guarded pending keys, refresh, record |
+//! | [`daemon`] | the main loop tying them together; two-phase shutdown; circuit breaker (`daemon/intake.rs`: collects, catch-ups, guards, pruning, the inbox; `daemon/task.rs`: one refresh and its liveness watch; `daemon/isolate.rs`: splitting failed batches, quarantining a failing key; `daemon/health.rs`: staleness and listener alerts) |
 //! | [`alert`] | alert lifecycle per subject, webhook delivery (queue, retries, signature) |
 //! | [`pgcron`] | pg_cron: watch of failed job runs, `install --pg-cron` jobs |
 //! | [`status`] | `status` and `check` reports from the database |
@@ -29,10 +30,12 @@
 //! | [`shutdown`] | SIGTERM/SIGINT |
 //! | [`sql`] | quoting of identifiers and literals |
 //!
-//! An event's path: writer's transaction → capture trigger → `mvrefresh.record_changes`
-//! (change-log rows + `pg_notify`) → [`listener`] → [`daemon`] notes the key in the view's
-//! [`debounce::Debouncer`] → when due and not waiting on a dependency, a task runs
-//! [`refresh::refresh`] on a pooled connection → outcome back to [`daemon`], dependents noted.
+//! An event's path: writer's transaction → capture trigger (key already dirty: nothing; else a
+//! `mvrefresh.dirty` row + `pg_notify`) → [`listener`] inbox → [`daemon`] collects the dirty
+//! keys into per-view pending keys ([`store::collect`]) and notes them in the views'
+//! [`debounce::Debouncer`]s → when due, past the hand-over horizon ([`store`]) and not waiting on
+//! a dependency, a task runs [`refresh::refresh`] on a pooled connection → outcome back to
+//! [`daemon`], dependents noted.
 //! Failures and recoveries seen there (and by the listener and the [`pgcron`] watch) go through
 //! an [`alert::Tracker`] to [`alert::Alerts`], whose own task posts them to the webhook.
 

@@ -350,18 +350,44 @@ async fn session(
             }
             _ = interval.tick() => {
                 let started = Instant::now();
-                match tokio::time::timeout(timeout, client.simple_query("SELECT 1")).await {
-                    Ok(Ok(_)) => out.stats.heartbeat_latency.set(started.elapsed()),
-                    Ok(Err(e)) => {
-                        return Ended::Failed(format!("heartbeat failed: {}", crate::db::error_text(&e)));
-                    }
-                    Err(_) => {
-                        return Ended::Stalled(format!(
-                            "heartbeat got no answer within {} (connection stalled)",
-                            humantime::format_duration(timeout)
-                        ))
-                    }
+                match heartbeat(&client, timeout, &out.stats).await {
+                    Ok(()) => out.stats.heartbeat_latency.set(started.elapsed()),
+                    Err(ended) => return ended,
                 }
+            }
+        }
+    }
+}
+
+/// One heartbeat query. Its answer comes after every notification the server sent before it,
+/// so while notifications keep arriving the connection is alive however long the answer takes:
+/// only `timeout` without the answer *and* without a notification is a stall.
+async fn heartbeat(
+    client: &tokio_postgres::Client,
+    timeout: Duration,
+    stats: &Stats,
+) -> Result<(), Ended> {
+    let query = client.simple_query("SELECT 1");
+    tokio::pin!(query);
+    let mut seen = stats.notifications_received.get();
+    loop {
+        match tokio::time::timeout(timeout, &mut query).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => {
+                return Err(Ended::Failed(format!(
+                    "heartbeat failed: {}",
+                    crate::db::error_text(&e)
+                )))
+            }
+            Err(_) => {
+                let now = stats.notifications_received.get();
+                if now == seen {
+                    return Err(Ended::Stalled(format!(
+                        "heartbeat got no answer within {} (connection stalled)",
+                        humantime::format_duration(timeout)
+                    )));
+                }
+                seen = now;
             }
         }
     }

@@ -123,7 +123,7 @@ pub async fn refresh(
         Err(source) => {
             let e = err(source);
             if !e.is_connection_error() {
-                record_failure(client, view, request, settings, started, &e).await;
+                record_failure(client, view, request, settings, started, &e.message()).await;
             }
             Err(e)
         }
@@ -289,13 +289,15 @@ async fn run_transaction(
     })
 }
 
-async fn record_failure(
+/// Records a failed attempt (`error`: what went wrong) in `refresh_history`, on `client`: the
+/// refresh's own connection after a failed statement, another one after a stall or timeout.
+pub async fn record_failure(
     client: &Client,
     view: &View,
     request: &Request,
     settings: &Settings,
     started: Instant,
-    error: &RefreshError,
+    error: &str,
 ) {
     let age = started.elapsed().as_secs_f64();
     let result = client
@@ -311,7 +313,7 @@ async fn record_failure(
                 &(request.keys.len() as i32),
                 &age,
                 &(started.elapsed().as_secs_f64() * 1000.0),
-                &error.message(),
+                &error,
                 &settings.replica,
             ],
         )

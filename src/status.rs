@@ -36,15 +36,34 @@ pub async fn status(
     client: &impl GenericClient,
     config: &Config,
 ) -> Result<Status, tokio_postgres::Error> {
-    let names: Vec<String> = config
+    let installed: bool = client
+        .query_one(
+            "SELECT to_regprocedure('mvrefresh.view_name(text)') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    // The names the views are recorded under (see `mvrefresh.view_name`).
+    let mut names: Vec<String> = config
         .views
         .iter()
         .map(|v| v.relation().to_string())
         .collect();
-    let installed: bool = client
-        .query_one("SELECT to_regclass('mvrefresh.pending') IS NOT NULL", &[])
-        .await?
-        .get(0);
+    if installed {
+        let quoted: Vec<String> = config.views.iter().map(|v| v.relation().quoted()).collect();
+        let rows = client
+            .query(
+                "SELECT mvrefresh.view_name(q) FROM unnest($1::text[]) WITH ORDINALITY AS u(q, i)
+                 ORDER BY i",
+                &[&quoted],
+            )
+            .await?;
+        for (name, row) in names.iter_mut().zip(rows) {
+            if let Some(n) = row.get::<_, Option<String>>(0) {
+                *name = n;
+            }
+        }
+    }
     let mut views: Vec<ViewStatus> = config
         .views
         .iter()

@@ -43,6 +43,12 @@ pub fn key_from_bytes(bytes: Vec<u8>) -> (String, bool) {
     }
 }
 
+/// A stored key as bytes, in UTF-8 where the database's encoding allows (so a key is read whatever
+/// the client encoding, and an `SQL_ASCII` database's bytes arrive as they are).
+const KEY_BYTES: &str =
+    "CASE WHEN getdatabaseencoding() = 'SQL_ASCII' THEN convert_to(key, 'SQL_ASCII')
+      ELSE convert_to(key, 'UTF8') END";
+
 /// One dirty key taken by a collect.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Collected {
@@ -67,7 +73,8 @@ pub async fn collect(
     let tx = client.transaction().await?;
     let rows = tx
         .query(
-            "WITH taken AS (
+            &format!(
+                "WITH taken AS (
                  DELETE FROM mvrefresh.dirty AS d
                  WHERE d.ctid = ANY (ARRAY(
                      SELECT x.ctid FROM mvrefresh.dirty AS x
@@ -98,9 +105,10 @@ pub async fn collect(
                  WHERE NOT EXISTS (SELECT FROM restamped AS r
                                    WHERE r.view_name = t.view_name AND r.key = t.key)
              )
-             SELECT channel, textsend(key),
+             SELECT channel, {KEY_BYTES},
                     greatest(extract(epoch FROM clock_timestamp() - since), 0)::float8
-             FROM keys",
+             FROM keys"
+            ),
             &[&channels, &limit],
         )
         .await?;
@@ -124,9 +132,24 @@ pub async fn collect(
         .collect())
 }
 
-/// Sets the generation to a new random value no writer can read or guess.
+/// Sets the generation to a new random value no writer can read or guess, even: a daemon is
+/// collecting on its own, writers need not notify.
 const NEW_GENERATION: &str = "SELECT setval('mvrefresh.generation',
-    ('x' || substr(md5(gen_random_uuid()::text), 1, 15))::bit(60)::bigint + 1)";
+    (('x' || substr(md5(gen_random_uuid()::text), 1, 15))::bit(60)::bigint + 2) & ~1::bigint)";
+
+/// Tells writers to notify again when a key turns dirty (the generation made odd: a new random
+/// value, so every session forgets what it remembered). Step one of going idle; the daemon then
+/// waits for a guard to clear and collects once more before it stops collecting on its own.
+pub async fn announce_idle(client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "SELECT setval('mvrefresh.generation',
+                 ('x' || substr(md5(gen_random_uuid()::text), 1, 15))::bit(60)::bigint | 1)",
+            &[],
+        )
+        .await
+        .map(|_| ())
+}
 
 /// What is pending for one view.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -163,7 +186,7 @@ pub async fn read_pending(
     let rows = client
         .query(
             &format!(
-                "SELECT textsend(key), {age} FROM mvrefresh.pending WHERE view_name = $1
+                "SELECT {KEY_BYTES}, {age} FROM mvrefresh.pending WHERE view_name = $1
                  GROUP BY key ORDER BY key LIMIT $2"
             ),
             &[&view, &(limit + 1)],

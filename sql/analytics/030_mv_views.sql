@@ -3,7 +3,7 @@
 -- CONCURRENTLY needs.
 --
 -- They are created WITH NO DATA, so that installing on a large database is quick and holds its
--- locks briefly: the daemon populates an unpopulated view once without CONCURRENTLY (SPEC §2).
+-- locks briefly: the daemon populates an unpopulated view once without CONCURRENTLY.
 -- By hand: REFRESH MATERIALIZED VIEW mv_lane_score_distribution; then the other three (the
 -- weakness patterns read the distribution, so refresh it first).
 --

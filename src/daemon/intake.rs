@@ -1,7 +1,7 @@
 //! What the main loop learns changed, and the hand-over bookkeeping:
 //!
-//! - **collect** (on a notification of a captured channel, after every (re)connect and every
-//!   `catch_up_interval`, at most once per `quiet / 2` unless the last one was full): moves dirty keys into pending keys in bounded chunks ([`store::collect`]) and notes
+//! - **collect** (every `quiet / 2` while it finds keys, else on a notification of a captured
+//!   channel, after every (re)connect and every `catch_up_interval`; see `Collecting`): moves dirty keys into pending keys in bounded chunks ([`store::collect`]) and notes
 //!   them in the subscribed views' debouncers;
 //! - **catch-up** (start-up, reconnect, `catch_up_interval`): reads each view's pending keys,
 //!   one bounded query per view ([`store::read_pending`]), for what another replica or an
@@ -33,9 +33,32 @@ const MAX_GUARDS: usize = 32;
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 const PRUNE_BATCH: i64 = 10_000;
 
+/// Whether the daemon collects on its own (writers then need not notify; see the generation in
+/// `sql/mvrefresh.sql`):
+///
+/// ```text
+///   Polling ──a collect finds nothing (generation made odd: writers notify again)──▶ Quiescing
+///     ▲                                                                                 │
+///     │            a guard taken afterwards clears (every writer that saw the even      │
+///     │            generation has ended), then one more collect:                        │
+///     ├────────────────────────── it finds keys ◀───────────────────────────────────────┤
+///     │                                                                                 ▼
+///     └──── a collect finds keys (generation even) ◀── notification, catch-up ──── Idle (nothing found)
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Collecting {
+    /// Collects every `quiet / 2` whether notified or not.
+    Polling,
+    /// Told writers to notify at `since`; `swept` once the last collect was asked for.
+    Quiescing { since: Instant, swept: bool },
+    /// Collects when notified, and at every catch-up.
+    Idle,
+}
+
 /// The intake's state, owned by the main loop.
 #[derive(Debug)]
 pub(super) struct Intake {
+    collecting: Collecting,
     collect_running: bool,
     collect_wanted: bool,
     last_collect: Option<Instant>,
@@ -58,13 +81,17 @@ pub(super) struct Intake {
 impl Intake {
     /// `quiet` is the shortest debounce of any view. Collecting every `quiet / 2` takes a key
     /// before it is due (its due time counts from when it turned dirty, not from the collect),
-    /// while a key written continuously turns dirty again, notifies and is looked up afresh
-    /// by every writer's session at most twice per `quiet`: what writers pay for the daemon
-    /// running. Guards every `quiet / 5`, so the horizon passes a collected key before it is due.
+    /// while a key written continuously turns dirty again (one row, no notification while the
+    /// daemon polls) and is looked up afresh by each writer's session at most twice per
+    /// `quiet`: what writers pay for the daemon running. Guards every `quiet / 5`, so the
+    /// horizon passes a collected key before it is due.
     pub(super) fn new(quiet: Duration) -> Intake {
         let collect_every = (quiet / 2).clamp(Duration::from_millis(10), Duration::from_secs(2));
         let guard_every = (quiet / 5).clamp(Duration::from_millis(10), Duration::from_millis(500));
         Intake {
+            // Until a collect finds nothing, as if a daemon had been collecting: the first
+            // quiet moment sets the generation's parity right, whatever a crash left.
+            collecting: Collecting::Polling,
             collect_running: false,
             collect_wanted: false,
             last_collect: None,
@@ -97,7 +124,8 @@ impl Daemon {
     /// The next instant the intake has something to start.
     pub(super) fn intake_wake(&self) -> Option<Instant> {
         let i = &self.intake;
-        let collect = (i.collect_wanted && !i.collect_running).then(|| {
+        let wanted = i.collect_wanted || i.collecting == Collecting::Polling;
+        let collect = (wanted && !i.collect_running).then(|| {
             i.last_collect
                 .map_or(Instant::now(), |t| t + i.collect_every)
         });
@@ -110,8 +138,20 @@ impl Daemon {
 
     /// Starts whatever intake work is due.
     pub(super) fn drive_intake(&mut self, now: Instant) {
+        // Quiescing: once a guard taken after writers were told to notify has cleared, the last
+        // collect.
+        if let Collecting::Quiescing {
+            since,
+            swept: false,
+        } = self.intake.collecting
+        {
+            if self.intake.horizon().is_some_and(|h| h > since) {
+                self.intake.collecting = Collecting::Quiescing { since, swept: true };
+                self.intake.collect_wanted = true;
+            }
+        }
         let i = &self.intake;
-        if i.collect_wanted
+        if (i.collect_wanted || i.collecting == Collecting::Polling)
             && !i.collect_running
             && i.last_collect.is_none_or(|t| now >= t + i.collect_every)
         {
@@ -130,9 +170,18 @@ impl Daemon {
         }
     }
 
-    /// Whether some key waits for a horizon newer than the current one.
+    /// Whether some key (or going idle) waits for a horizon newer than the current one.
     fn needs_guard(&self) -> bool {
         let horizon = self.intake.horizon();
+        if let Collecting::Quiescing {
+            since,
+            swept: false,
+        } = self.intake.collecting
+        {
+            if horizon.is_none_or(|h| h <= since) {
+                return true;
+            }
+        }
         self.views
             .iter()
             .any(|v| v.debouncer.waits_for_horizon(horizon))
@@ -152,18 +201,26 @@ impl Daemon {
             .collect();
         self.intake.collect_wanted = false;
         if channels.is_empty() {
+            self.intake.collecting = Collecting::Idle;
             return;
         }
         self.intake.collect_running = true;
         self.intake.last_collect = Some(now);
+        let announce = self.intake.collecting == Collecting::Polling;
         let pool = self.pool.clone();
         let done = self.internal_tx.clone();
         tokio::spawn(async move {
             let result = async {
                 let mut client = pool.get().await.map_err(|e| e.to_string())?;
-                store::collect(&mut client, &channels, COLLECT_CHUNK)
+                let rows = store::collect(&mut client, &channels, COLLECT_CHUNK)
                     .await
-                    .map_err(|e| crate::db::error_text(&e))
+                    .map_err(|e| crate::db::error_text(&e))?;
+                if rows.is_empty() && announce {
+                    store::announce_idle(&**client)
+                        .await
+                        .map_err(|e| crate::db::error_text(&e))?;
+                }
+                Ok(rows)
             }
             .await;
             let _ = done.send(Internal::Collected(result));
@@ -184,8 +241,19 @@ impl Daemon {
             self.intake.collect_wanted = true;
             self.intake.last_collect = None;
         }
-        self.stats.collected_keys.add(rows.len() as u64);
         let now = Instant::now();
+        self.intake.collecting = match (self.intake.collecting, rows.is_empty()) {
+            (_, false) => Collecting::Polling,
+            // Writers were told to notify (the task made the generation odd).
+            (Collecting::Polling, true) => Collecting::Quiescing {
+                since: now,
+                swept: false,
+            },
+            (Collecting::Quiescing { swept: true, .. }, true) => Collecting::Idle,
+            (state, true) => state,
+        };
+        tracing::debug!(keys = rows.len(), state = ?self.intake.collecting, "collected");
+        self.stats.collected_keys.add(rows.len() as u64);
         for row in rows {
             if row.odd {
                 tracing::warn!(

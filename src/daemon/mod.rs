@@ -60,6 +60,7 @@ use crate::telemetry::{Metrics, Telemetry};
 
 mod health;
 mod intake;
+mod isolate;
 mod task;
 
 use task::{refresh_task, retry_delay, TaskError};
@@ -123,6 +124,8 @@ struct InFlight {
 
 struct ViewState {
     debouncer: Debouncer,
+    /// Splitting failed batches and quarantining the key that fails (`incremental`).
+    isolation: isolate::Isolation,
     in_flight: Option<InFlight>,
     retry_at: Option<Instant>,
     failures: u32,
@@ -330,6 +333,7 @@ impl Daemon {
                 }
                 ViewState {
                     debouncer,
+                    isolation: isolate::Isolation::default(),
                     in_flight: None,
                     retry_at: None,
                     failures: 0,
@@ -533,7 +537,7 @@ impl Daemon {
                     Some(t) if t > now => Some(t),
                     _ => v.debouncer.next_due(horizon),
                 };
-                [due, v.next_schedule]
+                [due, v.next_schedule, v.isolation.next_retry()]
             })
             .chain([self.intake_wake()])
             .flatten()
@@ -588,6 +592,9 @@ impl Daemon {
                     continue;
                 }
                 self.views[i].debouncer.take_all()
+            } else if let Some(batch) = self.views[i].isolation.next(now) {
+                // A half of a failed batch, or a quarantined key due for its retry.
+                batch
             } else {
                 // Keys that fall due within a moment of each other (the notifications of one
                 // commit arrive a few microseconds apart) go in one batch.
@@ -603,9 +610,11 @@ impl Daemon {
                     .filter(|k| self.blocked(i, k))
                     .map(str::to_owned)
                     .collect();
-                self.views[i]
-                    .debouncer
-                    .take_due(until, horizon, |k| !blocked.contains(k))
+                let st = &mut self.views[i];
+                let isolation = &st.isolation;
+                st.debouncer.take_due(until, horizon, |k| {
+                    !blocked.contains(k) && !isolation.holds(k)
+                })
             };
             if batch.is_empty() {
                 continue;
@@ -716,6 +725,16 @@ impl Daemon {
                     keys.as_ref().map(Vec::len),
                 );
                 st.last_success = Some(now);
+                for key in st.isolation.succeeded(&batch) {
+                    tracing::info!(view = %name, key = %key, "a quarantined key refreshed again");
+                    let released = Event::new(
+                        Kind::RefreshRecovered,
+                        format!("key:{name}:{key}"),
+                        format!("refresh of {name} for key {key} succeeded again"),
+                    )
+                    .view(&name);
+                    self.alerts.send_opt(self.tracker.recover(released));
+                }
                 if st.failures > 0 {
                     tracing::info!(view = %name, after_failures = st.failures, "refresh recovered");
                 }
@@ -782,6 +801,40 @@ impl Daemon {
             Err(e) => {
                 self.stats.refreshes_failed.inc();
                 self.metrics.refresh(&name, "failure", None, None);
+                let statement_error =
+                    matches!(&e, TaskError::Refresh(r) if !r.is_connection_error());
+                let batch = if statement_error && !self.plan.views[i].mode().is_whole_view() {
+                    let (min, max) = (self.config.refresh.retry_min, self.config.refresh.retry_max);
+                    match st
+                        .isolation
+                        .failed(batch, now, |n| retry_delay(min, max, n))
+                    {
+                        isolate::Verdict::Split => {
+                            tracing::warn!(view = %name, error = %e, "refresh of several keys failed: refreshing them in halves to isolate the key that fails");
+                            return;
+                        }
+                        isolate::Verdict::Quarantined { key, first } => {
+                            tracing::error!(view = %name, key = %key, error = %e, "a key makes the refresh fail: quarantined, retried alone with backoff; the other keys keep refreshing");
+                            let event = Event::new(
+                                Kind::RefreshFailed,
+                                format!("key:{name}:{key}"),
+                                format!("refresh of {name} fails for key {key}: the key is quarantined (retried alone with backoff); other keys keep refreshing"),
+                            )
+                            .view(&name)
+                            .error(e.to_string())
+                            .detail("key", key.clone())
+                            .detail("first", first);
+                            match self.tracker.fail(event, now) {
+                                Some(alert) => self.alerts.send(alert),
+                                None => self.stats.alerts_suppressed.inc(),
+                            }
+                            return;
+                        }
+                        isolate::Verdict::ViewFails(batch) => batch,
+                    }
+                } else {
+                    batch
+                };
                 st.debouncer.restore(batch);
                 st.failures += 1;
                 let threshold = self.config.alert.circuit_failures;

@@ -62,6 +62,7 @@ pub(super) async fn refresh_task(
             return Err(TaskError::Stalled("no answer to the first query".into()));
         }
     };
+    let started = std::time::Instant::now();
     let limit = settings.timeout + settings.lock_timeout + Duration::from_secs(10);
     let deadline = tokio::time::Instant::now() + limit;
     let mut probe = tokio::time::interval(liveness.heartbeat_interval);
@@ -82,14 +83,22 @@ pub(super) async fn refresh_task(
             }
         }
     };
-    if matches!(verdict, Err(TaskError::Timeout(_) | TaskError::Stalled(_))) {
+    if let Err(e @ (TaskError::Timeout(_) | TaskError::Stalled(_))) = &verdict {
         // The backend may be idle in its transaction, holding the view's lock and the consumed
-        // change-log rows until the server notices the client is gone (hours, with default
+        // pending rows until the server notices the client is gone (hours, with default
         // keepalives): end it, which rolls the refresh back. Cancel as a fallback.
         if !terminate_backend(pool, pid, liveness.heartbeat_timeout).await {
             let _ = db.canceller(&client).cancel().await;
         }
         let _ = deadpool_postgres::Object::take(client);
+        // Every attempt has its history row, this one too (from another connection).
+        let record = async {
+            if let Ok(other) = pool.get().await {
+                refresh::record_failure(&other, view, request, settings, started, &e.to_string())
+                    .await;
+            }
+        };
+        let _ = tokio::time::timeout(liveness.heartbeat_timeout, record).await;
     }
     verdict
 }

@@ -355,3 +355,121 @@ async fn uninstall_removes_only_this_databases_pg_cron_jobs() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capture_name_of_the_longest_length_keeps_every_trigger() {
+    let db = Cluster::shared().create_db().await;
+    let c = db.client().await;
+    c.batch_execute(harness::SCHEMA).await.unwrap();
+    let name = "c".repeat(mvrefresh::install::MAX_CAPTURE_NAME);
+    let config = harness::config(
+        &db.url,
+        &format!(
+            "{}{}",
+            harness::CAPTURE.replace("name = \"submissions\"", &format!("name = \"{name}\"")),
+            harness::VIEW_COUNTS
+        ),
+    );
+    harness::install(&config).await;
+    harness::install(&config).await;
+    let triggers: Vec<String> = c
+        .query(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'submissions'::regclass ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        triggers,
+        [
+            format!("mvrefresh_capture_{name}"),
+            format!("mvrefresh_capture_{name}_truncate")
+        ]
+    );
+    harness::take_dirty(&c, None).await;
+    c.batch_execute("TRUNCATE submissions").await.unwrap();
+    assert_eq!(logged(&c).await, ["*"]);
+    let report = mvrefresh::status::check(&c, &config, "test").await.unwrap();
+    let texts: Vec<&str> = report.iter().map(|l| l.text.as_str()).collect();
+    assert!(
+        report.iter().any(|l| l.ok
+            && l.text.contains(&format!(
+                "capture {name} on submissions installed and current"
+            ))),
+        "{texts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_config_leaves_the_first_ones_pipeline_alone() {
+    let (db, c, first) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
+    // The first pipeline has changes pending.
+    harness::score(&c, 4, 1).await;
+    let daemon = harness::Daemon::start(first.clone());
+    harness::wait_for("the first pipeline's change collected", || async {
+        c.query_one(
+            "SELECT NOT EXISTS (SELECT FROM mvrefresh.dirty)
+                AND EXISTS (SELECT FROM mvrefresh.pending WHERE key = '4')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, bool>(0)
+            || harness::counts_fresh(&c).await
+    })
+    .await;
+    daemon.stop().await;
+    // Another pipeline in the same database: its own table, capture, channel and view.
+    c.batch_execute(
+        "CREATE TABLE runs (id int PRIMARY KEY, done boolean);
+         CREATE MATERIALIZED VIEW mv_runs AS SELECT count(*) AS n FROM runs WHERE done;
+         CREATE UNIQUE INDEX ON mv_runs (n);",
+    )
+    .await
+    .unwrap();
+    let second = harness::config(
+        &db.url,
+        r#"
+[[capture]]
+name = "runs"
+table = "runs"
+channel = "run_done"
+key = "id"
+when = "done"
+[[view]]
+name = "mv_runs"
+mode = "concurrently"
+channels = ["run_done"]
+"#,
+    );
+    let before = fingerprint(&c).await;
+    harness::install(&second).await;
+    let after = fingerprint(&c).await;
+    for line in before.lines().filter(|l| {
+        l.starts_with("trigger submissions")
+            || l.starts_with("sub ")
+            || l.starts_with("pending ")
+            || l.starts_with("capture submissions")
+    }) {
+        assert!(after.contains(line), "lost: {line}\n{after}");
+    }
+    assert!(after.contains("capture runs"), "{after}");
+    // The first pipeline's daemon still finds everything it had.
+    let daemon = harness::Daemon::start(first);
+    harness::wait_for("the first pipeline refreshed", || async {
+        harness::counts_fresh(&c).await && harness::pending(&c, "mv_counts").await == 0
+    })
+    .await;
+    daemon.stop().await;
+    let report = mvrefresh::status::check(&c, &second, "test").await.unwrap();
+    let texts: Vec<&str> = report.iter().map(|l| l.text.as_str()).collect();
+    assert!(
+        texts
+            .iter()
+            .any(|l| l.contains("installed but not in this config: capture submissions")),
+        "{texts:?}"
+    );
+}

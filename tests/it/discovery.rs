@@ -1,4 +1,4 @@
-//! The second pipeline (SPEC §4): the discovery service's five views, driven by the same binary
+//! The second pipeline: the discovery service's five views, driven by the same binary
 //! with nothing but `examples/discovery/` (schema, views, config). Only a run's completion
 //! refreshes the views; every view must equal a direct query over the base tables once the
 //! refresh that covers a change is done.

@@ -719,8 +719,12 @@ pub async fn take_dirty(client: &Client, channel: Option<&str>) -> Vec<String> {
         )
         .await
         .unwrap();
+    // A new generation, odd: writers notify (as when no daemon collects on its own).
     client
-        .execute("SELECT nextval('mvrefresh.generation')", &[])
+        .execute(
+            "SELECT setval('mvrefresh.generation', nextval('mvrefresh.generation') | 1)",
+            &[],
+        )
         .await
         .unwrap();
     rows.iter().map(|r| r.get(0)).collect()

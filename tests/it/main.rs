@@ -4,6 +4,7 @@
 mod admin;
 mod alerts;
 mod analytics;
+mod bounded;
 mod capture;
 mod cli;
 mod daemon;
@@ -12,6 +13,7 @@ mod discovery;
 mod faults;
 mod handover;
 mod harness;
+mod hostile;
 mod observe;
 mod proxy;
 mod replicas;
