@@ -60,35 +60,12 @@ def main(path):
           f"| {s(cpu)} | {s(hwm / 1024 if hwm else None, 1)} |")
     p("")
 
-    pg = r["pgbench"]
-    runs = pg["runs"]
-    p(f"**Write overhead**, pgbench, {pg['clients']} clients, {du['pgbench_run_s']} s per run, "
-      f"{du['pgbench_rounds']} rounds interleaved (none, seed, capture, none, …); median TPS. "
-      f"`rescore`: one UPDATE of a scored submission's status/final_lane_scores/composite_score; "
-      f"`score`: a transaction that sets it back to pending then scores it (the seed's trigger notifies). "
-      f"Capture = `mvrefresh install` with the shipped config.toml ({pg['subscriptions']} subscribed views). "
-      f"`synchronous_commit = off`, so the trigger's CPU cost is not hidden behind WAL flushes. "
-      f"No daemon runs during pgbench; the change log is emptied before each run (a daemon would keep it short).")
-    p("")
-    p("| workload | trigger | median TPS | ratio to no trigger | overhead | runs |")
-    p("|---|---|--:|--:|--:|---|")
-    med = {}
-    for wl in ("rescore", "score"):
-        for trig in ("none", "seed", "capture", "capture_1view", "capture_1view_nonotify"):
-            tps = [x["tps"] for x in runs if x["workload"] == wl and x["trigger"] == trig and x["tps"] is not None]
-            med[(wl, trig)] = statistics.median(tps) if tps else None
-        for trig, name in (("none", "no trigger"), ("seed", "seed per-row trigger"),
-                           ("capture", f"mvrefresh capture ({pg['subscriptions']} views subscribed)"),
-                           ("capture_1view", "mvrefresh capture (1 view subscribed, run after)"),
-                           ("capture_1view_nonotify", "diagnostic: capture, 1 view, record_changes without pg_notify")):
-            if not any(x["workload"] == wl and x["trigger"] == trig for x in runs):
-                continue
-            v, base = med[(wl, trig)], med[(wl, "none")]
-            ratio = v / base if v and base else None
-            tps = [x["tps"] for x in runs if x["workload"] == wl and x["trigger"] == trig]
-            p(f"| {wl} | {name} | {s(v, 0)} | {s(ratio, 3)} | {s((1 - ratio) * 100 if ratio else None, 1)}% "
-              f"| {', '.join(s(t, 0) for t in tps)} |")
-    p("")
+    if "pgbench" in r:  # results of earlier versions of this script
+        p("Write overhead: see the JSON (measured by this script in earlier versions).")
+        p("")
+    else:
+        p("What the capture costs writers is measured by `bench/write-overhead` (its own run).")
+        p("")
 
     fl = r.get("flood") or {}
     if fl:
@@ -130,14 +107,6 @@ def main(path):
         v = t.get("lag_p99_s")
         p(f"| tuned concurrently p99 ≤ max_wait + 2 full refreshes | {SCENARIOS[sc]} | {target:.1f} s | {s(v)} s "
           f"| {yn(None if v is None else v <= target and not t.get('not_visible'))} |")
-    for wl in ("rescore", "score"):
-        v, base = med[(wl, "capture")], med[(wl, "none")]
-        if v and base:
-            o = (1 - v / base) * 100
-            p(f"| capture overhead ≤ 5% of TPS | pgbench {wl} | 5% | {o:.1f}% | {yn(o <= 5)} |")
-        v1 = med.get((wl, "capture_1view"))
-        if v1 and base:
-            p(f"| (same, 1 view subscribed) | pgbench {wl} | 5% | {(1 - v1 / base) * 100:.1f}% | {yn((1 - v1 / base) * 100 <= 5)} |")
     hwm = [x["daemon_vmhwm_kb"] for x in r["lag"] if x.get("daemon_vmhwm_kb")]
     if fl:
         hwm.append(fl["vmhwm_kb"])
