@@ -18,6 +18,7 @@
 //! | `mvrefresh_listener_reconnects_total` | counter | | reconnections of the LISTEN connection |
 //! | `mvrefresh_heartbeat_latency_seconds` | gauge | | the last heartbeat's round trip |
 //! | `mvrefresh_catch_ups_total` | counter | | reads of the change log |
+//! | `mvrefresh_collected_keys_total` | counter | | dirty keys taken from the capture (one per key and collect, whatever the rows written) |
 //! | `mvrefresh_alerts_sent_total`, `_failed_total`, `_dropped_total` | counter | | alert deliveries |
 //! | `mvrefresh_pg_cron_failed_runs_total` | counter | | failed pg_cron runs seen |
 //! | `mvrefresh_http_connections` | gauge | | connections open to the admin server |
@@ -303,6 +304,11 @@ fn instruments(meter: &Meter, stats: Arc<Stats>) -> Metrics {
     counter("mvrefresh.catch_ups", "Reads of the change log", |s| {
         s.catch_ups.get()
     });
+    counter(
+        "mvrefresh.collected_keys",
+        "Dirty keys taken from the capture",
+        |s| s.collected_keys.get(),
+    );
     counter(
         "mvrefresh.alerts.sent",
         "Alerts delivered to the webhook",

@@ -147,8 +147,20 @@ async fn a_refresh_whose_connection_freezes_is_abandoned_and_redone() {
         .get::<_, bool>(0)
     })
     .await;
-    // The frozen refresh was given up (not waited out for 5 minutes), then redone.
+    // The frozen refresh was given up (not waited out for 5 minutes), then redone; its attempt
+    // has a history row like any other.
     assert!(daemon.stats.refreshes_failed.get() >= 1);
+    let failures: i64 = c
+        .query_one(
+            "SELECT count(*) FROM mvrefresh.refresh_history
+             WHERE view_name = 'mv_slow' AND outcome = 'failure'
+               AND error LIKE 'the connection stopped answering%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(failures >= 1, "no history row for the abandoned refresh");
     daemon.stop().await;
 }
 

@@ -95,6 +95,11 @@ async fn metrics_move_with_notifications_refreshes_and_reconnects() {
         &[("channel", "submission_scored")],
     );
     assert!(received.unwrap_or(0.0) >= 1.0, "{text}");
+    // Keys 1 and 2 were taken from the capture (once each, or more if scored across collects).
+    assert!(
+        metric(&text, "mvrefresh_collected_keys_total", &[]).unwrap_or(0.0) >= 2.0,
+        "{text}"
+    );
     assert_eq!(
         metric(&text, "mvrefresh_listener_connected", &[]),
         Some(1.0)
