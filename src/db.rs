@@ -19,6 +19,10 @@ pub type DbConnection = Connection<Socket, TlsStream>;
 /// `statement_timeout` of pooled connections outside refreshes.
 pub const BOOKKEEPING_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often a backend of the pool checks, while running a query, that the daemon is still
+/// connected (`client_connection_check_interval`, PostgreSQL 14+).
+pub const CLIENT_CHECK: Duration = Duration::from_secs(1);
+
 /// Advisory-lock namespace (first key of the two-key form): "mvrf".
 pub const LOCK_NAMESPACE: i32 = 0x6d76_7266;
 
@@ -216,9 +220,16 @@ impl Db {
     /// The refresh pool: every wait bounded (the pool's defaults are "forever").
     pub fn pool(&self, size: usize) -> Pool {
         // Bookkeeping statements (collects, reads, status) end server-side after this, even when
-        // the daemon gave up on them earlier; a refresh sets its own (`SET LOCAL`).
+        // the daemon gave up on them earlier; a refresh sets its own (`SET LOCAL`). And a query
+        // whose client is gone (a dropped connection, a daemon that stopped) ends within
+        // CLIENT_CHECK, even while it waits for a lock or runs a long REFRESH, instead of
+        // holding its locks until it would have tried to answer.
         let mut config = self.config.clone();
-        let timeout = format!("-c statement_timeout={}", BOOKKEEPING_TIMEOUT.as_millis());
+        let timeout = format!(
+            "-c statement_timeout={} -c client_connection_check_interval={}",
+            BOOKKEEPING_TIMEOUT.as_millis(),
+            CLIENT_CHECK.as_millis()
+        );
         let options = match config.get_options() {
             Some(o) if !o.is_empty() => format!("{o} {timeout}"),
             _ => timeout,

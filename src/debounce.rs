@@ -13,9 +13,11 @@
 //! (refreshed on time, its rows consumed by a later refresh). A **parked** key was refreshed
 //! already and waits only for the horizon.
 //!
+//! A whole-view mode keeps its keys one by one too, and is refreshed as soon as any of them is
+//! ready: a steady stream on some keys never holds back another key that went quiet.
+//!
 //! Bounded: at most `cap` keys are kept; one more turns the set into the single key [`ALL`]
-//! (everything), which is what a whole-view mode keeps anyway. A batch holds at most `batch`
-//! keys; the rest stay ready for the next one.
+//! (everything). A batch holds at most `batch` keys; the rest stay ready for the next one.
 //!
 //! The debouncer is plain data driven by the caller's clock (`Instant`s passed in), so its
 //! behaviour is tested without sleeping.
@@ -91,8 +93,6 @@ pub struct Limits {
     pub batch: usize,
     /// How long a due key waits for the horizon before it is refreshed anyway.
     pub patience: Duration,
-    /// The view is refreshed whole: every key is kept as [`ALL`].
-    pub whole: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -119,7 +119,6 @@ impl Debouncer {
 
     /// Records `p` for `key` (merged with what is pending for it).
     pub fn add(&mut self, key: &str, p: Pending) {
-        let key = if self.limits.whole { ALL } else { key };
         if let Some(existing) = self.pending.get_mut(key) {
             existing.merge(p);
             return;
@@ -288,7 +287,6 @@ mod tests {
             cap: 100,
             batch: 100,
             patience: Duration::from_millis(1000),
-            whole: false,
         }
     }
 
@@ -480,20 +478,18 @@ mod tests {
     }
 
     #[test]
-    fn a_whole_view_keeps_one_entry() {
+    fn a_key_gone_quiet_is_due_whatever_a_stream_on_other_keys_does() {
+        // A whole-view mode refreshes when any key is due: a steady stream spread over other
+        // keys (each written once) must not keep the view waiting for `max_wait`.
         let t0 = Instant::now();
-        let mut deb = with(
-            100,
-            1000,
-            Limits {
-                whole: true,
-                ..limits()
-            },
-        );
-        deb.note("a", t0 + ms(5), true);
-        deb.note("b", t0, false);
-        assert_eq!(deb.len(), 1);
-        assert!(deb.contains(ALL));
-        assert_eq!(deb.oldest(), Some(t0));
+        let mut deb = with(100, 60_000, limits());
+        deb.note("a", t0, false);
+        for i in 1..20u64 {
+            deb.note(&format!("k{i}"), t0 + ms(10 * i), false);
+        }
+        assert_eq!(deb.len(), 20);
+        assert!(!deb.any_due(t0 + ms(99), Some(t0 + ms(1000))));
+        assert!(deb.any_due(t0 + ms(100), Some(t0 + ms(1000))));
+        assert_eq!(deb.take_all().len(), 20);
     }
 }

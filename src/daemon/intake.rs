@@ -209,7 +209,7 @@ impl Daemon {
         let announce = self.intake.collecting == Collecting::Polling;
         let pool = self.pool.clone();
         let done = self.internal_tx.clone();
-        tokio::spawn(async move {
+        self.spawn_step(async move {
             let result = async {
                 let mut client = pool.get().await.map_err(|e| e.to_string())?;
                 let rows = store::collect(&mut client, &channels, COLLECT_CHUNK)
@@ -284,7 +284,7 @@ impl Daemon {
             .collect();
         let pool = self.pool.clone();
         let done = self.internal_tx.clone();
-        tokio::spawn(async move {
+        self.spawn_step(async move {
             let result = async {
                 let client = pool.get().await.map_err(|e| e.to_string())?;
                 let refs: Vec<(i64, &Guard)> = waiting.iter().map(|(id, g)| (*id, g)).collect();
@@ -353,7 +353,7 @@ impl Daemon {
             .collect();
         let limit = self.config.refresh.max_pending_keys as i64;
         let stats = self.stats.clone();
-        tokio::spawn(async move {
+        self.spawn_step(async move {
             let result = async {
                 let client = pool.get().await.map_err(|e| e.to_string())?;
                 for (i, (name, whole)) in views.iter().enumerate() {
@@ -408,7 +408,7 @@ impl Daemon {
         let pool = self.pool.clone();
         let done = self.internal_tx.clone();
         let retention = self.config.refresh.history_retention;
-        tokio::spawn(async move {
+        self.spawn_step(async move {
             let result = async {
                 let client = pool.get().await.map_err(|e| e.to_string())?;
                 let mut total = 0;

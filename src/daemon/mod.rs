@@ -296,6 +296,8 @@ struct Daemon {
     tracker: Tracker,
     /// Since when the listener is down, and why.
     listener_down: Option<(Instant, String)>,
+    /// Cancelled at shutdown: ends the database steps still running (see [`Self::spawn_step`]).
+    steps: CancellationToken,
 }
 
 impl Daemon {
@@ -323,7 +325,6 @@ impl Daemon {
                     cap: config.refresh.max_pending_keys,
                     batch: config.refresh.batch_keys,
                     patience: HORIZON_PATIENCE,
-                    whole: v.mode().is_whole_view(),
                 };
                 let mut debouncer = Debouncer::new(v.config.debounce(config.debounce), limits);
                 let mut reason = None;
@@ -392,6 +393,7 @@ impl Daemon {
             alerts,
             tracker,
             listener_down: None,
+            steps: CancellationToken::new(),
         }
     }
 
@@ -469,6 +471,7 @@ impl Daemon {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         self.stats.ready.set(false);
         cancel_intake.cancel();
+        self.steps.cancel();
         let deadline = Instant::now() + self.config.refresh.shutdown_deadline;
         while self.views.iter().any(|v| v.in_flight.is_some()) {
             tokio::select! {
@@ -970,4 +973,19 @@ async fn sleep_until(at: Option<Instant>) {
 /// Half the systemd watchdog period, when the service manager asked for one.
 fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled().map(|period| period / 2)
+}
+
+impl Daemon {
+    /// Runs one database step (a collect, a catch-up, a pruning) in a task of its own, so the
+    /// main loop never waits on a query. At shutdown the step is dropped with its connection,
+    /// whose backend then ends too (`client_connection_check_interval` on pooled connections).
+    pub(super) fn spawn_step(&self, step: impl Future<Output = ()> + Send + 'static) {
+        let stop = self.steps.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = step => {}
+            }
+        });
+    }
 }

@@ -2,7 +2,8 @@
 //! a reconnect and nothing is lost; a backlog larger than `max_pending_keys` is refreshed whole
 //! with a bounded key set in memory; `/status` under load holds no more connections than the
 //! pool; a key that makes a refresh fail is isolated while the others are refreshed; two ways of
-//! naming one view are one view.
+//! naming one view are one view; a daemon whose bookkeeping queries are stuck still stops, and
+//! their backends end with it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -308,4 +309,53 @@ async fn a_view_named_two_ways_is_one_view() {
     assert_eq!(names, ["mv_counts"]);
     a.stop().await;
     b.stop().await;
+}
+
+/// Backends of the daemon waiting for a lock.
+async fn daemon_backends_waiting_on_a_lock(c: &Client) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name LIKE 'mvrefresh%'
+           AND wait_event_type = 'Lock'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_whose_queries_are_stuck_stops_and_its_backends_end() {
+    let (db, c, config) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
+    let daemon = Daemon::start(config);
+    daemon.wait_listening().await;
+    harness::wait_for("the initial refresh", || async {
+        harness::refreshes(&c, "mv_counts").await >= 1
+    })
+    .await;
+    // Every collect and catch-up now waits for this lock, for as long as the test holds it.
+    let mut locker = harness::connect(&db.url).await;
+    let tx = locker.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE mvrefresh.dirty, mvrefresh.pending IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    harness::wait_for("a query of the daemon waiting for the lock", || async {
+        daemon_backends_waiting_on_a_lock(&c).await >= 1
+    })
+    .await;
+    // The main loop never waits on a query: the daemon stops with the lock still held (`stop`
+    // fails the test if it does not) ...
+    daemon.stop().await;
+    // ... and the server notices that the stuck queries' client is gone (within
+    // `client_connection_check_interval`), well before their statement timeout would end them:
+    // the deadline tells the two causes apart, it does not time the daemon.
+    let deadline = tokio::time::Instant::now() + mvrefresh::db::BOOKKEEPING_TIMEOUT / 2;
+    while daemon_backends_waiting_on_a_lock(&c).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the daemon's stuck backends outlived it (ended only by their statement timeout)"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tx.rollback().await.unwrap();
 }

@@ -80,6 +80,52 @@ async fn steady_stream_refreshes_at_least_every_max_wait() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_view_is_refreshed_when_one_key_goes_quiet_while_others_keep_coming() {
+    let (db, c, _) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
+    // quiet 300ms, max_wait 1h (the seed listener's way): only a key going quiet can trigger a
+    // refresh. Key 1000 is written once; then a new key every 50 ms, for as long as it takes:
+    // the stream never goes quiet as a whole, key 1000 does.
+    let config = harness::config(
+        &db.url,
+        &format!(
+            "{}{}quiet = \"300ms\"\nmax_wait = \"1h\"\n",
+            harness::CAPTURE,
+            harness::VIEW_COUNTS
+        ),
+    );
+    let daemon = Daemon::start(config);
+    daemon.wait_listening().await;
+    wait_refreshed(&c, "mv_counts", 1).await;
+    harness::score(&c, 1000, 1).await;
+    let stream = {
+        let w = harness::connect(&db.url).await;
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_millis(50));
+            for key in 2000.. {
+                ticker.tick().await;
+                harness::score(&w, key, 1).await;
+            }
+        })
+    };
+    harness::wait_for(
+        "mv_counts to show key 1000 while the stream goes on",
+        || async {
+            c.query_one(
+                "SELECT EXISTS (SELECT FROM mv_counts WHERE challenge_id = 1000)",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+        },
+    )
+    .await;
+    assert!(!stream.is_finished(), "the stream stopped");
+    stream.abort();
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_made_while_stopped_are_refreshed_at_start() {
     let (db, c, config) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
     let daemon = Daemon::start(config.clone());
