@@ -257,21 +257,7 @@ impl Plan {
             }
         }
         // Each view's name as recorded: the relation the catalog resolved, however configured.
-        let quoted: Vec<String> = config.views.iter().map(|v| v.relation().quoted()).collect();
-        let names: Vec<String> = client
-            .query(
-                "SELECT mvrefresh.view_name(q) FROM unnest($1::text[]) WITH ORDINALITY AS u(q, i)
-                 ORDER BY i",
-                &[&quoted],
-            )
-            .await?
-            .iter()
-            .zip(&config.views)
-            .map(|(r, v)| {
-                r.get::<_, Option<String>>(0)
-                    .unwrap_or_else(|| v.relation().to_string())
-            })
-            .collect();
+        let names = crate::store::recorded_names(client, &config.views).await?;
         for (i, name) in names.iter().enumerate() {
             if let Some(j) = names[..i].iter().position(|n| n == name) {
                 problems.push(Problem {

@@ -44,26 +44,15 @@ pub async fn status(
         .await?
         .get(0);
     // The names the views are recorded under (see `mvrefresh.view_name`).
-    let mut names: Vec<String> = config
-        .views
-        .iter()
-        .map(|v| v.relation().to_string())
-        .collect();
-    if installed {
-        let quoted: Vec<String> = config.views.iter().map(|v| v.relation().quoted()).collect();
-        let rows = client
-            .query(
-                "SELECT mvrefresh.view_name(q) FROM unnest($1::text[]) WITH ORDINALITY AS u(q, i)
-                 ORDER BY i",
-                &[&quoted],
-            )
-            .await?;
-        for (name, row) in names.iter_mut().zip(rows) {
-            if let Some(n) = row.get::<_, Option<String>>(0) {
-                *name = n;
-            }
-        }
-    }
+    let names: Vec<String> = if installed {
+        crate::store::recorded_names(client, &config.views).await?
+    } else {
+        config
+            .views
+            .iter()
+            .map(|v| v.relation().to_string())
+            .collect()
+    };
     let mut views: Vec<ViewStatus> = config
         .views
         .iter()

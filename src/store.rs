@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use tokio_postgres::{Client, GenericClient};
 
+use crate::config::ViewConfig;
 use crate::debounce::ALL;
 
 /// A key as stored: text that may not be UTF-8 (a `SQL_ASCII` database). Such a key cannot be
@@ -115,7 +116,7 @@ pub async fn collect(
     if !rows.is_empty() {
         // After the delete, before the commit: every session forgets the keys it remembered as
         // dirty (see `mark` in sql/mvrefresh.sql).
-        tx.execute(NEW_GENERATION, &[]).await?;
+        new_generation(&tx, false).await?;
     }
     tx.commit().await?;
     Ok(rows
@@ -132,23 +133,54 @@ pub async fn collect(
         .collect())
 }
 
-/// Sets the generation to a new random value no writer can read or guess, even: a daemon is
-/// collecting on its own, writers need not notify.
-const NEW_GENERATION: &str = "SELECT setval('mvrefresh.generation',
-    (('x' || substr(md5(gen_random_uuid()::text), 1, 15))::bit(60)::bigint + 2) & ~1::bigint)";
-
-/// Tells writers to notify again when a key turns dirty (the generation made odd: a new random
-/// value, so every session forgets what it remembered). Step one of going idle; the daemon then
-/// waits for a guard to clear and collects once more before it stops collecting on its own.
-pub async fn announce_idle(client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
+/// Sets the generation to a new random value no writer can read or guess (so every session
+/// forgets what it remembered), never below 2, with its lowest bit set when writers must notify
+/// again.
+async fn new_generation(
+    client: &impl GenericClient,
+    notify: bool,
+) -> Result<(), tokio_postgres::Error> {
     client
         .execute(
             "SELECT setval('mvrefresh.generation',
-                 ('x' || substr(md5(gen_random_uuid()::text), 1, 15))::bit(60)::bigint | 1)",
-            &[],
+                 (('x' || substr(md5(gen_random_uuid()::text), 1, 15))::bit(60)::bigint + 2)
+                 & ~1::bigint | $1::bigint)",
+            &[&i64::from(notify)],
         )
         .await
         .map(|_| ())
+}
+
+/// Tells writers to notify again when a key turns dirty (the generation made odd). Step one of
+/// going idle; the daemon then waits for a guard to clear and collects once more before it
+/// stops collecting on its own.
+pub async fn announce_idle(client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
+    new_generation(client, true).await
+}
+
+/// The names `views` are recorded under (subscriptions, pending keys, history; see
+/// `mvrefresh.view_name`), in their order; a view the catalog does not know keeps its configured
+/// spelling.
+pub async fn recorded_names(
+    client: &impl GenericClient,
+    views: &[ViewConfig],
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let quoted: Vec<String> = views.iter().map(|v| v.relation().quoted()).collect();
+    let rows = client
+        .query(
+            "SELECT mvrefresh.view_name(q) FROM unnest($1::text[]) WITH ORDINALITY AS u(q, i)
+             ORDER BY i",
+            &[&quoted],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .zip(views)
+        .map(|(r, v)| {
+            r.get::<_, Option<String>>(0)
+                .unwrap_or_else(|| v.relation().to_string())
+        })
+        .collect())
 }
 
 /// What is pending for one view.

@@ -17,6 +17,7 @@
 //! bounded result at a time, so the loop (and the watchdog it feeds) never waits on a query.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use super::{Daemon, Internal};
@@ -121,6 +122,19 @@ impl Intake {
 }
 
 impl Daemon {
+    /// Runs one database step (a collect, a catch-up, a pruning) in a task of its own, so the
+    /// main loop never waits on a query. At shutdown the step is dropped with its connection,
+    /// whose backend then ends too (`client_connection_check_interval` on pooled connections).
+    fn spawn_step(&self, step: impl Future<Output = ()> + Send + 'static) {
+        let stop = self.steps.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = step => {}
+            }
+        });
+    }
+
     /// The next instant the intake has something to start.
     pub(super) fn intake_wake(&self) -> Option<Instant> {
         let i = &self.intake;

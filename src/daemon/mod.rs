@@ -296,7 +296,7 @@ struct Daemon {
     tracker: Tracker,
     /// Since when the listener is down, and why.
     listener_down: Option<(Instant, String)>,
-    /// Cancelled at shutdown: ends the database steps still running (see [`Self::spawn_step`]).
+    /// Cancelled at shutdown: ends the database steps still running (see `spawn_step`).
     steps: CancellationToken,
 }
 
@@ -973,19 +973,4 @@ async fn sleep_until(at: Option<Instant>) {
 /// Half the systemd watchdog period, when the service manager asked for one.
 fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled().map(|period| period / 2)
-}
-
-impl Daemon {
-    /// Runs one database step (a collect, a catch-up, a pruning) in a task of its own, so the
-    /// main loop never waits on a query. At shutdown the step is dropped with its connection,
-    /// whose backend then ends too (`client_connection_check_interval` on pooled connections).
-    pub(super) fn spawn_step(&self, step: impl Future<Output = ()> + Send + 'static) {
-        let stop = self.steps.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = stop.cancelled() => {}
-                () = step => {}
-            }
-        });
-    }
 }

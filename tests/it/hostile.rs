@@ -7,6 +7,19 @@ use tokio_postgres::Client;
 
 use crate::harness::{self, Cluster, TestDb};
 
+/// A table `docs` captured by `tenant`, and `mv_docs` refreshed from it.
+const DOCS: &str = r#"
+[[capture]]
+name = "docs"
+table = "docs"
+channel = "docs_changed"
+key = "tenant"
+[[view]]
+name = "mv_docs"
+mode = "concurrently"
+channels = ["docs_changed"]
+"#;
+
 /// A role that may log in and write `submissions`, connected to `db`.
 async fn writer(db: &TestDb, admin: &Client) -> Client {
     let role = format!("writer_{}", harness::unique());
@@ -146,20 +159,7 @@ async fn a_key_too_long_for_an_index_marks_everything_and_never_fails_the_writer
     )
     .await
     .unwrap();
-    let config = harness::config(
-        &db.url,
-        r#"
-[[capture]]
-name = "docs"
-table = "docs"
-channel = "docs_changed"
-key = "tenant"
-[[view]]
-name = "mv_docs"
-mode = "concurrently"
-channels = ["docs_changed"]
-"#,
-    );
+    let config = harness::config(&db.url, DOCS);
     harness::install(&config).await;
     harness::take_dirty(&c, None).await;
     // A key of 3,000 random characters: far beyond what a btree index entry may hold.
@@ -289,20 +289,7 @@ async fn a_key_that_is_not_utf8_refreshes_its_views_whole() {
     )
     .await
     .unwrap();
-    let config = harness::config(
-        &url,
-        r#"
-[[capture]]
-name = "docs"
-table = "docs"
-channel = "docs_changed"
-key = "tenant"
-[[view]]
-name = "mv_docs"
-mode = "concurrently"
-channels = ["docs_changed"]
-"#,
-    );
+    let config = harness::config(&url, DOCS);
     harness::install(&config).await;
     let daemon = harness::Daemon::start(config);
     daemon.wait_listening().await;
