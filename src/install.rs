@@ -14,7 +14,7 @@
 //! one inlined SQL expression whether there is anything to do: the row is relevant (`when`) and
 //! its key is one the writer's session remembers as dirty under the current generation (see
 //! `sql/mvrefresh.sql`), before and after the change. Only when not does it call
-//! `mvrefresh.mark` with the row's keys: the old key and the new one when a row moves or stops
+//! `mvrefresh.mark_keys` with the row's keys: the old key and the new one when a row moves or stops
 //! being relevant, the new one when it is inserted or changed, the old one when it is deleted.
 //! An update that sets a captured column to the value it had still marks its key (a refresh
 //! that changes nothing): comparing every captured value on every row costs writers more than
@@ -233,10 +233,13 @@ pub fn capture_sql(c: &CaptureConfig) -> String {
     // of a relevant row not remembered) takes the slow path. Each is kept small: PL/pgSQL sets
     // an expression up again in every transaction, at a cost that grows with its size (about
     // half a microsecond per function in it), so the common case pays for one only.
+    // The setting's name and the remembered entry are built by format() (one call where
+    // concatenations and casts take several, each set up again in every transaction); they
+    // equal what mark_keys builds from the key's text.
     let cached = |side: &str| {
         format!(
-            "strpos(current_setting({sn} || '_' || (hashtext({side}.{k}::text) & 31)::text, true),
-                    md5({side}.{k}::text || ':' || pg_sequence_last_value('mvrefresh.generation'::regclass)::text)) > 0"
+            "strpos(current_setting(format('%%s_%%s', {sn}, hashtext({side}.{k}::text) & 31), true),
+                    md5(format('%%s:%%s', {side}.{k}, pg_sequence_last_value('mvrefresh.generation'::regclass)))) > 0"
         )
     };
     let clean = format!(
@@ -311,6 +314,8 @@ BEGIN
         RETURN {keys}$mvrefresh_f$, when_new, when_old);
     EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {fr}() RETURNS trigger
         LANGUAGE plpgsql SECURITY DEFINER AS $mvrefresh_b$
+        DECLARE
+            added pg_catalog.int4;
         BEGIN
             IF {fc}(NEW, OLD) THEN
                 RETURN NEW; -- ignored (AFTER); returning a variable sets up no expression
@@ -318,14 +323,17 @@ BEGIN
             IF {fco}(NEW, OLD) THEN
                 RETURN NULL;
             END IF;
-            PERFORM mvrefresh.mark(%1$L, %2$L, {fk}(NEW, OLD));
+            -- An assignment, not PERFORM: an expression, not a whole query.
+            added := mvrefresh.mark_keys(%1$L, %2$L, {fk}(NEW, OLD));
             RETURN NULL;
         END
         $mvrefresh_b$$mvrefresh_f$, {channel}, {seen});
     EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {ftr}() RETURNS trigger
         LANGUAGE plpgsql SECURITY DEFINER AS $mvrefresh_b$
+        DECLARE
+            added pg_catalog.int4;
         BEGIN
-            PERFORM mvrefresh.mark(%1$L, %2$L, ARRAY['*']);
+            added := mvrefresh.mark_keys(%1$L, %2$L, ARRAY['*']);
             RETURN NULL;
         END
         $mvrefresh_b$$mvrefresh_f$, {channel}, {seen});
@@ -396,7 +404,7 @@ pub fn fingerprint(c: &CaptureConfig) -> String {
 }
 
 /// Bumped whenever [`capture_sql`] changes what it generates.
-const TRIGGER_TEMPLATE_VERSION: u32 = 4;
+const TRIGGER_TEMPLATE_VERSION: u32 = 5;
 
 /// `--prune`: every registered capture this config does not name goes, triggers and functions.
 fn prune_captures_sql(config: &Config) -> String {

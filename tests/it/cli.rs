@@ -71,6 +71,7 @@ fn dry_run_prints_the_install_sql() {
     assert!(sql.starts_with("BEGIN;"), "{sql}");
     assert!(sql.contains("pg_advisory_xact_lock"));
     assert!(sql.contains("CREATE SCHEMA IF NOT EXISTS mvrefresh"));
+    assert!(sql.contains("CREATE OR REPLACE FUNCTION mvrefresh.mark_keys("));
     assert!(sql.contains("CREATE OR REPLACE FUNCTION mvrefresh.mark("));
     assert!(sql.contains("CREATE OR REPLACE TRIGGER %I AFTER INSERT OR UPDATE%s OR DELETE"));
     assert!(sql.contains("'mvrefresh_capture_submissions'"));

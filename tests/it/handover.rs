@@ -226,7 +226,7 @@ async fn a_bulk_update_writes_one_dirty_row_per_key() {
     let marks = || async {
         c.query_one(
             "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_xact_user_functions
-             WHERE schemaname = 'mvrefresh' AND funcname = 'mark'",
+             WHERE schemaname = 'mvrefresh' AND funcname = 'mark_keys'",
             &[],
         )
         .await

@@ -118,7 +118,9 @@ async fn a_writers_own_operators_do_not_change_what_is_captured() {
     let (db, admin, _config) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
     harness::take_dirty(&admin, None).await;
     let w = writer(&db, &admin).await;
-    // An `=` on text that is never true, found before pg_catalog's on the writer's path.
+    // An `=` on text and int that is never true, and a `>` on int that always is (it would make
+    // the slow path believe every key remembered), found before pg_catalog's on the writer's
+    // path.
     let schema = format!("evil_{}", harness::unique());
     w.batch_execute(&format!(
         "CREATE SCHEMA {schema};
@@ -128,6 +130,9 @@ async fn a_writers_own_operators_do_not_change_what_is_captured() {
          CREATE FUNCTION {schema}.never(int, int) RETURNS boolean LANGUAGE sql IMMUTABLE
              RETURN false;
          CREATE OPERATOR {schema}.= (LEFTARG = int, RIGHTARG = int, FUNCTION = {schema}.never);
+         CREATE FUNCTION {schema}.always(int, int) RETURNS boolean LANGUAGE sql IMMUTABLE
+             RETURN true;
+         CREATE OPERATOR {schema}.> (LEFTARG = int, RIGHTARG = int, FUNCTION = {schema}.always);
          SET search_path = {schema}, pg_catalog, public;"
     ))
     .await
