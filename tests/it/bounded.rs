@@ -2,7 +2,7 @@
 //! a reconnect and nothing is lost; a backlog larger than `max_pending_keys` is refreshed whole
 //! with a bounded key set in memory; `/status` under load holds no more connections than the
 //! pool; a key that makes a refresh fail is isolated while the others are refreshed; two ways of
-//! naming one view are one view; a daemon whose bookkeeping queries are stuck still stops, and
+//! naming one view are one view, and two views whose names print alike unquoted are two; a daemon whose bookkeeping queries are stuck still stops, and
 //! their backends end with it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -358,4 +358,87 @@ async fn a_daemon_whose_queries_are_stuck_stops_and_its_backends_end() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     tx.rollback().await.unwrap();
+}
+
+/// `"a.b".c` and `a."b.c"` print alike without their quotes: two views all the same, each with
+/// its own subscription, pending keys, refreshes and history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_whose_names_print_alike_unquoted_are_kept_apart() {
+    let (db, c, _config) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
+    c.batch_execute(
+        r#"CREATE SCHEMA "a.b";
+           CREATE SCHEMA a;
+           CREATE MATERIALIZED VIEW "a.b".c AS
+               SELECT challenge_id, count(*) AS n FROM submissions
+               WHERE status = 'scored' GROUP BY challenge_id;
+           CREATE UNIQUE INDEX ON "a.b".c (challenge_id);
+           CREATE MATERIALIZED VIEW a."b.c" AS
+               SELECT challenge_id, sum(score) AS total FROM submissions
+               WHERE status = 'scored' GROUP BY challenge_id;
+           CREATE UNIQUE INDEX ON a."b.c" (challenge_id);"#,
+    )
+    .await
+    .unwrap();
+    let config = harness::config(
+        &db.url,
+        &format!(
+            "{}{}
+[[view]]
+name = '\"a.b\".c'
+mode = \"concurrently\"
+channels = [\"submission_scored\"]
+[[view]]
+name = 'a.\"b.c\"'
+mode = \"concurrently\"
+channels = [\"submission_scored\"]
+",
+            harness::CAPTURE,
+            harness::VIEW_COUNTS
+        ),
+    );
+    harness::install(&config).await;
+    let names = |sql: &'static str| {
+        let c = &c;
+        async move {
+            c.query(sql, &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        names("SELECT view_name FROM mvrefresh.subscription ORDER BY 1").await,
+        [r#""a.b".c"#, r#"a."b.c""#, "mv_counts"]
+    );
+    let daemon = Daemon::start(config);
+    daemon.wait_listening().await;
+    harness::score(&c, 4, 3).await;
+    let fresh = || async {
+        let row = c
+            .query_one(
+                r#"SELECT (SELECT n FROM "a.b".c WHERE challenge_id = 4),
+                          (SELECT total FROM a."b.c" WHERE challenge_id = 4)"#,
+                &[],
+            )
+            .await
+            .unwrap();
+        row.get::<_, Option<i64>>(0) == Some(3) && row.get::<_, Option<f64>>(1) == Some(6.0)
+    };
+    harness::wait_for("both views refreshed", fresh).await;
+    harness::wait_for("nothing pending", || async {
+        harness::pending(&c, r#""a.b".c"#).await == 0
+            && harness::pending(&c, r#"a."b.c""#).await == 0
+    })
+    .await;
+    assert_eq!(
+        names(
+            "SELECT DISTINCT view_name FROM mvrefresh.refresh_history
+             WHERE outcome = 'success' ORDER BY 1"
+        )
+        .await,
+        [r#""a.b".c"#, r#"a."b.c""#, "mv_counts"]
+    );
+    daemon.stop().await;
 }
