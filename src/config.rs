@@ -82,89 +82,78 @@ pub struct Config {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// libpq-style URL or key=value string. Never logged: it may hold a password.
-    #[serde(default)]
     pub url: String,
-    #[serde(default = "default_pool_size")]
     pub pool_size: usize,
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    #[serde(default = "default_application_name")]
     pub application_name: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ListenerConfig {
-    #[serde(default = "default_heartbeat_interval", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
-    #[serde(default = "default_heartbeat_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub heartbeat_timeout: Duration,
-    #[serde(default = "default_reconnect_min", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub reconnect_min: Duration,
-    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
-    #[serde(default = "default_catch_up_interval", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub catch_up_interval: Duration,
-    #[serde(default = "default_payload_key")]
     pub payload_key: String,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct DebounceConfig {
-    #[serde(default = "default_quiet", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub quiet: Duration,
-    #[serde(default = "default_max_wait", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RefreshConfig {
-    #[serde(default = "default_refresh_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub timeout: Duration,
-    #[serde(default = "default_lock_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub lock_timeout: Duration,
-    #[serde(default = "default_retry_min", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub retry_min: Duration,
-    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
-    #[serde(default = "default_history_retention", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub history_retention: Duration,
-    #[serde(default = "default_shutdown_deadline", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub shutdown_deadline: Duration,
-    #[serde(default = "default_concurrency")]
     pub concurrency: usize,
     /// Pending keys a view keeps in memory; with more, it is due as a whole.
-    #[serde(default = "default_max_pending_keys")]
     pub max_pending_keys: usize,
     /// Keys per incremental refresh; a larger due set is refreshed in several batches.
-    #[serde(default = "default_batch_keys")]
     pub batch_keys: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
-    #[serde(default)]
     pub format: LogFormat,
     /// A `tracing` filter (`info`, `mvrefresh=debug`); `RUST_LOG` wins when set.
-    #[serde(default = "default_log_level")]
     pub level: String,
 }
 
 /// The admin HTTP server: `/healthz`, `/readyz`, `/metrics`, `/status`, `POST /refresh`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     /// `host:port`; empty turns the server off. Loopback by default.
-    #[serde(default = "default_http_listen")]
     pub listen: String,
     /// Connections served at once; more are answered 503 and closed.
-    #[serde(default = "default_http_max_connections")]
     pub max_connections: usize,
     /// Bearer token for `POST /refresh` and the full error texts of `/status`, from
     /// [`ENV_ADMIN_TOKEN`] only (never the file). At least [`ADMIN_TOKEN_MIN_LEN`] bytes.
@@ -196,40 +185,35 @@ impl std::fmt::Debug for Secret {
 
 /// `[alert]`: where and how failures are reported (see [`crate::alert`]).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct AlertConfig {
     /// The webhook; none means alerts are only logged. Masked in `Debug`.
-    #[serde(default)]
     pub webhook_url: Option<Secret>,
-    #[serde(default)]
     pub format: AlertFormat,
     /// An open alert is sent again (a reminder) at most this often.
-    #[serde(default = "default_repeat_after", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub repeat_after: Duration,
     /// The listener must be disconnected this long before `listener_down` is sent.
-    #[serde(default = "default_listener_down_after", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub listener_down_after: Duration,
     /// Consecutive failures of a view that open its circuit (0: never).
-    #[serde(default = "default_circuit_failures")]
     pub circuit_failures: u32,
     /// While a circuit is open, probes start this far apart and double...
-    #[serde(default = "default_circuit_probe_min", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub circuit_probe_min: Duration,
     /// ...up to this.
-    #[serde(default = "default_circuit_probe_max", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub circuit_probe_max: Duration,
     /// Alerts waiting for delivery; when full, the oldest is dropped (and counted).
-    #[serde(default = "default_queue_size")]
     pub queue_size: usize,
     /// Per-request timeout of a webhook POST.
-    #[serde(default = "default_alert_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Delivery retries: exponential from retry_min to retry_max, jittered, max_attempts in all.
-    #[serde(default = "default_alert_retry_min", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub retry_min: Duration,
-    #[serde(default = "default_alert_retry_max", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
-    #[serde(default = "default_alert_max_attempts")]
     pub max_attempts: usize,
     /// From `MVREFRESH_ALERT_SECRET` only (never the file): signs bodies with HMAC-SHA256.
     #[serde(skip)]
@@ -248,32 +232,28 @@ pub enum AlertFormat {
 
 /// `[pg_cron]`: the watch of pg_cron's job runs (see [`crate::pgcron`]).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct PgCronConfig {
     /// Watch `cron.job_run_details` when it exists.
-    #[serde(default = "default_true")]
     pub watch: bool,
     /// The database where pg_cron lives (`cron.database_name`), when it is not the daemon's.
     /// Masked in `Debug`; `MVREFRESH_PG_CRON_DATABASE_URL` overrides it.
-    #[serde(default)]
     pub database_url: Option<Secret>,
     /// How often failed runs are looked for.
-    #[serde(default = "default_pg_cron_poll_interval", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
 }
 
 /// OpenTelemetry metrics export (the Prometheus endpoint is always there with `[http]`).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct TelemetryConfig {
     /// OTLP/HTTP endpoint (`http://collector:4318`); else `OTEL_EXPORTER_OTLP_ENDPOINT`; else off.
-    #[serde(default)]
     pub otlp_endpoint: Option<String>,
-    #[serde(default = "default_export_interval", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub export_interval: Duration,
-    #[serde(default = "default_export_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub export_timeout: Duration,
-    #[serde(default = "default_service_name")]
     pub service_name: String,
 }
 
@@ -353,147 +333,31 @@ pub struct ViewConfig {
     pub max_wait: Option<Duration>,
 }
 
-fn default_pool_size() -> usize {
-    4
-}
-fn default_connect_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_application_name() -> String {
-    "mvrefresh".to_owned()
-}
-fn default_heartbeat_interval() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_heartbeat_timeout() -> Duration {
-    Duration::from_secs(3)
-}
-fn default_reconnect_min() -> Duration {
-    Duration::from_millis(250)
-}
-fn default_reconnect_max() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_catch_up_interval() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_payload_key() -> String {
-    "challenge_id".to_owned()
-}
-fn default_quiet() -> Duration {
-    Duration::from_secs(2)
-}
-fn default_max_wait() -> Duration {
-    Duration::from_secs(15)
-}
-fn default_refresh_timeout() -> Duration {
-    Duration::from_secs(300)
-}
-fn default_lock_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_retry_min() -> Duration {
-    Duration::from_secs(1)
-}
-fn default_retry_max() -> Duration {
-    Duration::from_secs(300)
-}
-fn default_history_retention() -> Duration {
-    Duration::from_secs(14 * 24 * 3600)
-}
-fn default_shutdown_deadline() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_concurrency() -> usize {
-    2
-}
-fn default_max_pending_keys() -> usize {
-    10_000
-}
-fn default_batch_keys() -> usize {
-    1_000
-}
-fn default_log_level() -> String {
-    "info".to_owned()
-}
-fn default_repeat_after() -> Duration {
-    Duration::from_secs(3600)
-}
-fn default_listener_down_after() -> Duration {
-    Duration::from_secs(60)
-}
-fn default_circuit_failures() -> u32 {
-    5
-}
-fn default_circuit_probe_min() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_circuit_probe_max() -> Duration {
-    Duration::from_secs(600)
-}
-fn default_queue_size() -> usize {
-    1000
-}
-fn default_alert_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_alert_retry_min() -> Duration {
-    Duration::from_secs(1)
-}
-fn default_alert_retry_max() -> Duration {
-    Duration::from_secs(60)
-}
-fn default_alert_max_attempts() -> usize {
-    8
-}
-fn default_true() -> bool {
-    true
-}
-fn default_pg_cron_poll_interval() -> Duration {
-    Duration::from_secs(10)
-}
-
 impl Default for AlertConfig {
     fn default() -> Self {
         Self {
             webhook_url: None,
             format: AlertFormat::Json,
-            repeat_after: default_repeat_after(),
-            listener_down_after: default_listener_down_after(),
-            circuit_failures: default_circuit_failures(),
-            circuit_probe_min: default_circuit_probe_min(),
-            circuit_probe_max: default_circuit_probe_max(),
-            queue_size: default_queue_size(),
-            timeout: default_alert_timeout(),
-            retry_min: default_alert_retry_min(),
-            retry_max: default_alert_retry_max(),
-            max_attempts: default_alert_max_attempts(),
+            repeat_after: Duration::from_secs(3600),
+            listener_down_after: Duration::from_secs(60),
+            circuit_failures: 5,
+            circuit_probe_min: Duration::from_secs(30),
+            circuit_probe_max: Duration::from_secs(600),
+            queue_size: 1000,
+            timeout: Duration::from_secs(10),
+            retry_min: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+            max_attempts: 8,
             secret: None,
         }
     }
 }
 
-fn default_http_listen() -> String {
-    "127.0.0.1:9187".to_owned()
-}
-fn default_http_max_connections() -> usize {
-    32
-}
-fn default_export_interval() -> Duration {
-    Duration::from_secs(15)
-}
-fn default_export_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_service_name() -> String {
-    "mvrefresh".to_owned()
-}
-
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
-            listen: default_http_listen(),
-            max_connections: default_http_max_connections(),
+            listen: "127.0.0.1:9187".to_owned(),
+            max_connections: 32,
             admin_token: None,
         }
     }
@@ -504,7 +368,7 @@ impl Default for PgCronConfig {
         Self {
             watch: true,
             database_url: None,
-            poll_interval: default_pg_cron_poll_interval(),
+            poll_interval: Duration::from_secs(10),
         }
     }
 }
@@ -513,9 +377,9 @@ impl Default for TelemetryConfig {
     fn default() -> Self {
         Self {
             otlp_endpoint: None,
-            export_interval: default_export_interval(),
-            export_timeout: default_export_timeout(),
-            service_name: default_service_name(),
+            export_interval: Duration::from_secs(15),
+            export_timeout: Duration::from_secs(10),
+            service_name: "mvrefresh".to_owned(),
         }
     }
 }
@@ -568,15 +432,26 @@ fn admin_token_problem(token: &str) -> Option<String> {
     None
 }
 
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            pool_size: 4,
+            connect_timeout: Duration::from_secs(10),
+            application_name: "mvrefresh".to_owned(),
+        }
+    }
+}
+
 impl Default for ListenerConfig {
     fn default() -> Self {
         Self {
-            heartbeat_interval: default_heartbeat_interval(),
-            heartbeat_timeout: default_heartbeat_timeout(),
-            reconnect_min: default_reconnect_min(),
-            reconnect_max: default_reconnect_max(),
-            catch_up_interval: default_catch_up_interval(),
-            payload_key: default_payload_key(),
+            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_timeout: Duration::from_secs(3),
+            reconnect_min: Duration::from_millis(250),
+            reconnect_max: Duration::from_secs(30),
+            catch_up_interval: Duration::from_secs(30),
+            payload_key: "challenge_id".to_owned(),
         }
     }
 }
@@ -584,8 +459,8 @@ impl Default for ListenerConfig {
 impl Default for DebounceConfig {
     fn default() -> Self {
         Self {
-            quiet: default_quiet(),
-            max_wait: default_max_wait(),
+            quiet: Duration::from_secs(2),
+            max_wait: Duration::from_secs(15),
         }
     }
 }
@@ -593,15 +468,15 @@ impl Default for DebounceConfig {
 impl Default for RefreshConfig {
     fn default() -> Self {
         Self {
-            timeout: default_refresh_timeout(),
-            lock_timeout: default_lock_timeout(),
-            retry_min: default_retry_min(),
-            retry_max: default_retry_max(),
-            history_retention: default_history_retention(),
-            shutdown_deadline: default_shutdown_deadline(),
-            concurrency: default_concurrency(),
-            max_pending_keys: default_max_pending_keys(),
-            batch_keys: default_batch_keys(),
+            timeout: Duration::from_secs(300),
+            lock_timeout: Duration::from_secs(10),
+            retry_min: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            history_retention: Duration::from_secs(14 * 24 * 3600),
+            shutdown_deadline: Duration::from_secs(30),
+            concurrency: 2,
+            max_pending_keys: 10_000,
+            batch_keys: 1_000,
         }
     }
 }
@@ -610,7 +485,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         Self {
             format: LogFormat::Text,
-            level: default_log_level(),
+            level: "info".to_owned(),
         }
     }
 }
@@ -1032,10 +907,10 @@ channels = ["c"]
         assert_eq!(c.alert.retry_max, d.retry_max);
         assert_eq!(c.alert.max_attempts, d.max_attempts);
         assert_eq!(c.pg_cron.watch, PgCronConfig::default().watch);
-        assert_eq!(c.pg_cron.poll_interval, default_pg_cron_poll_interval());
-        assert_eq!(c.http.max_connections, default_http_max_connections());
-        assert_eq!(c.refresh.max_pending_keys, default_max_pending_keys());
-        assert_eq!(c.refresh.batch_keys, default_batch_keys());
+        assert_eq!(c.pg_cron.poll_interval, Duration::from_secs(10));
+        assert_eq!(c.http.max_connections, 32);
+        assert_eq!(c.refresh.max_pending_keys, 10_000);
+        assert_eq!(c.refresh.batch_keys, 1_000);
     }
 
     #[test]
@@ -1057,8 +932,11 @@ channels = ["c"]
     #[test]
     fn defaults_apply() {
         let c = parse(MINIMAL).unwrap();
-        assert_eq!(c.listener.catch_up_interval, default_catch_up_interval());
-        assert_eq!(c.views[0].debounce(c.debounce).max_wait, default_max_wait());
+        assert_eq!(c.listener.catch_up_interval, Duration::from_secs(30));
+        assert_eq!(
+            c.views[0].debounce(c.debounce).max_wait,
+            Duration::from_secs(15)
+        );
     }
 
     #[test]
@@ -1138,6 +1016,34 @@ channels = ["c"]
         let shown = format!("{c:?}");
         assert!(!shown.contains("T0K3N"), "{shown}");
         assert!(!shown.contains("s3cret"), "{shown}");
+    }
+
+    #[test]
+    fn a_section_that_sets_some_keys_keeps_the_defaults_of_the_others() {
+        let text = MINIMAL.replace(
+            "[[view]]",
+            "[debounce]\nquiet = \"1s\"\n[alert]\nformat = \"slack\"\n[pg_cron]\nwatch = false\n\
+             [refresh]\nbatch_keys = 10\n[[view]]",
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.debounce.quiet, Duration::from_secs(1));
+        assert_eq!(c.debounce.max_wait, DebounceConfig::default().max_wait);
+        assert_eq!(c.alert.format, AlertFormat::Slack);
+        assert_eq!(c.alert.max_attempts, AlertConfig::default().max_attempts);
+        assert!(!c.pg_cron.watch);
+        assert_eq!(
+            c.pg_cron.poll_interval,
+            PgCronConfig::default().poll_interval
+        );
+        assert_eq!(c.refresh.batch_keys, 10);
+        assert_eq!(c.refresh.timeout, RefreshConfig::default().timeout);
+        assert_eq!(c.database.pool_size, DatabaseConfig::default().pool_size);
+        // And a section left out is its defaults.
+        assert_eq!(
+            c.listener.payload_key,
+            ListenerConfig::default().payload_key
+        );
+        assert!(PgCronConfig::default().watch);
     }
 
     fn with_env(text: &str, pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
