@@ -61,8 +61,8 @@ impl Daemon {
                         "since_last_success_seconds",
                         since_success.map(|d| d.as_secs_f64()),
                     );
-                    if st.failures > 0 {
-                        event = event.failures(u64::from(st.failures));
+                    if st.breaker.failures() > 0 {
+                        event = event.failures(u64::from(st.breaker.failures()));
                     }
                     if let Some(alert) = self.tracker.fail(event, now) {
                         self.alerts.send(alert);

@@ -21,17 +21,12 @@
 //! # Failures, alerts and the circuit breaker
 //!
 //! The loop is where failures become known, so it owns the [`Tracker`] of view, circuit,
-//! staleness and listener alerts (the pg_cron watch has its own). A view's state:
+//! staleness and listener alerts (the pg_cron watch has its own). Each view's retry backoff,
+//! busy replica backoff and circuit breaker are plain data (`daemon/breaker.rs`): a failure
+//! sends `refresh_failed` (and `circuit_opened` at `[alert] circuit_failures` in a row, after
+//! which probes are further and further apart; changes keep accumulating in the debouncer).
 //!
-//! ```text
-//!   Healthy ──fail──▶ Failing (retry after retry_min·2^(n-1) ≤ retry_max; refresh_failed once)
-//!      ▲                 │ n = [alert] circuit_failures
-//!      │                 ▼
-//!      └──success── Open circuit (circuit_opened; one probe after circuit_probe_min·2^k
-//!                     ≤ circuit_probe_max; changes keep accumulating in the debouncer)
-//! ```
-//!
-//! A success from either state sends `refresh_recovered` (and `circuit_closed`). A health
+//! A success sends `refresh_recovered` (and `circuit_closed` when the circuit was open). A health
 //! check runs every few hundred milliseconds: a view whose oldest unreflected change is older
 //! than its `max_staleness` is `view_stale` until it is fresh again (`view_fresh`); a listener
 //! disconnected longer than `[alert] listener_down_after` is `listener_down` until it is back.
@@ -58,11 +53,13 @@ use crate::stats::{Stats, ViewGauges};
 use crate::store::{self, Collected, Guard, PendingKeys};
 use crate::telemetry::{Metrics, Telemetry};
 
+mod breaker;
 mod health;
 mod intake;
 mod isolate;
 mod task;
 
+use breaker::{Breaker, Failure, Policy};
 use task::{refresh_task, retry_delay, TaskError};
 
 /// How long a due key waits for the hand-over horizon before it is refreshed anyway (its
@@ -70,9 +67,6 @@ use task::{refresh_task, retry_delay, TaskError};
 const HORIZON_PATIENCE: Duration = Duration::from_secs(1);
 /// At most this much earlier than its due time a key joins a batch of keys already due.
 const BATCH_SLACK: Duration = Duration::from_millis(50);
-/// Retry delay after finding another replica refreshing the same view (doubles, capped).
-const BUSY_RETRY: Duration = Duration::from_millis(200);
-const BUSY_RETRY_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -127,16 +121,13 @@ struct ViewState {
     /// Splitting failed batches and quarantining the key that fails (`incremental`).
     isolation: isolate::Isolation,
     in_flight: Option<InFlight>,
-    retry_at: Option<Instant>,
-    failures: u32,
-    busy: u32,
+    /// Retry backoff, another replica busy, the circuit breaker.
+    breaker: Breaker,
     next_schedule: Option<Instant>,
     /// Why the next refresh runs, when not because of a change.
     reason: Option<Reason>,
     /// The last successful refresh in this process.
     last_success: Option<Instant>,
-    /// Paused after `[alert] circuit_failures` failures in a row; probes with backoff.
-    circuit_open: bool,
 }
 
 /// Runs the daemon until `shutdown` completes; returns after a clean stop.
@@ -336,13 +327,10 @@ impl Daemon {
                     debouncer,
                     isolation: isolate::Isolation::default(),
                     in_flight: None,
-                    retry_at: None,
-                    failures: 0,
-                    busy: 0,
+                    breaker: Breaker::default(),
                     next_schedule: v.config.schedule.map(|s| now + s),
                     reason,
                     last_success: None,
-                    circuit_open: false,
                 }
             })
             .collect();
@@ -536,7 +524,7 @@ impl Daemon {
             .iter()
             .filter(|v| v.in_flight.is_none())
             .flat_map(|v| {
-                let due = match v.retry_at {
+                let due = match v.breaker.retry_at() {
                     Some(t) if t > now => Some(t),
                     _ => v.debouncer.next_due(horizon),
                 };
@@ -578,7 +566,7 @@ impl Daemon {
                 return;
             }
             let st = &mut self.views[i];
-            if st.in_flight.is_some() || st.retry_at.is_some_and(|t| t > now) {
+            if st.in_flight.is_some() || st.breaker.waiting(now) {
                 continue;
             }
             if let (Some(period), Some(at)) = (self.plan.views[i].config.schedule, st.next_schedule)
@@ -738,8 +726,9 @@ impl Daemon {
                     .view(&name);
                     self.alerts.send_opt(self.tracker.recover(released));
                 }
-                if st.failures > 0 {
-                    tracing::info!(view = %name, after_failures = st.failures, "refresh recovered");
+                let recovery = st.breaker.succeeded();
+                if recovery.failures > 0 {
+                    tracing::info!(view = %name, after_failures = recovery.failures, "refresh recovered");
                 }
                 let recovered = Event::new(
                     Kind::RefreshRecovered,
@@ -747,9 +736,9 @@ impl Daemon {
                     format!("refresh of {name} succeeded again"),
                 )
                 .view(&name)
-                .failures(u64::from(st.failures));
+                .failures(u64::from(recovery.failures));
                 self.alerts.send_opt(self.tracker.recover(recovered));
-                if std::mem::take(&mut st.circuit_open) {
+                if recovery.circuit_closed {
                     let closed = Event::new(
                         Kind::CircuitClosed,
                         format!("circuit:{name}"),
@@ -758,9 +747,6 @@ impl Daemon {
                     .view(&name);
                     self.alerts.send_opt(self.tracker.recover(closed));
                 }
-                st.failures = 0;
-                st.busy = 0;
-                st.retry_at = None;
                 tracing::info!(
                     view = %name,
                     keys = keys.as_ref().map_or("all".to_owned(), |k| k.len().to_string()),
@@ -787,18 +773,13 @@ impl Daemon {
             Ok(Outcome::NothingToDo) => {
                 self.stats.refreshes_skipped.inc();
                 self.metrics.refresh(&name, "skipped", None, None);
-                st.busy = 0;
-                st.retry_at = None;
+                st.breaker.settled();
                 tracing::debug!(view = %name, "nothing left to refresh (another replica covered it)");
             }
             Ok(Outcome::Busy) => {
                 self.metrics.refresh(&name, "busy", None, None);
                 st.debouncer.restore(batch);
-                let delay = BUSY_RETRY
-                    .saturating_mul(1 << st.busy.min(8))
-                    .min(BUSY_RETRY_MAX);
-                st.busy += 1;
-                st.retry_at = Some(now + delay);
+                let delay = st.breaker.busy(now);
                 tracing::debug!(view = %name, retry_in = ?delay, "another replica is refreshing this view");
             }
             Err(e) => {
@@ -839,52 +820,38 @@ impl Daemon {
                     batch
                 };
                 st.debouncer.restore(batch);
-                st.failures += 1;
-                let threshold = self.config.alert.circuit_failures;
-                let delay = if threshold > 0 && st.failures >= threshold {
-                    // Open: one probe at a time, further and further apart.
-                    retry_delay(
-                        self.config.alert.circuit_probe_min,
-                        self.config.alert.circuit_probe_max,
-                        st.failures - threshold + 1,
-                    )
-                } else {
-                    retry_delay(
-                        self.config.refresh.retry_min,
-                        self.config.refresh.retry_max,
-                        st.failures,
-                    )
-                };
-                st.retry_at = Some(now + delay);
+                let Failure {
+                    failures,
+                    delay,
+                    circuit_opened,
+                } = st.breaker.failed(now, &Policy::new(&self.config));
                 let error = e.to_string();
                 let failed = Event::new(
                     Kind::RefreshFailed,
                     format!("view:{name}"),
-                    format!("refresh of {name} failed ({} in a row)", st.failures),
+                    format!("refresh of {name} failed ({failures} in a row)"),
                 )
                 .view(&name)
                 .error(error.clone())
-                .failures(u64::from(st.failures))
+                .failures(u64::from(failures))
                 .detail("retry_in_seconds", delay.as_secs_f64());
                 match self.tracker.fail(failed, now) {
                     Some(alert) => self.alerts.send(alert),
                     None => self.stats.alerts_suppressed.inc(),
                 }
-                if threshold > 0 && st.failures >= threshold && !st.circuit_open {
-                    st.circuit_open = true;
+                if circuit_opened {
                     self.stats.circuits_opened.inc();
                     let opened = Event::new(
                         Kind::CircuitOpened,
                         format!("circuit:{name}"),
                         format!(
-                            "{name} failed {} times in a row: refreshes paused, probing with backoff (next in {})",
-                            st.failures,
+                            "{name} failed {failures} times in a row: refreshes paused, probing with backoff (next in {})",
                             humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
                         ),
                     )
                     .view(&name)
                     .error(error)
-                    .failures(u64::from(st.failures))
+                    .failures(u64::from(failures))
                     .detail("next_probe_in_seconds", delay.as_secs_f64());
                     if let Some(alert) = self.tracker.fail(opened, now) {
                         self.alerts.send(alert);
@@ -892,7 +859,7 @@ impl Daemon {
                 }
                 tracing::error!(
                     view = %name,
-                    consecutive_failures = st.failures,
+                    consecutive_failures = failures,
                     retry_in = ?delay,
                     error = %e,
                     "refresh failed"
@@ -920,7 +887,7 @@ impl Daemon {
             let st = &mut self.views[i];
             st.debouncer.note_due(ALL, now, now, true);
             st.reason = Some(Reason::Manual);
-            st.retry_at = None;
+            st.breaker.release();
         }
         tracing::info!(views = targets.len(), "manual refresh queued");
         let names = targets
