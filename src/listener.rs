@@ -99,8 +99,7 @@ impl Inbox {
         self.ready.notified().await;
     }
 
-    fn add(&self, channel: &str, payload: &str, intake: &Intake, stats: &Stats, metrics: &Metrics) {
-        stats.notifications_received.inc();
+    fn add(&self, channel: &str, payload: &str, intake: &Intake, metrics: &Metrics) {
         metrics.notification(channel);
         {
             let mut r = self.received.lock().unwrap_or_else(|e| e.into_inner());
@@ -120,7 +119,6 @@ impl Inbox {
                         }
                     }
                     Err(e) => {
-                        stats.notifications_rejected.inc();
                         metrics.rejected(channel, e.reason());
                         let entry = r
                             .rejected
@@ -267,14 +265,13 @@ async fn session(
     let (ended_tx, mut ended) = tokio::sync::oneshot::channel::<String>();
     let driver = {
         let inbox = out.inbox.clone();
-        let stats = out.stats.clone();
         let metrics = out.metrics.clone();
         let intake = intake.clone();
         tokio::spawn(async move {
             let reason = loop {
                 match poll_fn(|cx| connection.poll_message(cx)).await {
                     Some(Ok(AsyncMessage::Notification(n))) => {
-                        inbox.add(n.channel(), n.payload(), &intake, &stats, &metrics);
+                        inbox.add(n.channel(), n.payload(), &intake, &metrics);
                     }
                     Some(Ok(AsyncMessage::Notice(n))) => {
                         tracing::debug!(notice = %n.message(), "server notice on the listener");

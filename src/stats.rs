@@ -85,14 +85,11 @@ pub struct Stats {
     pub listener_reconnects: Counter,
     pub heartbeat_latency: DurationGauge,
     pub notifications_received: Counter,
-    pub notifications_rejected: Counter,
     pub catch_ups: Counter,
     /// Dirty keys taken by collects.
     pub collected_keys: Counter,
-    pub refreshes_succeeded: Counter,
+    /// Refresh attempts that failed (all outcomes are `mvrefresh_refreshes_total`).
     pub refreshes_failed: Counter,
-    /// Refreshes skipped because another replica had already covered the changes.
-    pub refreshes_skipped: Counter,
     /// Alerts delivered to the webhook (a 2xx answer).
     pub alerts_sent: Counter,
     /// Alerts given up after every delivery attempt failed.

@@ -66,9 +66,34 @@ impl std::fmt::Debug for Telemetry {
     }
 }
 
-/// The synchronous instruments, recorded where things happen.
+/// How a refresh attempt ended: the `outcome` label of `mvrefresh_refreshes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshOutcome {
+    Success,
+    Failure,
+    /// Another replica had covered the changes already.
+    Skipped,
+    /// Another replica was refreshing the view; retried later.
+    Busy,
+}
+
+impl RefreshOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefreshOutcome::Success => "success",
+            RefreshOutcome::Failure => "failure",
+            RefreshOutcome::Skipped => "skipped",
+            RefreshOutcome::Busy => "busy",
+        }
+    }
+}
+
+/// The synchronous instruments, recorded where things happen, in one call per event: where the
+/// process itself reads a count (notifications received: the listener's liveness; failed
+/// refreshes), the call also moves the counter of [`Stats`].
 #[derive(Clone)]
 pub struct Metrics {
+    stats: Arc<Stats>,
     notifications: Counter<u64>,
     rejected: Counter<u64>,
     refreshes: Counter<u64>,
@@ -78,6 +103,7 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn notification(&self, channel: &str) {
+        self.stats.notifications_received.inc();
         self.notifications
             .add(1, &[KeyValue::new("channel", channel.to_owned())]);
     }
@@ -96,13 +122,18 @@ impl Metrics {
     pub fn refresh(
         &self,
         view: &str,
-        outcome: &'static str,
+        outcome: RefreshOutcome,
         duration: Option<Duration>,
         keys: Option<usize>,
     ) {
+        if outcome == RefreshOutcome::Failure {
+            self.stats.refreshes_failed.inc();
+        }
         let view = KeyValue::new("view", view.to_owned());
-        self.refreshes
-            .add(1, &[view.clone(), KeyValue::new("outcome", outcome)]);
+        self.refreshes.add(
+            1,
+            &[view.clone(), KeyValue::new("outcome", outcome.as_str())],
+        );
         if let Some(d) = duration {
             self.duration
                 .record(d.as_secs_f64(), std::slice::from_ref(&view));
@@ -195,6 +226,7 @@ fn metrics_endpoint(endpoint: &str) -> String {
 
 fn instruments(meter: &Meter, stats: Arc<Stats>) -> Metrics {
     let metrics = Metrics {
+        stats: stats.clone(),
         notifications: meter
             .u64_counter("mvrefresh.notifications.received")
             .with_description("Notifications received on the LISTEN connection")
@@ -353,8 +385,12 @@ mod tests {
     fn dashboard_and_alert_rules_use_existing_metrics() {
         let stats = Arc::new(Stats::default());
         let t = Telemetry::new(&TelemetryConfig::default(), stats.clone()).unwrap();
-        t.metrics
-            .refresh("v", "success", Some(Duration::from_secs(1)), Some(1));
+        t.metrics.refresh(
+            "v",
+            RefreshOutcome::Success,
+            Some(Duration::from_secs(1)),
+            Some(1),
+        );
         t.metrics.notification("c");
         t.metrics.rejected("c", "r");
         if let Ok(mut views) = stats.views.lock() {
@@ -408,8 +444,12 @@ mod tests {
     fn prometheus_names_and_help() {
         let stats = Arc::new(Stats::default());
         let t = Telemetry::new(&TelemetryConfig::default(), stats.clone()).unwrap();
-        t.metrics
-            .refresh("mv_x", "success", Some(Duration::from_millis(30)), Some(3));
+        t.metrics.refresh(
+            "mv_x",
+            RefreshOutcome::Success,
+            Some(Duration::from_millis(30)),
+            Some(3),
+        );
         t.metrics.notification("ch");
         stats.listener_reconnects.add(2);
         let text = t.prometheus_text();

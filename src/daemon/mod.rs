@@ -51,7 +51,7 @@ use crate::listener::{self, Inbox};
 use crate::refresh::{Outcome, Reason, Request, Settings};
 use crate::stats::{Stats, ViewGauges};
 use crate::store::{self, Collected, Guard, PendingKeys};
-use crate::telemetry::{Metrics, Telemetry};
+use crate::telemetry::{Metrics, RefreshOutcome, Telemetry};
 
 mod breaker;
 mod health;
@@ -708,10 +708,9 @@ impl Daemon {
                 duration,
                 leftover,
             }) => {
-                self.stats.refreshes_succeeded.inc();
                 self.metrics.refresh(
                     &name,
-                    "success",
+                    RefreshOutcome::Success,
                     Some(duration),
                     keys.as_ref().map(Vec::len),
                 );
@@ -771,20 +770,21 @@ impl Daemon {
                 }
             }
             Ok(Outcome::NothingToDo) => {
-                self.stats.refreshes_skipped.inc();
-                self.metrics.refresh(&name, "skipped", None, None);
+                self.metrics
+                    .refresh(&name, RefreshOutcome::Skipped, None, None);
                 st.breaker.settled();
                 tracing::debug!(view = %name, "nothing left to refresh (another replica covered it)");
             }
             Ok(Outcome::Busy) => {
-                self.metrics.refresh(&name, "busy", None, None);
+                self.metrics
+                    .refresh(&name, RefreshOutcome::Busy, None, None);
                 st.debouncer.restore(batch);
                 let delay = st.breaker.busy(now);
                 tracing::debug!(view = %name, retry_in = ?delay, "another replica is refreshing this view");
             }
             Err(e) => {
-                self.stats.refreshes_failed.inc();
-                self.metrics.refresh(&name, "failure", None, None);
+                self.metrics
+                    .refresh(&name, RefreshOutcome::Failure, None, None);
                 let statement_error =
                     matches!(&e, TaskError::Refresh(r) if !r.is_connection_error());
                 let batch = if statement_error && !self.plan.views[i].mode().is_whole_view() {
