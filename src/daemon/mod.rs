@@ -221,15 +221,12 @@ pub async fn run(
     daemon.main_loop(shutdown).await;
     stop_http.cancel();
     if let Some(http) = http {
-        let _ = http.await;
+        join_or_abort(http, Duration::from_secs(5)).await;
     }
     // Last: alerts raised during shutdown still get one delivery attempt.
     cancel_alerts.cancel();
     if let Some(task) = delivery {
-        let abort = task.abort_handle();
-        if tokio::time::timeout(alert_patience, task).await.is_err() {
-            abort.abort();
-        }
+        join_or_abort(task, alert_patience).await;
     }
     // Flush telemetry off the async runtime: the OTLP reader uses a blocking client.
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
@@ -495,22 +492,11 @@ impl Daemon {
                 f.task.abort();
             }
         }
-        // The listener stops on `cancel_intake`; a send it is blocked in cannot hold us up.
-        let abort = listener.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(5), listener)
-            .await
-            .is_err()
-        {
-            abort.abort();
-        }
+        // The listener and the pg_cron watch stop on `cancel_intake`; a send either is blocked
+        // in cannot hold us up.
+        join_or_abort(listener, Duration::from_secs(5)).await;
         if let Some(task) = pg_cron {
-            let abort = task.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(5), task)
-                .await
-                .is_err()
-            {
-                abort.abort();
-            }
+            join_or_abort(task, Duration::from_secs(5)).await;
         }
         self.pool.close();
         tracing::info!("stopped");
@@ -928,6 +914,14 @@ impl Daemon {
 /// `1.2s`: a duration for messages.
 fn secs(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
+}
+
+/// Waits for a task that was told to stop, at most `patience`; then aborts it.
+async fn join_or_abort<T>(task: JoinHandle<T>, patience: Duration) {
+    let abort = task.abort_handle();
+    if tokio::time::timeout(patience, task).await.is_err() {
+        abort.abort();
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
