@@ -1,7 +1,8 @@
 -- mvrefresh's own bookkeeping. Installed by `mvrefresh install`, which runs this file in one
 -- transaction under an advisory lock. Every statement is idempotent: running it again changes
 -- nothing. `meta.schema_version` says which version is installed; an older version is upgraded
--- in place (version 2's pending change-log rows are moved into `pending`, nothing is lost).
+-- in place (version 2's pending change-log rows are moved into `pending`, nothing is lost;
+-- version 4 added `mark_keys`, which the capture triggers call, and `subscribe`).
 --
 -- How a change travels (see also src/store.rs):
 --   writer's row trigger ─▶ `dirty` (one row per channel and key while the key is dirty; a key
@@ -100,6 +101,26 @@ BEGIN ATOMIC
                    ELSE quote_ident(c.relname) END
     FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
     WHERE c.oid = pg_catalog.to_regclass(p_relation);
+END;
+
+-- Adds the (channel, view) subscriptions that are missing, pairwise from the two arrays; a
+-- newly subscribed view gets a pending '*' (it may have missed changes, so it is refreshed whole
+-- once). How many were added. Used by `install` and by the daemon at start-up. It runs with the
+-- caller's privileges (a caller who may not write the tables gets an error), so anyone may call it.
+CREATE OR REPLACE FUNCTION mvrefresh.subscribe(p_channels text[], p_views text[])
+RETURNS bigint
+LANGUAGE sql
+BEGIN ATOMIC
+    WITH added AS (
+        INSERT INTO mvrefresh.subscription (channel, view_name)
+        SELECT * FROM unnest(p_channels, p_views)
+        ON CONFLICT DO NOTHING
+        RETURNING view_name
+    ), queued AS (
+        INSERT INTO mvrefresh.pending (view_name, key, since)
+        SELECT DISTINCT view_name, '*', clock_timestamp() FROM added
+    )
+    SELECT count(*) FROM added;
 END;
 
 -- One row per refresh attempt, kept for `[refresh] history_retention`.
@@ -248,5 +269,5 @@ $mvrefresh$;
 DROP FUNCTION IF EXISTS mvrefresh.record_changes(text, text[]);
 DELETE FROM mvrefresh.meta WHERE key LIKE 'capture:%';
 
-INSERT INTO mvrefresh.meta (key, value) VALUES ('schema_version', '3')
+INSERT INTO mvrefresh.meta (key, value) VALUES ('schema_version', '4')
 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value WHERE mvrefresh.meta.value <> EXCLUDED.value;

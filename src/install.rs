@@ -37,7 +37,7 @@ use crate::sql::{ident, literal, Relation};
 pub const CORE_SQL: &str = include_str!("../sql/mvrefresh.sql");
 
 /// The `schema_version` that [`CORE_SQL`] installs (kept equal by a unit test).
-pub const SCHEMA_VERSION: &str = "3";
+pub const SCHEMA_VERSION: &str = "4";
 
 /// The longest generated identifier is `mvrefresh_capture_<name>_truncate`; PostgreSQL
 /// truncates identifiers to 63 bytes, so a capture's name may have this many.
@@ -480,13 +480,7 @@ WHERE NOT EXISTS (SELECT 1 FROM mvrefresh.subscription s WHERE s.view_name = p.v
     };
     format!(
         r#"CREATE TEMP TABLE mvrefresh_desired ON COMMIT DROP AS {desired};
-{prune}WITH added AS (
-    INSERT INTO mvrefresh.subscription (channel, view_name)
-    SELECT channel, view_name FROM mvrefresh_desired
-    ON CONFLICT DO NOTHING
-    RETURNING view_name)
-INSERT INTO mvrefresh.pending (view_name, key, since)
-SELECT DISTINCT view_name, '*', clock_timestamp() FROM added;
+{prune}SELECT mvrefresh.subscribe(array_agg(channel), array_agg(view_name)) FROM mvrefresh_desired;
 DROP TABLE mvrefresh_desired;
 "#
     )

@@ -342,18 +342,13 @@ pub async fn ensure_subscriptions(
 ) -> Result<u64, tokio_postgres::Error> {
     let channels: Vec<&str> = pairs.iter().map(|(c, _)| c.as_str()).collect();
     let views: Vec<&str> = pairs.iter().map(|(_, v)| v.as_str()).collect();
-    client
-        .execute(
-            "WITH added AS (
-                 INSERT INTO mvrefresh.subscription (channel, view_name)
-                 SELECT * FROM unnest($1::text[], $2::text[])
-                 ON CONFLICT DO NOTHING
-                 RETURNING view_name)
-             INSERT INTO mvrefresh.pending (view_name, key, since)
-             SELECT DISTINCT view_name, '*', clock_timestamp() FROM added",
+    let row = client
+        .query_one(
+            "SELECT mvrefresh.subscribe($1::text[], $2::text[])",
             &[&channels, &views],
         )
-        .await
+        .await?;
+    Ok(row.get::<_, i64>(0) as u64)
 }
 
 /// Deletes at most `batch` history rows older than `retention` (the oldest first); how many.

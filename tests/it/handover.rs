@@ -283,7 +283,7 @@ async fn install_upgrades_version_2_without_losing_pending_changes() {
         )
         .await
         .unwrap();
-    assert_eq!(row.get::<_, String>(0), "3");
+    assert_eq!(row.get::<_, String>(0), mvrefresh::install::SCHEMA_VERSION);
     assert!(row.get::<_, bool>(1), "the change log is gone");
     assert!(row.get::<_, bool>(2), "record_changes is gone");
     assert_eq!(
