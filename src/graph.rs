@@ -91,23 +91,7 @@ struct Resolved {
 impl Plan {
     /// Resolves and checks every view. All problems are reported together.
     pub async fn load(client: &impl GenericClient, config: &Config) -> Result<Plan, PlanError> {
-        let has_meta: bool = client
-            .query_one("SELECT to_regclass('mvrefresh.meta') IS NOT NULL", &[])
-            .await?
-            .get(0);
-        let installed: Option<String> = if has_meta {
-            Some(
-                client
-                    .query_opt(
-                        "SELECT value FROM mvrefresh.meta WHERE key = 'schema_version'",
-                        &[],
-                    )
-                    .await?
-                    .map_or_else(|| "?".to_owned(), |r| r.get(0)),
-            )
-        } else {
-            None
-        };
+        let installed = crate::store::installed_version(client).await?;
         match installed {
             None => return Err(PlanError::NotInstalled),
             Some(v) if v != crate::install::SCHEMA_VERSION => {

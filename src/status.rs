@@ -181,21 +181,7 @@ pub async fn check(
     } else {
         say(true, "the server is a primary".into());
     }
-    let has_meta: bool = client
-        .query_one("SELECT to_regclass('mvrefresh.meta') IS NOT NULL", &[])
-        .await?
-        .get(0);
-    let installed: Option<String> = if has_meta {
-        client
-            .query_opt(
-                "SELECT value FROM mvrefresh.meta WHERE key = 'schema_version'",
-                &[],
-            )
-            .await?
-            .map(|r| r.get(0))
-    } else {
-        None
-    };
+    let installed = crate::store::installed_version(client).await?;
     let installed = match installed {
         Some(v) if v == crate::install::SCHEMA_VERSION => {
             say(true, format!("mvrefresh schema installed (version {v})"));

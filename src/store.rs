@@ -158,6 +158,26 @@ pub async fn announce_idle(client: &impl GenericClient) -> Result<(), tokio_post
     new_generation(client, true).await
 }
 
+/// The version of mvrefresh's schema installed in this database (`mvrefresh.meta`): `None` when
+/// it is not installed, `"?"` when its version row is missing.
+pub async fn installed_version(
+    client: &impl GenericClient,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    let row = client
+        .query_one("SELECT to_regclass('mvrefresh.meta') IS NOT NULL", &[])
+        .await?;
+    if !row.get::<_, bool>(0) {
+        return Ok(None);
+    }
+    let version = client
+        .query_opt(
+            "SELECT value FROM mvrefresh.meta WHERE key = 'schema_version'",
+            &[],
+        )
+        .await?;
+    Ok(Some(version.map_or_else(|| "?".to_owned(), |r| r.get(0))))
+}
+
 /// The names `views` are recorded under (subscriptions, pending keys, history; see
 /// `mvrefresh.view_name`), in their order; a view the catalog does not know keeps its configured
 /// spelling.
@@ -179,6 +199,31 @@ pub async fn recorded_names(
         .map(|(r, v)| {
             r.get::<_, Option<String>>(0)
                 .unwrap_or_else(|| v.relation().to_string())
+        })
+        .collect())
+}
+
+/// How long ago each of `views` (recorded names) was last refreshed successfully, from the
+/// history; `None` for a view with no success in it.
+pub async fn last_success_ages(
+    client: &impl GenericClient,
+    views: &[&str],
+) -> Result<Vec<Option<Duration>>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT (SELECT extract(epoch FROM clock_timestamp() - max(h.finished_at))::float8
+                     FROM mvrefresh.refresh_history h
+                     WHERE h.view_name = n.name AND h.outcome = 'success')
+             FROM unnest($1::text[]) WITH ORDINALITY AS n(name, i)
+             ORDER BY n.i",
+            &[&views],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            r.get::<_, Option<f64>>(0)
+                .map(|s| Duration::from_secs_f64(s.max(0.0)))
         })
         .collect())
 }

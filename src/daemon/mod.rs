@@ -167,7 +167,11 @@ pub async fn run(
         let captured = store::captured_channels(&**client).await?;
         (plan, captured)
     };
-    let last_success = last_success_ages(&pool, &plan).await?;
+    let last_success = {
+        let client = pool.get().await.map_err(DbError::from)?;
+        let names: Vec<&str> = plan.views.iter().map(|v| v.name.as_str()).collect();
+        store::last_success_ages(&**client, &names).await?
+    };
     let telemetry = Arc::new(Telemetry::new(&config.telemetry, stats.clone())?);
     let config = Arc::new(config);
     let (manual_tx, manual_rx) = mpsc::channel(16);
@@ -231,29 +235,6 @@ pub async fn run(
     // Flush telemetry off the async runtime: the OTLP reader uses a blocking client.
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     Ok(())
-}
-
-/// Age of each view's last successful refresh, from the history.
-async fn last_success_ages(pool: &Pool, plan: &Plan) -> Result<Vec<Option<Duration>>, DaemonError> {
-    let client = pool.get().await.map_err(DbError::from)?;
-    let names: Vec<&str> = plan.views.iter().map(|v| v.name.as_str()).collect();
-    let rows = client
-        .query(
-            "SELECT n.name,
-                    (SELECT extract(epoch FROM clock_timestamp() - max(h.finished_at))::float8
-                     FROM mvrefresh.refresh_history h
-                     WHERE h.view_name = n.name AND h.outcome = 'success')
-             FROM unnest($1::text[]) AS n(name)",
-            &[&names],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            r.get::<_, Option<f64>>(1)
-                .map(|s| Duration::from_secs_f64(s.max(0.0)))
-        })
-        .collect())
 }
 
 struct Daemon {
