@@ -9,20 +9,21 @@
 //! | module | concern |
 //! |---|---|
 //! | [`config`] | `config.toml` → one validated [`config::Config`]; errors name file and key |
-//! | [`cli`] | the commands (`run`, `install`, `refresh`, `check`, `status`) |
+//! | [`cli`] | the command line: parsing, dispatch |
+//! | [`commands`] | one module per command (`run`, `install`, `refresh`, `check`, `status`) |
 //! | [`install`] | the schema, the generated capture (row trigger, its inlined checks) and subscriptions, in one transaction |
 //! | [`db`] | reaching PostgreSQL: URL, timeouts, the refresh pool, primary check |
 //! | [`tls`] | `sslmode`/`sslrootcert`/`sslcert`/`sslkey` → the one rustls connector |
 //! | [`listener`] | the LISTEN connection: reconnect with backoff, heartbeat, a bounded inbox |
 //! | [`changelog`] | what a notification means (payloads of channels without capture) |
-//! | [`store`] | every statement on `dirty`/`pending`: collect, bounded reads, the hand-over guards |
+//! | [`store`] | statements on mvrefresh's tables: collect, bounded reads, the hand-over guards, subscriptions, schema version, last successes |
 //! | [`debounce`] | per-key `quiet` / `max_wait` debouncing, bounded, aware of the hand-over horizon |
 //! | [`graph`] | resolving views in the catalog, dependency order |
 //! | [`refresh`] | one refresh transaction: lock, consume the guarded pending keys, refresh, record |
-//! | [`daemon`] | the main loop tying them together; two-phase shutdown; circuit breaker (`daemon/intake.rs`: collects, catch-ups, guards, pruning, the inbox; `daemon/task.rs`: one refresh and its liveness watch; `daemon/isolate.rs`: splitting failed batches, quarantining a failing key; `daemon/health.rs`: staleness and listener alerts) |
+//! | [`daemon`] | the main loop tying them together; two-phase shutdown (`daemon/breaker.rs`: retry backoff and the circuit breaker; `daemon/intake.rs`: collects, catch-ups, guards, pruning, the inbox; `daemon/task.rs`: one refresh and its liveness watch; `daemon/isolate.rs`: splitting failed batches, quarantining a failing key; `daemon/health.rs`: staleness and listener alerts) |
 //! | [`alert`] | alert lifecycle per subject, webhook delivery (queue, retries, signature) |
 //! | [`pgcron`] | pg_cron: watch of failed job runs, `install --pg-cron` jobs |
-//! | [`status`] | `status` and `check` reports from the database |
+//! | [`status`] | the status report from the database (`status`, `/status`) |
 //! | [`telemetry`] | OpenTelemetry metrics: Prometheus registry and OTLP push |
 //! | [`http`] | the admin server: health, readiness, metrics, status, manual refresh; bounded connections and timeouts |
 //! | [`stats`] | live counters shared by tasks and readers |
@@ -42,6 +43,7 @@
 pub mod alert;
 pub mod changelog;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod db;

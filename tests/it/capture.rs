@@ -392,7 +392,9 @@ async fn a_capture_name_of_the_longest_length_keeps_every_trigger() {
     harness::take_dirty(&c, None).await;
     c.batch_execute("TRUNCATE submissions").await.unwrap();
     assert_eq!(logged(&c).await, ["*"]);
-    let report = mvrefresh::status::check(&c, &config, "test").await.unwrap();
+    let report = mvrefresh::commands::check::check(&c, &config, "test")
+        .await
+        .unwrap();
     let texts: Vec<&str> = report.iter().map(|l| l.text.as_str()).collect();
     assert!(
         report.iter().any(|l| l.ok
@@ -464,7 +466,9 @@ channels = ["run_done"]
     })
     .await;
     daemon.stop().await;
-    let report = mvrefresh::status::check(&c, &second, "test").await.unwrap();
+    let report = mvrefresh::commands::check::check(&c, &second, "test")
+        .await
+        .unwrap();
     let texts: Vec<&str> = report.iter().map(|l| l.text.as_str()).collect();
     assert!(
         texts

@@ -1,0 +1,401 @@
+//! `mvrefresh check`: the configuration, the database, pg_cron and the webhook, one line per
+//! finding with its fix; read from the database alone, so it works without a running daemon.
+
+use std::process::ExitCode;
+
+use tokio_postgres::GenericClient;
+
+use crate::config::Config;
+use crate::db::Db;
+use crate::graph::{Plan, PlanError};
+use crate::tls::SslMode;
+
+pub async fn execute(config: Config, test_alert: bool) -> anyhow::Result<ExitCode> {
+    println!("ok: configuration is valid");
+    let exposure_ok = match config.http.exposure_problem() {
+        Some(problem) => {
+            println!("problem: {problem}");
+            false
+        }
+        None => true,
+    };
+    let webhook_ok = check_webhook(&config, test_alert).await && exposure_ok;
+    let db = Db::new(&config.database)?;
+    let client = match db.connect_simple("mvrefresh-check").await {
+        Ok(c) => c,
+        Err(e) => {
+            println!(
+                "problem: {e}; fix: check database.url / {}",
+                crate::config::ENV_DATABASE_URL
+            );
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let mut lines = check(&client, &config, &db.target()).await?;
+    lines.insert(1.min(lines.len()), encryption_line(&client, &db).await?);
+    let mut ok = webhook_ok && check_pg_cron(&config, &db).await;
+    for l in &lines {
+        println!("{}: {}", if l.ok { "ok" } else { "problem" }, l.text);
+        ok &= l.ok;
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Prints what the pg_cron watch will see. False only when `[pg_cron] database_url` is set but
+/// unusable.
+async fn check_pg_cron(config: &Config, db: &Db) -> bool {
+    if !config.pg_cron.watch {
+        println!("ok: pg_cron watch off (pg_cron.watch = false)");
+        return true;
+    }
+    let explicit = config.pg_cron.database_url.is_some();
+    let work = async {
+        let cron = crate::pgcron::cron_db(config, db)?;
+        let client = cron.connect_simple("mvrefresh-check").await?;
+        let present: bool = client
+            .query_one(
+                "SELECT to_regclass('cron.job_run_details') IS NOT NULL
+                        AND to_regclass('cron.job') IS NOT NULL",
+                &[],
+            )
+            .await?
+            .get(0);
+        let jobs: Option<i64> = if present {
+            Some(
+                client
+                    .query_one(
+                        "SELECT count(*) FROM cron.job WHERE jobname LIKE 'mvrefresh:%' AND database = $1",
+                        &[&db.dbname()],
+                    )
+                    .await?
+                    .get(0),
+            )
+        } else {
+            None
+        };
+        Ok::<_, crate::pgcron::PgCronError>((cron.target(), present, jobs))
+    };
+    match work.await {
+        Ok((target, true, jobs)) => {
+            println!(
+                "ok: pg_cron watch: failed runs in {target} will be alerted; {} job(s) mvrefresh:* for this database",
+                jobs.unwrap_or(0)
+            );
+            true
+        }
+        Ok((target, false, _)) => {
+            println!(
+                "ok: pg_cron watch idle: no cron.job_run_details in {target}{}",
+                if explicit {
+                    ""
+                } else {
+                    " (set pg_cron.database_url when pg_cron lives in another database)"
+                }
+            );
+            true
+        }
+        Err(e) => {
+            println!(
+                "{}: pg_cron watch: {e}{}",
+                if explicit { "problem" } else { "ok" },
+                if explicit {
+                    "; fix: check pg_cron.database_url"
+                } else {
+                    ""
+                }
+            );
+            !explicit
+        }
+    }
+}
+
+/// Prints whether the webhook answers (and, with `test_alert`, accepts a `test` alert).
+/// Never prints the URL.
+async fn check_webhook(config: &Config, test_alert: bool) -> bool {
+    use crate::alert::{Event, Kind, Webhook};
+    let webhook = match Webhook::new(&config.alert) {
+        Ok(Some(w)) => w,
+        Ok(None) => {
+            println!(
+                "{}: no alert webhook configured (alerts are only logged; set alert.webhook_url or {})",
+                if test_alert { "problem" } else { "ok" },
+                crate::config::ENV_ALERT_WEBHOOK_URL
+            );
+            return !test_alert;
+        }
+        Err(e) => {
+            println!("problem: alert webhook: {e}");
+            return false;
+        }
+    };
+    let signed = if config.alert.secret.is_some() {
+        "signed"
+    } else {
+        "unsigned"
+    };
+    if test_alert {
+        let alert = Event::new(
+            Kind::Test,
+            "test",
+            "test alert from `mvrefresh check --test-alert`",
+        )
+        .into_alert(&format!("cli:{}", std::process::id()));
+        match webhook.post(&alert).await {
+            Ok(()) => {
+                println!("ok: alert webhook accepted a test alert ({signed})");
+                true
+            }
+            Err(e) => {
+                println!("problem: alert webhook did not accept a test alert: {e}; fix: check alert.webhook_url / {}", crate::config::ENV_ALERT_WEBHOOK_URL);
+                false
+            }
+        }
+    } else {
+        match webhook.probe().await {
+            Ok(code) => {
+                println!("ok: alert webhook answers (HTTP {code} to HEAD; {signed}; `check --test-alert` posts a test alert)");
+                true
+            }
+            Err(e) => {
+                println!("problem: alert webhook does not answer: {e}; fix: check alert.webhook_url / {}", crate::config::ENV_ALERT_WEBHOOK_URL);
+                false
+            }
+        }
+    }
+}
+
+/// Whether the check's own connection is encrypted, and how far the server is verified.
+async fn encryption_line(
+    client: &tokio_postgres::Client,
+    db: &Db,
+) -> Result<CheckLine, tokio_postgres::Error> {
+    let mode = db.ssl_mode();
+    let row = client
+        .query_opt(
+            "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await?;
+    let (ssl, version) = row
+        .map(|r| (r.get::<_, bool>(0), r.get::<_, Option<String>>(1)))
+        .unwrap_or((false, None));
+    let text = match (ssl, mode) {
+        (true, SslMode::VerifyFull) => format!(
+            "connection encrypted ({}, sslmode={mode}: certificate and host name verified)",
+            version.unwrap_or_default()
+        ),
+        (true, _) => format!(
+            "connection encrypted ({}, sslmode={mode}); {} not verified: consider \
+             sslmode=verify-full with sslrootcert",
+            version.unwrap_or_default(),
+            if db.verifies_chain() {
+                "the server's host name is"
+            } else {
+                "the server's certificate is"
+            }
+        ),
+        (false, _) if db.unix_only() => {
+            "connection over a Unix socket (not encrypted; TLS does not apply)".to_owned()
+        }
+        (false, SslMode::Disable) => "connection not encrypted (sslmode=disable)".to_owned(),
+        (false, _) => format!(
+            "connection not encrypted: the server offers no TLS and sslmode={mode} fell back to \
+             plaintext; use sslmode=verify-full with sslrootcert"
+        ),
+    };
+    Ok(CheckLine { ok: true, text })
+}
+
+/// One line of the `check` report.
+#[derive(Debug, Clone)]
+pub struct CheckLine {
+    pub ok: bool,
+    pub text: String,
+}
+
+/// Validates the database against the config. Every problem is one line with its fix.
+pub async fn check(
+    client: &impl GenericClient,
+    config: &Config,
+    target: &str,
+) -> Result<Vec<CheckLine>, tokio_postgres::Error> {
+    let mut lines = Vec::new();
+    let mut say = |ok: bool, text: String| lines.push(CheckLine { ok, text });
+    say(true, format!("database reachable: {target}"));
+    let standby: bool = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await?
+        .get(0);
+    if standby {
+        say(
+            false,
+            "the server is a standby; fix: point database.url at the primary".into(),
+        );
+    } else {
+        say(true, "the server is a primary".into());
+    }
+    let installed = crate::store::installed_version(client).await?;
+    let installed = match installed {
+        Some(v) if v == crate::install::SCHEMA_VERSION => {
+            say(true, format!("mvrefresh schema installed (version {v})"));
+            let privileges: Vec<String> = client
+                .query(
+                    "SELECT t.name || ' (' || t.privs || ')' FROM (VALUES
+                         ('mvrefresh.dirty', 'SELECT,UPDATE,DELETE'),
+                         ('mvrefresh.pending', 'SELECT,INSERT,UPDATE,DELETE'),
+                         ('mvrefresh.refresh_history', 'SELECT,INSERT,DELETE'),
+                         ('mvrefresh.subscription', 'SELECT,INSERT'),
+                         ('mvrefresh.capture', 'SELECT')) AS t(name, privs)
+                     WHERE NOT has_table_privilege(t.name, t.privs)
+                     UNION ALL
+                     SELECT 'mvrefresh.generation (UPDATE)'
+                     WHERE NOT has_sequence_privilege('mvrefresh.generation', 'UPDATE')",
+                    &[],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if privileges.is_empty() {
+                say(true, "privileges on the mvrefresh schema suffice".into());
+            } else {
+                say(
+                    false,
+                    format!(
+                        "missing privileges on {}; fix: GRANT them to this role, or connect as the role that ran `mvrefresh install`",
+                        privileges.join(", ")
+                    ),
+                );
+            }
+            true
+        }
+        Some(v) => {
+            say(
+                false,
+                format!(
+                    "mvrefresh schema version {v} installed, this binary expects {}; fix: run `mvrefresh install`",
+                    crate::install::SCHEMA_VERSION
+                ),
+            );
+            true
+        }
+        None => false,
+    };
+    let cron: Option<String> = client
+        .query_opt(
+            "SELECT extversion FROM pg_extension WHERE extname = 'pg_cron'",
+            &[],
+        )
+        .await?
+        .map(|r| r.get(0));
+    match cron {
+        Some(v) => say(true, format!("pg_cron {v} installed in this database")),
+        None => say(
+            true,
+            "pg_cron not installed in this database (optional: failed-job alerts and database-side backstops)".into(),
+        ),
+    }
+    match Plan::load(client, config).await {
+        Ok(plan) => {
+            say(
+                true,
+                format!("{} views resolved and refreshable", plan.views.len()),
+            );
+            say(true, format!("refresh order: {}", plan.describe_order()));
+        }
+        Err(PlanError::Problems(problems)) => {
+            for p in problems {
+                say(false, p.to_string());
+            }
+        }
+        Err(PlanError::Db(e)) => return Err(e),
+        Err(e) => say(false, e.to_string()),
+    }
+    for c in &config.captures {
+        let row = crate::install::trigger_name(c);
+        let names = vec![format!("{row}_truncate"), row];
+        let table = crate::sql::Relation::parse(&c.table)
+            .map(|r| r.quoted())
+            .unwrap_or_default();
+        let found: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_trigger
+                 WHERE tgrelid = to_regclass($1) AND tgname = ANY($2) AND tgenabled <> 'D'",
+                &[&table, &names],
+            )
+            .await?
+            .get(0);
+        let current: bool = if installed {
+            client
+                .query_one(
+                    "SELECT coalesce((SELECT fingerprint = $2 FROM mvrefresh.capture WHERE name = $1), false)",
+                    &[&c.name, &crate::install::fingerprint(c)],
+                )
+                .await?
+                .get(0)
+        } else {
+            false
+        };
+        if found == names.len() as i64 && current {
+            say(
+                true,
+                format!("capture {} on {} installed and current", c.name, c.table),
+            );
+        } else if found == names.len() as i64 {
+            say(
+                false,
+                format!(
+                    "capture {} on {}: installed from a different configuration; fix: run `mvrefresh install`",
+                    c.name, c.table
+                ),
+            );
+        } else {
+            say(
+                false,
+                format!(
+                    "capture {} on {}: {found} of {} triggers installed and enabled; fix: run `mvrefresh install`",
+                    c.name, c.table, names.len()
+                ),
+            );
+        }
+    }
+    if installed {
+        // Captures and subscriptions another config installed (or this one no longer names).
+        let configured: Vec<&str> = config.captures.iter().map(|c| c.name.as_str()).collect();
+        let views: Vec<String> = config
+            .views
+            .iter()
+            .map(|v| v.relation().to_string())
+            .collect();
+        let others: Vec<String> = client
+            .query(
+                "SELECT 'capture ' || name FROM mvrefresh.capture
+                 WHERE name <> ALL ($1) AND name <> 'bout_results'
+                 UNION ALL
+                 SELECT DISTINCT 'view ' || view_name FROM mvrefresh.subscription
+                 WHERE view_name <> ALL ($2)
+                 ORDER BY 1",
+                &[&configured, &views],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if !others.is_empty() {
+            say(
+                true,
+                format!(
+                    "installed but not in this config: {}. Another config's daemon runs them, \
+                     or they are left over: then `mvrefresh install --prune` removes them (with \
+                     their pending keys); captured writes keep marking their keys until then",
+                    others.join(", ")
+                ),
+            );
+        }
+    }
+    Ok(lines)
+}

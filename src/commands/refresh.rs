@@ -1,0 +1,75 @@
+//! `mvrefresh refresh`: views refreshed once, in dependency order.
+
+use std::process::ExitCode;
+
+use crate::config::Config;
+use crate::db::Db;
+use crate::debounce::ALL;
+use crate::graph::Plan;
+use crate::refresh::{self, Outcome, Reason, Request, Settings};
+
+pub async fn execute(config: Config, names: Vec<String>, all: bool) -> anyhow::Result<ExitCode> {
+    if names.is_empty() && !all {
+        anyhow::bail!("name the views to refresh, or pass --all");
+    }
+    let db = Db::new(&config.database)?;
+    let mut client = db.connect_simple("mvrefresh-refresh").await?;
+    db.ensure_primary(&client).await?;
+    let plan = Plan::load(&client, &config).await?;
+    let mut selected = vec![all; plan.views.len()];
+    for n in &names {
+        match plan.index(n) {
+            Some(i) => selected[i] = true,
+            None => anyhow::bail!("`{n}` is not a configured [[view]]"),
+        }
+    }
+    let replica = format!("cli:{}", std::process::id());
+    let horizon = crate::store::settled_horizon(&client, std::time::Duration::from_secs(5)).await?;
+    let mut failed = vec![false; plan.views.len()];
+    for &i in &plan.order {
+        if !selected[i] {
+            continue;
+        }
+        let view = &plan.views[i];
+        if let Some(&d) = view.ancestors.iter().find(|&&a| failed[a]) {
+            println!(
+                "{}: skipped (it reads {}, which failed)",
+                view.name, plan.views[d].name
+            );
+            failed[i] = true;
+            continue;
+        }
+        let dependents: Vec<String> = view
+            .dependents
+            .iter()
+            .map(|&d| plan.views[d].name.clone())
+            .collect();
+        let request = Request {
+            keys: vec![ALL.to_owned()],
+            forced: vec![ALL.to_owned()],
+            reason: Reason::Manual,
+            wait_for_lock: true,
+            horizon: horizon.clone(),
+        };
+        let settings = Settings {
+            timeout: view.config.timeout.unwrap_or(config.refresh.timeout),
+            lock_timeout: config.refresh.lock_timeout,
+            replica: replica.clone(),
+        };
+        match refresh::refresh(&mut client, view, &dependents, &request, &settings).await {
+            Ok(Outcome::Refreshed { duration, .. }) => {
+                println!("{}: refreshed in {} ms", view.name, duration.as_millis())
+            }
+            Ok(other) => println!("{}: {other:?}", view.name),
+            Err(e) => {
+                println!("{}: FAILED: {}", view.name, e.message());
+                failed[i] = true;
+            }
+        }
+    }
+    Ok(if failed.iter().any(|f| *f) {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
