@@ -1,7 +1,7 @@
 //! `mvrefresh run`: the main loop.
 //!
 //! How an event travels: a writer's transaction marks its key dirty (`mvrefresh.dirty`) and
-//! notifies when the key turns dirty; the [`listener`](crate::listener) wakes this loop, which
+//! notifies when the key turns dirty; the [`listener`] wakes this loop, which
 //! collects the dirty keys into per-view pending keys (`daemon/intake.rs`; a periodic collect
 //! and catch-up read find the same keys, so a lost notification only delays them) and notes
 //! them in the views' [debouncers](crate::debounce); when keys are ready and no view they
