@@ -22,7 +22,7 @@
 //! | [`refresh`] | one refresh transaction: lock, consume the guarded pending keys, refresh, record |
 //! | [`daemon`] | the main loop tying them together; two-phase shutdown (`daemon/breaker.rs`: retry backoff and the circuit breaker; `daemon/intake.rs`: collects, catch-ups, guards, pruning, the inbox; `daemon/task.rs`: one refresh and its liveness watch; `daemon/isolate.rs`: splitting failed batches, quarantining a failing key; `daemon/health.rs`: staleness and listener alerts) |
 //! | [`alert`] | alert lifecycle per subject, webhook delivery (queue, retries, signature) |
-//! | [`pgcron`] | pg_cron: watch of failed job runs, `install --pg-cron` jobs |
+//! | [`pgcron`] | pg_cron: watch of failed and late job runs (`pgcron/watch.rs`), `install --pg-cron` jobs (`pgcron/jobs.rs`) |
 //! | [`status`] | the status report from the database (`status`, `/status`) |
 //! | [`telemetry`] | OpenTelemetry metrics: Prometheus registry and OTLP push |
 //! | [`http`] | the admin server: health, readiness, metrics, status, manual refresh; bounded connections and timeouts |

@@ -1,38 +1,4 @@
-//! pg_cron: the watch of failed job runs, and the backstop jobs of `install --pg-cron`.
-//!
-//! # Where pg_cron lives
-//!
-//! pg_cron runs in one database per cluster (`cron.database_name`); its tables
-//! `cron.job` and `cron.job_run_details` exist only there, and jobs reach other databases through
-//! `cron.schedule_in_database`. Both the watch and `install --pg-cron` therefore talk to
-//! `[pg_cron] database_url` when it is set (or `MVREFRESH_PG_CRON_DATABASE_URL`), and to the
-//! daemon's own database otherwise. The watch's cursor always lives in the daemon's database
-//! (`mvrefresh.pg_cron_cursor`). Without `cron.job_run_details` in that database the watch stays
-//! idle (checked at every poll, so installing pg_cron later is noticed).
-//!
-//! # The watch
-//!
-//! It reports the failed runs of every job of pg_cron's database, not only the `mvrefresh:*`
-//! jobs (failed pg_cron jobs are otherwise silent), with the job's command and error text.
-//!
-//! Every `[pg_cron] poll_interval` it reads the runs after the cursor, in `runid` order:
-//!
-//! 1. a run is *failed* when its status is `failed` or its message starts with
-//!    `job startup timeout` or is `server restarted` (pg_cron's words for runs that never
-//!    started or were cut by a restart);
-//! 2. the cursor moves over the leading runs that are finished (a run still `running` stops it,
-//!    so its failure is seen later, unless it has been unfinished for a day: then it is given
-//!    up); failed runs beyond it that were reported are remembered in `alerted`;
-//! 3. the cursor row is updated (only if no other replica moved it since it was read: replicas
-//!    take turns), *then* one `pg_cron_job_failed` alert per newly failed run is queued. A
-//!    restart therefore neither repeats nor skips a run.
-//!
-//! On the first poll against a database the cursor starts at the runs already finished: history
-//! from before mvrefresh watched is not replayed.
-//!
-//! Each configured view with a `schedule` and a `max_staleness` whose job `mvrefresh:<view>`
-//! exists is also checked: when its last successful run (or, before any, its first run) is
-//! older than `max_staleness`, `pg_cron_job_late` opens, and `pg_cron_job_recovered` closes it.
+//! The watch of pg_cron's failed and late job runs, as the module [`super`] describes it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,158 +7,17 @@ use deadpool_postgres::Pool;
 use tokio_postgres::{Client, GenericClient};
 use tokio_util::sync::CancellationToken;
 
+use super::{cron_db, job_name, PgCronError, JOB_PREFIX};
 use crate::alert::{Alerts, Event, Kind, Tracker};
-use crate::config::{Config, Mode, ViewConfig};
-use crate::db::{Db, DbError, LOCK_NAMESPACE};
-use crate::sql::literal;
+use crate::config::Config;
+use crate::db::{Db, DbError};
 use crate::stats::Stats;
 
-/// Prefix of the jobs `install --pg-cron` manages.
-pub const JOB_PREFIX: &str = "mvrefresh:";
 /// At most this many runs are read per poll.
 const BATCH: i64 = 1000;
 /// A run still unfinished after this long (its worker died without pg_cron noticing) stops
 /// holding the cursor back; a failure it records later is not reported.
 const STUCK_AFTER: Duration = Duration::from_secs(24 * 3600);
-/// Second key of the advisory lock `install --pg-cron` takes in pg_cron's database.
-const INSTALL_LOCK: i32 = 1;
-
-#[derive(Debug, thiserror::Error)]
-pub enum PgCronError {
-    #[error("view[{index}].schedule ({view}): {message}")]
-    Schedule {
-        index: usize,
-        view: String,
-        message: String,
-    },
-    #[error("invalid [pg_cron] database_url: {0}")]
-    Url(#[source] crate::db::UrlError),
-    #[error(transparent)]
-    Db(#[from] DbError),
-    #[error("pg_cron: {}", crate::db::error_text(.0))]
-    Query(#[from] tokio_postgres::Error),
-}
-
-/// pg_cron's schedule for "every `d`": `N seconds` below a minute, `*/N * * * *` when N minutes
-/// divide an hour, `0 */N * * *` when N hours divide a day, `0 0 * * *` for a day.
-pub fn cron_schedule(d: Duration) -> Result<String, String> {
-    let s = d.as_secs();
-    if d.subsec_nanos() != 0 || s == 0 {
-        return Err(format!(
-            "`{}` is not a whole number of seconds; pg_cron cannot run it",
-            humantime::format_duration(d)
-        ));
-    }
-    if s < 60 {
-        return Ok(format!("{s} seconds"));
-    }
-    if s % 60 == 0 && s < 3600 && 60 % (s / 60) == 0 {
-        return Ok(format!("*/{} * * * *", s / 60));
-    }
-    if s % 3600 == 0 && s < 86400 && 24 % (s / 3600) == 0 {
-        return Ok(format!("0 */{} * * *", s / 3600));
-    }
-    if s == 86400 {
-        return Ok("0 0 * * *".to_owned());
-    }
-    Err(format!(
-        "`{}` has no pg_cron equivalent: use seconds below a minute, minutes that divide an \
-         hour, hours that divide a day, or 1d",
-        humantime::format_duration(d)
-    ))
-}
-
-/// The job name of a view: `mvrefresh:<view>`.
-pub fn job_name(view: &ViewConfig) -> String {
-    format!("{JOB_PREFIX}{}", view.relation())
-}
-
-/// The SQL a view's job runs: the refresh its mode does, on the whole view.
-pub fn job_command(view: &ViewConfig) -> String {
-    let target = view.relation().quoted();
-    match view.mode {
-        Mode::Concurrently => format!("REFRESH MATERIALIZED VIEW CONCURRENTLY {target}"),
-        Mode::Blocking => format!("REFRESH MATERIALIZED VIEW {target}"),
-        Mode::Incremental => {
-            let function = crate::sql::Relation::parse(view.function.as_deref().unwrap_or(""))
-                .map(|f| f.quoted())
-                .unwrap_or_default();
-            format!("SELECT {function}(NULL)")
-        }
-    }
-}
-
-/// The statements that make pg_cron's jobs `mvrefresh:*` for `database` exactly the views of
-/// `config` with a `schedule`: created, updated (same name: pg_cron replaces it) or removed.
-/// Runs in pg_cron's database.
-pub fn jobs_sql(config: &Config, database: &str) -> Result<String, PgCronError> {
-    let mut sql = format!(
-        "SELECT pg_advisory_xact_lock({LOCK_NAMESPACE}, {INSTALL_LOCK});\n\
-         CREATE EXTENSION IF NOT EXISTS pg_cron;\n"
-    );
-    let mut names = Vec::new();
-    for (index, v) in config.views.iter().enumerate() {
-        let Some(every) = v.schedule else { continue };
-        let schedule = cron_schedule(every).map_err(|message| PgCronError::Schedule {
-            index,
-            view: v.name.clone(),
-            message,
-        })?;
-        let name = job_name(v);
-        sql.push_str(&format!(
-            "SELECT cron.schedule_in_database({}, {}, {}, {});\n",
-            literal(&name),
-            literal(&schedule),
-            literal(&job_command(v)),
-            literal(database)
-        ));
-        names.push(literal(&name));
-    }
-    sql.push_str(&format!(
-        "SELECT cron.unschedule(jobid) FROM cron.job\n\
-         WHERE jobname LIKE {} AND database = {} AND jobname <> ALL (ARRAY[{}]::text[]);\n",
-        literal(&format!("{JOB_PREFIX}%")),
-        literal(database),
-        names.join(", ")
-    ));
-    Ok(sql)
-}
-
-/// pg_cron's database: `[pg_cron] database_url`, else the daemon's.
-pub fn cron_db(config: &Config, db: &Db) -> Result<Db, PgCronError> {
-    match &config.pg_cron.database_url {
-        Some(url) => {
-            let mut settings = config.database.clone();
-            settings.url = url.expose().to_owned();
-            Db::new(&settings).map_err(PgCronError::Url)
-        }
-        None => Ok(db.clone()),
-    }
-}
-
-/// `install --pg-cron`: runs [`jobs_sql`] in pg_cron's database, in one transaction.
-/// Returns the jobs `mvrefresh:*` of `database` afterwards.
-pub async fn install_jobs(
-    client: &mut Client,
-    config: &Config,
-    database: &str,
-) -> Result<Vec<(String, String)>, PgCronError> {
-    let sql = jobs_sql(config, database)?;
-    let tx = client.transaction().await?;
-    tx.batch_execute(&sql).await?;
-    let jobs = tx
-        .query(
-            "SELECT jobname, schedule FROM cron.job
-             WHERE jobname LIKE $1 AND database = $2 ORDER BY jobname",
-            &[&format!("{JOB_PREFIX}%"), &database],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    tx.commit().await?;
-    Ok(jobs)
-}
 
 /// Whether a run's status and message mean it failed.
 pub fn is_failure(status: &str, message: Option<&str>) -> bool {
@@ -548,23 +373,6 @@ fn failed_run_alert(run: &Run, source: &str) -> crate::alert::Alert {
 mod tests {
     use super::*;
 
-    fn d(s: &str) -> Duration {
-        humantime::parse_duration(s).unwrap()
-    }
-
-    #[test]
-    fn schedules_convert_to_pg_cron_syntax() {
-        assert_eq!(cron_schedule(d("30s")).unwrap(), "30 seconds");
-        assert_eq!(cron_schedule(d("1m")).unwrap(), "*/1 * * * *");
-        assert_eq!(cron_schedule(d("15m")).unwrap(), "*/15 * * * *");
-        assert_eq!(cron_schedule(d("1h")).unwrap(), "0 */1 * * *");
-        assert_eq!(cron_schedule(d("6h")).unwrap(), "0 */6 * * *");
-        assert_eq!(cron_schedule(d("1d")).unwrap(), "0 0 * * *");
-        for bad in ["7m", "90s", "5h", "1500ms", "2d"] {
-            assert!(cron_schedule(d(bad)).is_err(), "{bad}");
-        }
-    }
-
     #[test]
     fn failures_include_startup_timeout_and_restart() {
         assert!(is_failure("failed", Some("ERROR: division by zero")));
@@ -573,32 +381,5 @@ mod tests {
         assert!(!is_failure("succeeded", Some("SELECT 1")));
         assert!(!is_failure("running", None));
         assert!(!is_finished("running", None));
-    }
-
-    #[test]
-    fn job_commands_quote_names() {
-        let text = r#"
-[database]
-url = "postgres://localhost/app"
-[[view]]
-name = "Odd.\"Vi\"\"ew\""
-mode = "concurrently"
-schedule = "5m"
-[[view]]
-name = "t"
-mode = "incremental"
-function = "refresh_t"
-schedule = "7m"
-"#;
-        let c =
-            Config::from_str_with_env(text, std::path::Path::new("t.toml"), &Default::default())
-                .unwrap();
-        assert_eq!(
-            job_command(&c.views[0]),
-            "REFRESH MATERIALIZED VIEW CONCURRENTLY \"odd\".\"Vi\"\"ew\""
-        );
-        assert_eq!(job_command(&c.views[1]), "SELECT \"refresh_t\"(NULL)");
-        let e = jobs_sql(&c, "app").unwrap_err().to_string();
-        assert!(e.contains("view[1].schedule (t)"), "{e}");
     }
 }
