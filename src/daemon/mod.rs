@@ -57,9 +57,11 @@ mod breaker;
 mod health;
 mod intake;
 mod isolate;
+mod scheduler;
 mod task;
 
-use breaker::{Breaker, Failure, Policy};
+use breaker::{Failure, Policy};
+use scheduler::{InFlight, ViewState};
 use task::{refresh_task, retry_delay, TaskError};
 
 /// How long a due key waits for the hand-over horizon before it is refreshed anyway (its
@@ -107,27 +109,10 @@ enum Internal {
     },
 }
 
-struct InFlight {
-    whole: bool,
-    keys: BTreeSet<String>,
-    /// The oldest change the refresh covers.
-    oldest: Option<Instant>,
+/// The task of a refresh in flight, and how to cancel its query.
+struct Running {
     cancel: Arc<Mutex<Option<Canceller>>>,
     task: JoinHandle<()>,
-}
-
-struct ViewState {
-    debouncer: Debouncer,
-    /// Splitting failed batches and quarantining the key that fails (`incremental`).
-    isolation: isolate::Isolation,
-    in_flight: Option<InFlight>,
-    /// Retry backoff, another replica busy, the circuit breaker.
-    breaker: Breaker,
-    next_schedule: Option<Instant>,
-    /// Why the next refresh runs, when not because of a change.
-    reason: Option<Reason>,
-    /// The last successful refresh in this process.
-    last_success: Option<Instant>,
 }
 
 /// Runs the daemon until `shutdown` completes; returns after a clean stop.
@@ -244,6 +229,8 @@ struct Daemon {
     plan: Arc<Plan>,
     stats: Arc<Stats>,
     views: Vec<ViewState>,
+    /// The task of each view's refresh in flight (beside its [`ViewState::in_flight`]).
+    running: Vec<Option<Running>>,
     /// channel → (views subscribed, whether a capture feeds it: its notifications are only
     /// wake-ups)
     channels: BTreeMap<String, (Vec<usize>, bool)>,
@@ -286,7 +273,7 @@ impl Daemon {
         captured: Vec<String>,
     ) -> Self {
         let now = Instant::now();
-        let views = plan
+        let views: Vec<ViewState> = plan
             .views
             .iter()
             .map(|v| {
@@ -302,13 +289,9 @@ impl Daemon {
                     reason = Some(Reason::Startup);
                 }
                 ViewState {
-                    debouncer,
-                    isolation: isolate::Isolation::default(),
-                    in_flight: None,
-                    breaker: Breaker::default(),
                     next_schedule: v.config.schedule.map(|s| now + s),
                     reason,
-                    last_success: None,
+                    ..ViewState::new(debouncer)
                 }
             })
             .collect();
@@ -346,6 +329,7 @@ impl Daemon {
             pool,
             plan,
             stats,
+            running: views.iter().map(|_| None).collect(),
             views,
             channels,
             internal_tx,
@@ -450,10 +434,9 @@ impl Daemon {
             .filter(|&i| self.views[i].in_flight.is_some())
             .collect();
         for &i in &left {
-            let token = self.views[i]
-                .in_flight
+            let token = self.running[i]
                 .as_ref()
-                .and_then(|f| f.cancel.lock().ok().and_then(|t| t.clone()));
+                .and_then(|r| r.cancel.lock().ok().and_then(|t| t.clone()));
             tracing::warn!(view = %self.plan.views[i].name, "shutdown deadline passed: cancelling the refresh");
             if let Some(token) = token {
                 if let Err(e) = token.cancel().await {
@@ -468,9 +451,10 @@ impl Daemon {
                 _ = tokio::time::sleep_until(grace.into()) => break,
             }
         }
-        for v in &mut self.views {
-            if let Some(f) = v.in_flight.take() {
-                f.task.abort();
+        for (v, r) in self.views.iter_mut().zip(&mut self.running) {
+            v.in_flight = None;
+            if let Some(r) = r.take() {
+                r.task.abort();
             }
         }
         // The listener and the pg_cron watch stop on `cancel_intake`; a send either is blocked
@@ -509,19 +493,11 @@ impl Daemon {
 
     /// Whether view `i`'s key `key` must wait for a view it reads.
     fn blocked(&self, i: usize, key: &str) -> bool {
-        self.plan.views[i].ancestors.iter().any(|&a| {
-            let st = &self.views[a];
-            // A parked key was refreshed already: it holds nothing up.
-            let pending = if key == ALL {
-                st.debouncer.oldest().is_some()
-            } else {
-                st.debouncer.contains_unparked(key) || st.debouncer.contains_unparked(ALL)
-            };
-            let in_flight = st.in_flight.as_ref().is_some_and(|f| {
-                key == ALL || f.whole || f.keys.contains(key) || f.keys.contains(ALL)
-            });
-            pending || in_flight
-        })
+        scheduler::blocked(
+            &self.views,
+            self.plan.views[i].ancestors.iter().copied(),
+            key,
+        )
     }
 
     /// Starts every refresh that is due, unblocked, and fits the concurrency limit.
@@ -644,9 +620,8 @@ impl Daemon {
             whole: view.mode().is_whole_view(),
             oldest,
             keys: keys.into_iter().collect(),
-            cancel,
-            task,
         });
+        self.running[i] = Some(Running { cancel, task });
     }
 
     fn on_internal(&mut self, event: Internal) {
@@ -667,6 +642,7 @@ impl Daemon {
     fn on_refresh_done(&mut self, i: usize, batch: Batch, result: Result<Outcome, TaskError>) {
         let now = Instant::now();
         let name = self.plan.views[i].name.clone();
+        self.running[i] = None;
         let st = &mut self.views[i];
         st.in_flight = None;
         match result {
@@ -730,11 +706,13 @@ impl Daemon {
                 }
                 let oldest = batch.iter().map(|(_, p)| p.first).min().unwrap_or(now);
                 let keys = keys.unwrap_or_else(|| vec![ALL.to_owned()]);
-                for d in self.plan.views[i].dependents.clone() {
-                    for k in &keys {
-                        self.views[d].debouncer.note_due(k, oldest, now, false);
-                    }
-                }
+                scheduler::propagate(
+                    &mut self.views,
+                    self.plan.views[i].dependents.iter().copied(),
+                    &keys,
+                    oldest,
+                    now,
+                );
             }
             Ok(Outcome::NothingToDo) => {
                 self.metrics

@@ -1,0 +1,241 @@
+//! The scheduling state of each view, plain data: what is pending (the debouncer), what is in
+//! flight, the retry state, the backstop schedule; and the rules that relate views to each
+//! other: a view waits while a view it reads has the same keys pending or in flight, and a
+//! view's successful refresh makes the keys it covered due for the views that read it.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use super::breaker::Breaker;
+use super::isolate::Isolation;
+use crate::debounce::{Debouncer, ALL};
+use crate::refresh::Reason;
+
+pub(super) struct ViewState {
+    pub debouncer: Debouncer,
+    /// Splitting failed batches and quarantining the key that fails (`incremental`).
+    pub isolation: Isolation,
+    pub in_flight: Option<InFlight>,
+    /// Retry backoff, another replica busy, the circuit breaker.
+    pub breaker: Breaker,
+    pub next_schedule: Option<Instant>,
+    /// Why the next refresh runs, when not because of a change.
+    pub reason: Option<Reason>,
+    /// The last successful refresh in this process.
+    pub last_success: Option<Instant>,
+}
+
+impl ViewState {
+    pub fn new(debouncer: Debouncer) -> ViewState {
+        ViewState {
+            debouncer,
+            isolation: Isolation::default(),
+            in_flight: None,
+            breaker: Breaker::default(),
+            next_schedule: None,
+            reason: None,
+            last_success: None,
+        }
+    }
+}
+
+/// A refresh in flight: what it covers.
+pub(super) struct InFlight {
+    /// A whole-view refresh.
+    pub whole: bool,
+    pub keys: BTreeSet<String>,
+    /// The oldest change the refresh covers.
+    pub oldest: Option<Instant>,
+}
+
+/// Whether a view whose `ancestors` (the views it reads, directly or not) are in `views` must
+/// wait before refreshing `key` ([`ALL`]: the whole view): an ancestor has the key (or
+/// everything) pending and not parked, or a refresh of it in flight.
+pub(super) fn blocked(
+    views: &[ViewState],
+    ancestors: impl IntoIterator<Item = usize>,
+    key: &str,
+) -> bool {
+    ancestors.into_iter().any(|a| {
+        let st = &views[a];
+        // A parked key was refreshed already: it holds nothing up.
+        let pending = if key == ALL {
+            st.debouncer.oldest().is_some()
+        } else {
+            st.debouncer.contains_unparked(key) || st.debouncer.contains_unparked(ALL)
+        };
+        let in_flight = st
+            .in_flight
+            .as_ref()
+            .is_some_and(|f| key == ALL || f.whole || f.keys.contains(key) || f.keys.contains(ALL));
+        pending || in_flight
+    })
+}
+
+/// A refresh covered `keys` (its oldest change at `oldest`): they are due at once for the
+/// `dependents`, which read the refreshed view.
+pub(super) fn propagate(
+    views: &mut [ViewState],
+    dependents: impl IntoIterator<Item = usize>,
+    keys: &[String],
+    oldest: Instant,
+    now: Instant,
+) {
+    for d in dependents {
+        for k in keys {
+            views[d].debouncer.note_due(k, oldest, now, false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::breaker::Policy;
+    use super::*;
+    use crate::config::DebounceConfig;
+    use crate::debounce::Limits;
+
+    const QUIET: Duration = Duration::from_millis(200);
+    const MAX_WAIT: Duration = Duration::from_secs(1);
+
+    fn view() -> ViewState {
+        ViewState::new(Debouncer::new(
+            DebounceConfig {
+                quiet: QUIET,
+                max_wait: MAX_WAIT,
+            },
+            Limits {
+                cap: 100,
+                batch: 10,
+                patience: Duration::from_secs(1),
+            },
+        ))
+    }
+
+    /// A parent (0) read by a child (1), both fed key "k" by the same channel.
+    fn parent_and_child() -> Vec<ViewState> {
+        vec![view(), view()]
+    }
+
+    #[test]
+    fn a_child_waits_for_its_parents_pending_and_in_flight_keys_only() {
+        let t0 = Instant::now();
+        let mut views = parent_and_child();
+        views[0].debouncer.note("k", t0, false);
+        views[1].debouncer.note("k", t0, false);
+        let parent = [0];
+        assert!(blocked(&views, parent, "k"), "the parent has k pending");
+        assert!(
+            !blocked(&views, parent, "other"),
+            "not a key the parent has"
+        );
+        assert!(
+            blocked(&views, parent, ALL),
+            "a whole refresh waits for any key"
+        );
+        // The parent's k goes in flight: still blocked, for k only.
+        let batch = views[0].debouncer.take_all();
+        assert_eq!(batch.len(), 1);
+        views[0].in_flight = Some(InFlight {
+            whole: false,
+            keys: ["k".to_owned()].into(),
+            oldest: Some(t0),
+        });
+        assert!(blocked(&views, parent, "k"));
+        assert!(!blocked(&views, parent, "other"));
+        // A whole refresh of the parent holds up every key.
+        views[0].in_flight.as_mut().unwrap().whole = true;
+        assert!(blocked(&views, parent, "other"));
+        views[0].in_flight = None;
+        assert!(!blocked(&views, parent, "k"));
+        // A view with no ancestors never waits.
+        assert!(!blocked(&views, [], "k"));
+    }
+
+    #[test]
+    fn a_child_past_its_max_wait_still_waits_for_its_parent_then_goes_at_once() {
+        let t0 = Instant::now();
+        let mut views = parent_and_child();
+        // Changes keep coming for k: the parent is due at max_wait whatever the quiet period.
+        let mut t = t0;
+        while t < t0 + MAX_WAIT {
+            views[0].debouncer.note("k", t, false);
+            views[1].debouncer.note("k", t, false);
+            t += QUIET / 2;
+        }
+        let late = t0 + MAX_WAIT + Duration::from_millis(1);
+        // The hand-over horizon has passed every change noted.
+        let horizon = Some(late);
+        assert!(
+            views[0].debouncer.any_due(late, horizon),
+            "parent due at max_wait"
+        );
+        assert!(
+            views[1].debouncer.any_due(late, horizon),
+            "child due at max_wait too"
+        );
+        assert!(
+            blocked(&views, [0], "k"),
+            "but it reads the parent, whose k is pending"
+        );
+        // The parent refreshes k; its success makes k due for the child at once.
+        let batch = views[0].debouncer.take_all();
+        let oldest = batch.iter().map(|(_, p)| p.first).min().unwrap();
+        assert_eq!(oldest, t0);
+        propagate(&mut views, [1], &["k".to_owned()], oldest, late);
+        assert!(!blocked(&views, [0], "k"));
+        let next = late + Duration::from_millis(1);
+        assert_eq!(views[1].debouncer.due_keys(next, Some(next)), ["k"]);
+        assert_eq!(
+            views[1].debouncer.oldest(),
+            Some(t0),
+            "staleness counts from the first change"
+        );
+    }
+
+    #[test]
+    fn a_failing_parent_keeps_its_children_waiting_and_unrelated_keys_go() {
+        let t0 = Instant::now();
+        let mut views = parent_and_child();
+        views[0].debouncer.note("k", t0, false);
+        views[1].debouncer.note("k", t0, false);
+        views[1].debouncer.note("j", t0, false);
+        // The parent's refresh of k fails: k goes back to its debouncer (restore).
+        let batch = views[0].debouncer.take_all();
+        views[0].debouncer.restore(batch);
+        views[0].breaker.failed(
+            t0,
+            &Policy {
+                retry_min: Duration::from_secs(1),
+                retry_max: Duration::from_secs(60),
+                circuit_failures: 0,
+                probe_min: Duration::from_secs(30),
+                probe_max: Duration::from_secs(600),
+            },
+        );
+        let later = t0 + MAX_WAIT * 2;
+        assert!(blocked(&views, [0], "k"), "k waits while the parent fails");
+        assert!(
+            !blocked(&views, [0], "j"),
+            "j does not depend on the failing refresh"
+        );
+        assert!(views[1].debouncer.due_keys(later, None).contains(&"j"));
+        // Nothing reached the child from the failed refresh.
+        assert!(views[1].debouncer.contains("k") && views[1].debouncer.len() == 2);
+    }
+
+    #[test]
+    fn a_whole_refresh_propagates_everything() {
+        let t0 = Instant::now();
+        let mut views = parent_and_child();
+        // The refresh covered changes from t0 and ended a while later.
+        let now = t0 + 2 * QUIET;
+        propagate(&mut views, [1], &[ALL.to_owned()], t0, now);
+        assert!(views[1].debouncer.contains(ALL));
+        let next = now + Duration::from_millis(1);
+        assert!(views[1].debouncer.any_due(next, Some(next)), "due at once");
+        assert_eq!(views[1].debouncer.oldest(), Some(t0));
+    }
+}
