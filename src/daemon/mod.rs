@@ -641,79 +641,16 @@ impl Daemon {
 
     fn on_refresh_done(&mut self, i: usize, batch: Batch, result: Result<Outcome, TaskError>) {
         let now = Instant::now();
-        let name = self.plan.views[i].name.clone();
         self.running[i] = None;
+        self.views[i].in_flight = None;
+        let name = self.plan.views[i].name.clone();
         let st = &mut self.views[i];
-        st.in_flight = None;
         match result {
             Ok(Outcome::Refreshed {
                 keys,
                 duration,
                 leftover,
-            }) => {
-                self.metrics.refresh(
-                    &name,
-                    RefreshOutcome::Success,
-                    Some(duration),
-                    keys.as_ref().map(Vec::len),
-                );
-                st.last_success = Some(now);
-                for key in st.isolation.succeeded(&batch) {
-                    tracing::info!(view = %name, key = %key, "a quarantined key refreshed again");
-                    let released = Event::new(
-                        Kind::RefreshRecovered,
-                        format!("key:{name}:{key}"),
-                        format!("refresh of {name} for key {key} succeeded again"),
-                    )
-                    .view(&name);
-                    self.alerts.send_opt(self.tracker.recover(released));
-                }
-                let recovery = st.breaker.succeeded();
-                if recovery.failures > 0 {
-                    tracing::info!(view = %name, after_failures = recovery.failures, "refresh recovered");
-                }
-                let recovered = Event::new(
-                    Kind::RefreshRecovered,
-                    format!("view:{name}"),
-                    format!("refresh of {name} succeeded again"),
-                )
-                .view(&name)
-                .failures(u64::from(recovery.failures));
-                self.alerts.send_opt(self.tracker.recover(recovered));
-                if recovery.circuit_closed {
-                    let closed = Event::new(
-                        Kind::CircuitClosed,
-                        format!("circuit:{name}"),
-                        format!("{name} refreshed successfully: circuit closed, normal refreshes resume"),
-                    )
-                    .view(&name);
-                    self.alerts.send_opt(self.tracker.recover(closed));
-                }
-                tracing::info!(
-                    view = %name,
-                    keys = keys.as_ref().map_or("all".to_owned(), |k| k.len().to_string()),
-                    duration_ms = duration.as_millis() as u64,
-                    "refreshed"
-                );
-                if keys.is_none() {
-                    // A whole refresh resets the backstop: `schedule` is "at least this often".
-                    if let Some(period) = self.plan.views[i].config.schedule {
-                        st.next_schedule = Some(now + period);
-                    }
-                }
-                for k in &leftover {
-                    st.debouncer.park(k, now);
-                }
-                let oldest = batch.iter().map(|(_, p)| p.first).min().unwrap_or(now);
-                let keys = keys.unwrap_or_else(|| vec![ALL.to_owned()]);
-                scheduler::propagate(
-                    &mut self.views,
-                    self.plan.views[i].dependents.iter().copied(),
-                    &keys,
-                    oldest,
-                    now,
-                );
-            }
+            }) => self.on_refreshed(i, batch, keys, duration, leftover, now),
             Ok(Outcome::NothingToDo) => {
                 self.metrics
                     .refresh(&name, RefreshOutcome::Skipped, None, None);
@@ -727,90 +664,171 @@ impl Daemon {
                 let delay = st.breaker.busy(now);
                 tracing::debug!(view = %name, retry_in = ?delay, "another replica is refreshing this view");
             }
-            Err(e) => {
-                self.metrics
-                    .refresh(&name, RefreshOutcome::Failure, None, None);
-                let statement_error =
-                    matches!(&e, TaskError::Refresh(r) if !r.is_connection_error());
-                let batch = if statement_error && !self.plan.views[i].mode().is_whole_view() {
-                    let (min, max) = (self.config.refresh.retry_min, self.config.refresh.retry_max);
-                    match st
-                        .isolation
-                        .failed(batch, now, |n| retry_delay(min, max, n))
-                    {
-                        isolate::Verdict::Split => {
-                            tracing::warn!(view = %name, error = %e, "refresh of several keys failed: refreshing them in halves to isolate the key that fails");
-                            return;
-                        }
-                        isolate::Verdict::Quarantined { key, first } => {
-                            tracing::error!(view = %name, key = %key, error = %e, "a key makes the refresh fail: quarantined, retried alone with backoff; the other keys keep refreshing");
-                            let event = Event::new(
-                                Kind::RefreshFailed,
-                                format!("key:{name}:{key}"),
-                                format!("refresh of {name} fails for key {key}: the key is quarantined (retried alone with backoff); other keys keep refreshing"),
-                            )
-                            .view(&name)
-                            .error(e.to_string())
-                            .detail("key", key.clone())
-                            .detail("first", first);
-                            match self.tracker.fail(event, now) {
-                                Some(alert) => self.alerts.send(alert),
-                                None => self.stats.alerts_suppressed.inc(),
-                            }
-                            return;
-                        }
-                        isolate::Verdict::ViewFails(batch) => batch,
-                    }
-                } else {
-                    batch
-                };
-                st.debouncer.restore(batch);
-                let Failure {
-                    failures,
-                    delay,
-                    circuit_opened,
-                } = st.breaker.failed(now, &Policy::new(&self.config));
-                let error = e.to_string();
-                let failed = Event::new(
-                    Kind::RefreshFailed,
-                    format!("view:{name}"),
-                    format!("refresh of {name} failed ({failures} in a row)"),
-                )
-                .view(&name)
-                .error(error.clone())
-                .failures(u64::from(failures))
-                .detail("retry_in_seconds", delay.as_secs_f64());
-                match self.tracker.fail(failed, now) {
-                    Some(alert) => self.alerts.send(alert),
-                    None => self.stats.alerts_suppressed.inc(),
-                }
-                if circuit_opened {
-                    self.stats.circuits_opened.inc();
-                    let opened = Event::new(
-                        Kind::CircuitOpened,
-                        format!("circuit:{name}"),
-                        format!(
-                            "{name} failed {failures} times in a row: refreshes paused, probing with backoff (next in {})",
-                            humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
-                        ),
-                    )
-                    .view(&name)
-                    .error(error)
-                    .failures(u64::from(failures))
-                    .detail("next_probe_in_seconds", delay.as_secs_f64());
-                    if let Some(alert) = self.tracker.fail(opened, now) {
-                        self.alerts.send(alert);
-                    }
-                }
-                tracing::error!(
-                    view = %name,
-                    consecutive_failures = failures,
-                    retry_in = ?delay,
-                    error = %e,
-                    "refresh failed"
-                );
+            Err(e) => self.on_refresh_failed(i, batch, e, now),
+        }
+    }
+
+    /// A refresh succeeded: recoveries, the backstop schedule, keys left over, dependents.
+    fn on_refreshed(
+        &mut self,
+        i: usize,
+        batch: Batch,
+        keys: Option<Vec<String>>,
+        duration: Duration,
+        leftover: Vec<String>,
+        now: Instant,
+    ) {
+        let name = self.plan.views[i].name.clone();
+        let st = &mut self.views[i];
+        self.metrics.refresh(
+            &name,
+            RefreshOutcome::Success,
+            Some(duration),
+            keys.as_ref().map(Vec::len),
+        );
+        st.last_success = Some(now);
+        for key in st.isolation.succeeded(&batch) {
+            tracing::info!(view = %name, key = %key, "a quarantined key refreshed again");
+            let released = Event::new(
+                Kind::RefreshRecovered,
+                format!("key:{name}:{key}"),
+                format!("refresh of {name} for key {key} succeeded again"),
+            )
+            .view(&name);
+            self.alerts.send_opt(self.tracker.recover(released));
+        }
+        let recovery = st.breaker.succeeded();
+        if recovery.failures > 0 {
+            tracing::info!(view = %name, after_failures = recovery.failures, "refresh recovered");
+        }
+        let recovered = Event::new(
+            Kind::RefreshRecovered,
+            format!("view:{name}"),
+            format!("refresh of {name} succeeded again"),
+        )
+        .view(&name)
+        .failures(u64::from(recovery.failures));
+        self.alerts.send_opt(self.tracker.recover(recovered));
+        if recovery.circuit_closed {
+            let closed = Event::new(
+                Kind::CircuitClosed,
+                format!("circuit:{name}"),
+                format!("{name} refreshed successfully: circuit closed, normal refreshes resume"),
+            )
+            .view(&name);
+            self.alerts.send_opt(self.tracker.recover(closed));
+        }
+        tracing::info!(
+            view = %name,
+            keys = keys.as_ref().map_or("all".to_owned(), |k| k.len().to_string()),
+            duration_ms = duration.as_millis() as u64,
+            "refreshed"
+        );
+        if keys.is_none() {
+            // A whole refresh resets the backstop: `schedule` is "at least this often".
+            if let Some(period) = self.plan.views[i].config.schedule {
+                st.next_schedule = Some(now + period);
             }
         }
+        for k in &leftover {
+            st.debouncer.park(k, now);
+        }
+        let oldest = batch.iter().map(|(_, p)| p.first).min().unwrap_or(now);
+        let keys = keys.unwrap_or_else(|| vec![ALL.to_owned()]);
+        scheduler::propagate(
+            &mut self.views,
+            self.plan.views[i].dependents.iter().copied(),
+            &keys,
+            oldest,
+            now,
+        );
+    }
+
+    /// A refresh failed: a failing key is isolated (incremental views), else the view backs off,
+    /// maybe opening its circuit; alerts say so.
+    fn on_refresh_failed(&mut self, i: usize, batch: Batch, e: TaskError, now: Instant) {
+        let name = self.plan.views[i].name.clone();
+        let st = &mut self.views[i];
+        self.metrics
+            .refresh(&name, RefreshOutcome::Failure, None, None);
+        let statement_error = matches!(&e, TaskError::Refresh(r) if !r.is_connection_error());
+        let batch = if statement_error && !self.plan.views[i].mode().is_whole_view() {
+            let (min, max) = (self.config.refresh.retry_min, self.config.refresh.retry_max);
+            match st
+                .isolation
+                .failed(batch, now, |n| retry_delay(min, max, n))
+            {
+                isolate::Verdict::Split => {
+                    tracing::warn!(view = %name, error = %e, "refresh of several keys failed: refreshing them in halves to isolate the key that fails");
+                    return;
+                }
+                isolate::Verdict::Quarantined { key, first } => {
+                    tracing::error!(view = %name, key = %key, error = %e, "a key makes the refresh fail: quarantined, retried alone with backoff; the other keys keep refreshing");
+                    let event = Event::new(
+                        Kind::RefreshFailed,
+                        format!("key:{name}:{key}"),
+                        format!("refresh of {name} fails for key {key}: the key is quarantined (retried alone with backoff); other keys keep refreshing"),
+                    )
+                    .view(&name)
+                    .error(e.to_string())
+                    .detail("key", key.clone())
+                    .detail("first", first);
+                    match self.tracker.fail(event, now) {
+                        Some(alert) => self.alerts.send(alert),
+                        None => self.stats.alerts_suppressed.inc(),
+                    }
+                    return;
+                }
+                isolate::Verdict::ViewFails(batch) => batch,
+            }
+        } else {
+            batch
+        };
+        st.debouncer.restore(batch);
+        let Failure {
+            failures,
+            delay,
+            circuit_opened,
+        } = st.breaker.failed(now, &Policy::new(&self.config));
+        let error = e.to_string();
+        let failed = Event::new(
+            Kind::RefreshFailed,
+            format!("view:{name}"),
+            format!("refresh of {name} failed ({failures} in a row)"),
+        )
+        .view(&name)
+        .error(error.clone())
+        .failures(u64::from(failures))
+        .detail("retry_in_seconds", delay.as_secs_f64());
+        match self.tracker.fail(failed, now) {
+            Some(alert) => self.alerts.send(alert),
+            None => self.stats.alerts_suppressed.inc(),
+        }
+        if circuit_opened {
+            self.stats.circuits_opened.inc();
+            let opened = Event::new(
+                Kind::CircuitOpened,
+                format!("circuit:{name}"),
+                format!(
+                    "{name} failed {failures} times in a row: refreshes paused, probing with backoff (next in {})",
+                    humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
+                ),
+            )
+            .view(&name)
+            .error(error)
+            .failures(u64::from(failures))
+            .detail("next_probe_in_seconds", delay.as_secs_f64());
+            if let Some(alert) = self.tracker.fail(opened, now) {
+                self.alerts.send(alert);
+            }
+        }
+        tracing::error!(
+            view = %name,
+            consecutive_failures = failures,
+            retry_in = ?delay,
+            error = %e,
+            "refresh failed"
+        );
     }
 
     /// Queues a manual refresh of one view or all (`POST /refresh[/{view}]`).
