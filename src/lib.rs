@@ -20,7 +20,7 @@
 //! | [`debounce`] | per-key `quiet` / `max_wait` debouncing, bounded, aware of the hand-over horizon |
 //! | [`graph`] | resolving views in the catalog, dependency order |
 //! | [`refresh`] | one refresh transaction: lock, consume the guarded pending keys, refresh, record |
-//! | [`daemon`] | the main loop tying them together; two-phase shutdown (`daemon/scheduler.rs`: each view's scheduling state, waiting for the views it reads, propagation to the views that read it; `daemon/breaker.rs`: retry backoff and the circuit breaker; `daemon/intake.rs`: collects, catch-ups, guards, pruning, the inbox; `daemon/task.rs`: one refresh and its liveness watch; `daemon/isolate.rs`: splitting failed batches, quarantining a failing key; `daemon/health.rs`: staleness and listener alerts) |
+//! | [`daemon`] | the main loop tying them together; two-phase shutdown (`daemon/scheduler.rs`: each view's scheduling state, dispatch, next wake-up, waiting for the views it reads, propagation to the views that read it; `daemon/breaker.rs`: retry backoff and the circuit breaker; `daemon/intake.rs`: collects, catch-ups, guards, pruning, the inbox; `daemon/task.rs`: one refresh and its liveness watch; `daemon/isolate.rs`: splitting failed batches, quarantining a failing key; `daemon/health.rs`: staleness and listener alerts) |
 //! | [`alert`] | alert lifecycle per subject, webhook delivery (queue, retries, signature) |
 //! | [`pgcron`] | pg_cron: watch of failed and late job runs (`pgcron/watch.rs`), `install --pg-cron` jobs (`pgcron/jobs.rs`) |
 //! | [`status`] | the status report from the database (`status`, `/status`) |

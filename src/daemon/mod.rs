@@ -61,14 +61,12 @@ mod scheduler;
 mod task;
 
 use breaker::{Failure, Policy};
-use scheduler::{InFlight, ViewState};
+use scheduler::ViewState;
 use task::{refresh_task, retry_delay, TaskError};
 
 /// How long a due key waits for the hand-over horizon before it is refreshed anyway (its
 /// pending rows are then consumed by a later refresh).
 const HORIZON_PATIENCE: Duration = Duration::from_secs(1);
-/// At most this much earlier than its due time a key joins a batch of keys already due.
-const BATCH_SLACK: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -231,6 +229,8 @@ struct Daemon {
     views: Vec<ViewState>,
     /// The task of each view's refresh in flight (beside its [`ViewState::in_flight`]).
     running: Vec<Option<Running>>,
+    /// What scheduling needs to know of each view.
+    facts: Vec<scheduler::Facts>,
     /// channel → (views subscribed, whether a capture feeds it: its notifications are only
     /// wake-ups)
     channels: BTreeMap<String, (Vec<usize>, bool)>,
@@ -323,6 +323,16 @@ impl Daemon {
             std::process::id()
         );
         let tracker = Tracker::new(config.alert.repeat_after, replica.clone());
+        let facts = plan
+            .views
+            .iter()
+            .map(|v| scheduler::Facts {
+                whole: v.mode().is_whole_view(),
+                schedule: v.config.schedule,
+                quiet: v.config.debounce(config.debounce).quiet,
+                ancestors: v.ancestors.iter().copied().collect(),
+            })
+            .collect();
         Daemon {
             config,
             db,
@@ -330,6 +340,7 @@ impl Daemon {
             plan,
             stats,
             running: views.iter().map(|_| None).collect(),
+            facts,
             views,
             channels,
             internal_tx,
@@ -467,101 +478,33 @@ impl Daemon {
         tracing::info!("stopped");
     }
 
-    /// The next instant something can become due (only future instants: a view that is due
-    /// but blocked waits for the event that unblocks it).
+    /// The next instant something can become due (views or intake), never now or earlier.
     fn next_wake(&self, now: Instant) -> Option<Instant> {
-        let horizon = self.intake.horizon();
-        self.views
-            .iter()
-            .filter(|v| v.in_flight.is_none())
-            .flat_map(|v| {
-                let due = match v.breaker.retry_at() {
-                    Some(t) if t > now => Some(t),
-                    _ => v.debouncer.next_due(horizon),
-                };
-                [due, v.next_schedule, v.isolation.next_retry()]
-            })
-            .chain([self.intake_wake()])
+        let views = scheduler::next_wake(&self.views, now, self.intake.horizon());
+        [views, self.intake_wake()]
+            .into_iter()
             .flatten()
             .map(|t| t.max(now + Duration::from_millis(1)))
             .min()
     }
 
-    fn running(&self) -> usize {
-        self.views.iter().filter(|v| v.in_flight.is_some()).count()
-    }
-
-    /// Whether view `i`'s key `key` must wait for a view it reads.
-    fn blocked(&self, i: usize, key: &str) -> bool {
-        scheduler::blocked(
-            &self.views,
-            self.plan.views[i].ancestors.iter().copied(),
-            key,
-        )
-    }
-
     /// Starts every refresh that is due, unblocked, and fits the concurrency limit.
     fn dispatch(&mut self, now: Instant) {
-        let horizon = self.intake.horizon();
-        for pos in 0..self.plan.order.len() {
-            let i = self.plan.order[pos];
-            if self.running() >= self.config.refresh.concurrency {
-                return;
-            }
-            let st = &mut self.views[i];
-            if st.in_flight.is_some() || st.breaker.waiting(now) {
-                continue;
-            }
-            if let (Some(period), Some(at)) = (self.plan.views[i].config.schedule, st.next_schedule)
-            {
-                if at <= now {
-                    st.debouncer.note_due(ALL, now, now, true);
-                    st.reason.get_or_insert(Reason::Schedule);
-                    st.next_schedule = Some(now + period);
-                }
-            }
-            let whole = self.plan.views[i].mode().is_whole_view();
-            let batch = if whole {
-                if !self.views[i].debouncer.any_due(now, horizon) || self.blocked(i, ALL) {
-                    continue;
-                }
-                self.views[i].debouncer.take_all()
-            } else if let Some(batch) = self.views[i].isolation.next(now) {
-                // A half of a failed batch, or a quarantined key due for its retry.
-                batch
-            } else {
-                // Keys that fall due within a moment of each other (the notifications of one
-                // commit arrive a few microseconds apart) go in one batch.
-                let quiet = self.plan.views[i]
-                    .config
-                    .debounce(self.config.debounce)
-                    .quiet;
-                let until = now + (quiet / 10).min(BATCH_SLACK);
-                let blocked: BTreeSet<String> = self.views[i]
-                    .debouncer
-                    .due_keys(until, horizon)
-                    .into_iter()
-                    .filter(|k| self.blocked(i, k))
-                    .map(str::to_owned)
-                    .collect();
-                let st = &mut self.views[i];
-                let isolation = &st.isolation;
-                st.debouncer.take_due(until, horizon, |k| {
-                    !blocked.contains(k) && !isolation.holds(k)
-                })
-            };
-            if batch.is_empty() {
-                continue;
-            }
-            self.spawn_refresh(i, batch);
+        let starts = scheduler::dispatch(
+            &mut self.views,
+            &self.facts,
+            &self.plan.order,
+            self.config.refresh.concurrency,
+            now,
+            self.intake.horizon(),
+        );
+        for s in starts {
+            self.spawn_refresh(s.view, s.batch, s.reason);
         }
     }
 
-    fn spawn_refresh(&mut self, i: usize, batch: Batch) {
+    fn spawn_refresh(&mut self, i: usize, batch: Batch, reason: Reason) {
         let view = &self.plan.views[i];
-        let st = &mut self.views[i];
-        let reason = st.reason.take().unwrap_or(Reason::Change);
-        let oldest = batch.iter().map(|(_, p)| p.first).min();
         let keys: Vec<String> = batch.iter().map(|(k, _)| k.clone()).collect();
         let forced: Vec<String> = batch
             .iter()
@@ -616,11 +559,6 @@ impl Daemon {
                 span,
             ))
         };
-        st.in_flight = Some(InFlight {
-            whole: view.mode().is_whole_view(),
-            oldest,
-            keys: keys.into_iter().collect(),
-        });
         self.running[i] = Some(Running { cancel, task });
     }
 

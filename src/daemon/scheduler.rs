@@ -4,12 +4,35 @@
 //! view's successful refresh makes the keys it covered due for the views that read it.
 
 use std::collections::BTreeSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::breaker::Breaker;
 use super::isolate::Isolation;
-use crate::debounce::{Debouncer, ALL};
+use crate::debounce::{Batch, Debouncer, ALL};
 use crate::refresh::Reason;
+
+/// At most this much earlier than its due time a key joins a batch of keys already due.
+const BATCH_SLACK: Duration = Duration::from_millis(50);
+
+/// What scheduling needs to know of a view from the plan and the config.
+pub(super) struct Facts {
+    /// A whole-view mode: any due key refreshes everything.
+    pub whole: bool,
+    /// The backstop: refreshed whole at least this often.
+    pub schedule: Option<Duration>,
+    /// Its quiet period (its own, else the global one).
+    pub quiet: Duration,
+    /// The views it reads, directly or not.
+    pub ancestors: Vec<usize>,
+}
+
+/// A refresh to start.
+#[derive(Debug)]
+pub(super) struct Start {
+    pub view: usize,
+    pub batch: Batch,
+    pub reason: Reason,
+}
 
 pub(super) struct ViewState {
     pub debouncer: Debouncer,
@@ -70,6 +93,100 @@ pub(super) fn blocked(
             .is_some_and(|f| key == ALL || f.whole || f.keys.contains(key) || f.keys.contains(ALL));
         pending || in_flight
     })
+}
+
+/// The refreshes to start now, in dependency `order`: views due, not waiting for a retry nor
+/// for a view they read, within `concurrency` refreshes in flight. Each is marked in flight.
+pub(super) fn dispatch(
+    views: &mut [ViewState],
+    facts: &[Facts],
+    order: &[usize],
+    concurrency: usize,
+    now: Instant,
+    horizon: Option<Instant>,
+) -> Vec<Start> {
+    let mut running = views.iter().filter(|v| v.in_flight.is_some()).count();
+    let mut starts = Vec::new();
+    for &i in order {
+        if running >= concurrency {
+            break;
+        }
+        let f = &facts[i];
+        let st = &mut views[i];
+        if st.in_flight.is_some() || st.breaker.waiting(now) {
+            continue;
+        }
+        if let (Some(period), Some(at)) = (f.schedule, st.next_schedule) {
+            if at <= now {
+                st.debouncer.note_due(ALL, now, now, true);
+                st.reason.get_or_insert(Reason::Schedule);
+                st.next_schedule = Some(now + period);
+            }
+        }
+        let batch = if f.whole {
+            if !views[i].debouncer.any_due(now, horizon)
+                || blocked(views, f.ancestors.iter().copied(), ALL)
+            {
+                continue;
+            }
+            views[i].debouncer.take_all()
+        } else if let Some(batch) = views[i].isolation.next(now) {
+            // A half of a failed batch, or a quarantined key due for its retry.
+            batch
+        } else {
+            // Keys that fall due within a moment of each other (the notifications of one
+            // commit arrive a few microseconds apart) go in one batch.
+            let until = now + (f.quiet / 10).min(BATCH_SLACK);
+            let held: BTreeSet<String> = views[i]
+                .debouncer
+                .due_keys(until, horizon)
+                .into_iter()
+                .filter(|k| blocked(views, f.ancestors.iter().copied(), k))
+                .map(str::to_owned)
+                .collect();
+            let st = &mut views[i];
+            let isolation = &st.isolation;
+            st.debouncer
+                .take_due(until, horizon, |k| !held.contains(k) && !isolation.holds(k))
+        };
+        if batch.is_empty() {
+            continue;
+        }
+        let st = &mut views[i];
+        st.in_flight = Some(InFlight {
+            whole: f.whole,
+            keys: batch.iter().map(|(k, _)| k.clone()).collect(),
+            oldest: batch.iter().map(|(_, p)| p.first).min(),
+        });
+        running += 1;
+        starts.push(Start {
+            view: i,
+            batch,
+            reason: st.reason.take().unwrap_or(Reason::Change),
+        });
+    }
+    starts
+}
+
+/// The next instant something can become due for a view not in flight (only future instants:
+/// a view that is due but blocked waits for the event that unblocks it).
+pub(super) fn next_wake(
+    views: &[ViewState],
+    now: Instant,
+    horizon: Option<Instant>,
+) -> Option<Instant> {
+    views
+        .iter()
+        .filter(|v| v.in_flight.is_none())
+        .flat_map(|v| {
+            let due = match v.breaker.retry_at() {
+                Some(t) if t > now => Some(t),
+                _ => v.debouncer.next_due(horizon),
+            };
+            [due, v.next_schedule, v.isolation.next_retry()]
+        })
+        .flatten()
+        .min()
 }
 
 /// A refresh covered `keys` (its oldest change at `oldest`): they are due at once for the
@@ -237,5 +354,92 @@ mod tests {
         let next = now + Duration::from_millis(1);
         assert!(views[1].debouncer.any_due(next, Some(next)), "due at once");
         assert_eq!(views[1].debouncer.oldest(), Some(t0));
+    }
+
+    fn facts(whole: bool, ancestors: &[usize]) -> Facts {
+        Facts {
+            whole,
+            schedule: None,
+            quiet: QUIET,
+            ancestors: ancestors.to_vec(),
+        }
+    }
+
+    /// `n` views, each with key "k" changed at `t0`.
+    fn with_k(n: usize, t0: Instant) -> Vec<ViewState> {
+        (0..n)
+            .map(|_| {
+                let mut v = view();
+                v.debouncer.note("k", t0, false);
+                v
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dispatch_starts_due_views_in_order_within_the_concurrency() {
+        let t0 = Instant::now();
+        let now = t0 + QUIET * 2;
+        let mut views = with_k(3, t0);
+        let facts: Vec<Facts> = (0..3).map(|_| facts(false, &[])).collect();
+        let starts = dispatch(&mut views, &facts, &[2, 0, 1], 2, now, Some(now));
+        let started: Vec<usize> = starts.iter().map(|s| s.view).collect();
+        assert_eq!(started, [2, 0], "in the plan's order, two at a time");
+        assert!(starts
+            .iter()
+            .all(|s| s.reason == Reason::Change && s.batch.len() == 1));
+        assert!(views[2].in_flight.is_some() && views[0].in_flight.is_some());
+        assert!(views[1].in_flight.is_none());
+        // Nothing more while two are in flight; the third once one ends.
+        assert!(dispatch(&mut views, &facts, &[2, 0, 1], 2, now, Some(now)).is_empty());
+        views[2].in_flight = None;
+        let next = dispatch(&mut views, &facts, &[2, 0, 1], 2, now, Some(now));
+        assert_eq!(next.iter().map(|s| s.view).collect::<Vec<_>>(), [1]);
+    }
+
+    #[test]
+    fn dispatch_holds_a_child_while_its_parent_refreshes_the_same_key() {
+        let t0 = Instant::now();
+        let now = t0 + QUIET * 2;
+        let mut views = with_k(2, t0);
+        views[1].debouncer.note("j", t0, false);
+        let facts = [facts(false, &[]), facts(false, &[0])];
+        let starts = dispatch(&mut views, &facts, &[0, 1], 4, now, Some(now));
+        assert_eq!(starts.len(), 2);
+        assert_eq!(starts[0].view, 0);
+        let child: Vec<&str> = starts[1].batch.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(child, ["j"], "k waits for the parent, j does not");
+        assert!(views[1].debouncer.contains("k"));
+    }
+
+    #[test]
+    fn dispatch_skips_a_view_waiting_for_its_retry_and_runs_the_schedule_backstop() {
+        let t0 = Instant::now();
+        let now = t0 + QUIET * 2;
+        let mut views = with_k(2, t0);
+        views[0].breaker.busy(now);
+        let mut whole = facts(true, &[]);
+        whole.schedule = Some(Duration::from_secs(60));
+        let mut backstop = view();
+        backstop.next_schedule = Some(now);
+        views.push(backstop);
+        let facts = [facts(false, &[]), facts(true, &[]), whole];
+        let starts = dispatch(&mut views, &facts, &[0, 1, 2], 4, now, Some(now));
+        let started: Vec<(usize, Reason)> = starts.iter().map(|s| (s.view, s.reason)).collect();
+        assert_eq!(started, [(1, Reason::Change)], "0 waits for its retry");
+        assert!(views[1].in_flight.as_ref().unwrap().whole);
+        // The backstop came due at `now`: everything is noted, due like any change.
+        assert_eq!(views[2].next_schedule, Some(now + Duration::from_secs(60)));
+        // The loop wakes when the retry or the backstop is due, whichever first.
+        let wake = next_wake(&views, now, Some(now)).unwrap();
+        assert!(wake > now && wake <= views[0].breaker.retry_at().unwrap());
+        let later = now + QUIET;
+        let starts = dispatch(&mut views, &facts, &[0, 1, 2], 4, later, Some(later));
+        let started: Vec<(usize, Reason)> = starts.iter().map(|s| (s.view, s.reason)).collect();
+        assert_eq!(started, [(0, Reason::Change), (2, Reason::Schedule)]);
+        assert_eq!(
+            starts[1].batch[0].0, ALL,
+            "the backstop refreshes everything"
+        );
     }
 }
