@@ -165,6 +165,43 @@ pub struct Alert {
     pub details: serde_json::Map<String, serde_json::Value>,
 }
 
+/// What an alert is about; its text (`view:mv_x`, `listener`, …) is the `subject` of the JSON
+/// document and the key of the [`Tracker`]'s state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    /// A view's refreshes.
+    View(String),
+    /// One key of an incremental view, quarantined because its refresh fails.
+    Key { view: String, key: String },
+    /// A view's circuit breaker.
+    Circuit(String),
+    /// A view's freshness (`max_staleness`).
+    Stale(String),
+    /// The LISTEN connection.
+    Listener,
+    /// A pg_cron job's lateness.
+    PgCronJob(String),
+    /// One failed pg_cron run.
+    PgCronRun(i64),
+    /// `check --test-alert`.
+    Test,
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subject::View(v) => write!(f, "view:{v}"),
+            Subject::Key { view, key } => write!(f, "key:{view}:{key}"),
+            Subject::Circuit(v) => write!(f, "circuit:{v}"),
+            Subject::Stale(v) => write!(f, "stale:{v}"),
+            Subject::Listener => f.write_str("listener"),
+            Subject::PgCronJob(j) => write!(f, "pg_cron_job:{j}"),
+            Subject::PgCronRun(r) => write!(f, "pg_cron_run:{r}"),
+            Subject::Test => f.write_str("test"),
+        }
+    }
+}
+
 /// What a caller knows about a failure or a recovery; the [`Tracker`] adds the lifecycle.
 #[derive(Debug, Clone)]
 pub struct Event {
@@ -179,10 +216,10 @@ pub struct Event {
 }
 
 impl Event {
-    pub fn new(kind: Kind, subject: impl Into<String>, summary: impl Into<String>) -> Event {
+    pub fn new(kind: Kind, subject: Subject, summary: impl Into<String>) -> Event {
         Event {
             kind,
-            subject: subject.into(),
+            subject: subject.to_string(),
             view: None,
             summary: summary.into(),
             error: None,
@@ -325,8 +362,8 @@ impl Tracker {
         Some(event.build(&self.source, Some(open.first_wall), false, open.suppressed))
     }
 
-    pub fn is_open(&self, subject: &str) -> bool {
-        self.open.contains_key(subject)
+    pub fn is_open(&self, subject: &Subject) -> bool {
+        self.open.contains_key(&subject.to_string())
     }
 
     pub fn source(&self) -> &str {
@@ -661,11 +698,41 @@ async fn deliver(
 mod tests {
     use super::*;
 
+    #[test]
+    fn subjects_print_as_documented() {
+        let cases = [
+            (Subject::View("mv_x".into()), "view:mv_x"),
+            (
+                Subject::Key {
+                    view: "a_x".into(),
+                    key: "42".into(),
+                },
+                "key:a_x:42",
+            ),
+            (Subject::Circuit("mv_x".into()), "circuit:mv_x"),
+            (Subject::Stale("mv_x".into()), "stale:mv_x"),
+            (Subject::Listener, "listener"),
+            (
+                Subject::PgCronJob("mvrefresh:mv_x".into()),
+                "pg_cron_job:mvrefresh:mv_x",
+            ),
+            (Subject::PgCronRun(7), "pg_cron_run:7"),
+            (Subject::Test, "test"),
+        ];
+        for (subject, text) in cases {
+            assert_eq!(subject.to_string(), text);
+        }
+    }
+
     fn failed(n: u64) -> Event {
-        Event::new(Kind::RefreshFailed, "view:mv", "refresh of mv failed")
-            .view("mv")
-            .error("boom")
-            .failures(n)
+        Event::new(
+            Kind::RefreshFailed,
+            Subject::View("mv".into()),
+            "refresh of mv failed",
+        )
+        .view("mv")
+        .error("boom")
+        .failures(n)
     }
 
     #[test]
@@ -683,12 +750,16 @@ mod tests {
         assert!(reminder.reminder);
         assert_eq!(reminder.suppressed, 8);
         assert_eq!(reminder.first_failure_at, first.first_failure_at);
-        let ok = Event::new(Kind::RefreshRecovered, "view:mv", "recovered");
+        let ok = Event::new(
+            Kind::RefreshRecovered,
+            Subject::View("mv".into()),
+            "recovered",
+        );
         let closed = t.recover(ok.clone()).unwrap();
         assert_eq!(closed.status, AlertStatus::Resolved);
         assert_eq!(closed.consecutive_failures, Some(10));
         assert!(t.recover(ok).is_none());
-        assert!(!t.is_open("view:mv"));
+        assert!(!t.is_open(&Subject::View("mv".into())));
     }
 
     #[test]
@@ -712,7 +783,7 @@ mod tests {
     fn slack_text_cannot_mention_or_link() {
         let a = Event::new(
             Kind::RefreshFailed,
-            "view:<!here>",
+            Subject::View("<!here>".into()),
             "refresh of <@U123> failed & <!subteam^S1>",
         )
         .error("ERROR: value <!channel> in <http://evil.example|your bank> > 1 (detail: a&b)")

@@ -140,7 +140,7 @@ async fn check_webhook(config: &Config, test_alert: bool) -> bool {
     if test_alert {
         let alert = Event::new(
             Kind::Test,
-            "test",
+            crate::alert::Subject::Test,
             "test alert from `mvrefresh check --test-alert`",
         )
         .into_alert(&format!("cli:{}", std::process::id()));

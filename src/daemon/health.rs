@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use super::{secs, Daemon};
-use crate::alert::{Event, Kind};
+use crate::alert::{Event, Kind, Subject};
 
 impl Daemon {
     /// How often [`Self::check_health`] runs: a quarter of the shortest threshold it watches,
@@ -40,7 +40,7 @@ impl Daemon {
             .flatten()
             .min();
             let age = oldest.map(|t| now.saturating_duration_since(t));
-            let subject = format!("stale:{name}");
+            let subject = Subject::Stale(name.clone());
             match age {
                 Some(age) if age > limit => {
                     let since_success = st.last_success.map(|t| now.saturating_duration_since(t));
@@ -88,7 +88,7 @@ impl Daemon {
             if down >= self.config.alert.listener_down_after {
                 let event = Event::new(
                     Kind::ListenerDown,
-                    "listener",
+                    Subject::Listener,
                     format!(
                         "the LISTEN connection to {} has been down for {}",
                         self.db.target(),

@@ -493,7 +493,7 @@ impl Daemon {
                     let now = Instant::now();
                     let event = crate::alert::Event::new(
                         crate::alert::Kind::ListenerRecovered,
-                        "listener",
+                        crate::alert::Subject::Listener,
                         format!(
                             "the LISTEN connection is back after {}",
                             super::secs(now.saturating_duration_since(since))

@@ -41,7 +41,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::alert::{Alerts, Event, Kind, Tracker};
+use crate::alert::{Alerts, Event, Kind, Subject, Tracker};
 use crate::config::Config;
 use crate::db::{Canceller, Db, DbError, UrlError};
 use crate::debounce::{Batch, Debouncer, Limits, ALL};
@@ -629,7 +629,10 @@ impl Daemon {
             tracing::info!(view = %name, key = %key, "a quarantined key refreshed again");
             let released = Event::new(
                 Kind::RefreshRecovered,
-                format!("key:{name}:{key}"),
+                Subject::Key {
+                    view: name.clone(),
+                    key: key.clone(),
+                },
                 format!("refresh of {name} for key {key} succeeded again"),
             )
             .view(&name);
@@ -641,7 +644,7 @@ impl Daemon {
         }
         let recovered = Event::new(
             Kind::RefreshRecovered,
-            format!("view:{name}"),
+            Subject::View(name.clone()),
             format!("refresh of {name} succeeded again"),
         )
         .view(&name)
@@ -650,7 +653,7 @@ impl Daemon {
         if recovery.circuit_closed {
             let closed = Event::new(
                 Kind::CircuitClosed,
-                format!("circuit:{name}"),
+                Subject::Circuit(name.clone()),
                 format!("{name} refreshed successfully: circuit closed, normal refreshes resume"),
             )
             .view(&name);
@@ -704,7 +707,10 @@ impl Daemon {
                     tracing::error!(view = %name, key = %key, error = %e, "a key makes the refresh fail: quarantined, retried alone with backoff; the other keys keep refreshing");
                     let event = Event::new(
                         Kind::RefreshFailed,
-                        format!("key:{name}:{key}"),
+                        Subject::Key {
+                    view: name.clone(),
+                    key: key.clone(),
+                },
                         format!("refresh of {name} fails for key {key}: the key is quarantined (retried alone with backoff); other keys keep refreshing"),
                     )
                     .view(&name)
@@ -731,7 +737,7 @@ impl Daemon {
         let error = e.to_string();
         let failed = Event::new(
             Kind::RefreshFailed,
-            format!("view:{name}"),
+            Subject::View(name.clone()),
             format!("refresh of {name} failed ({failures} in a row)"),
         )
         .view(&name)
@@ -746,7 +752,7 @@ impl Daemon {
             self.stats.circuits_opened.inc();
             let opened = Event::new(
                 Kind::CircuitOpened,
-                format!("circuit:{name}"),
+                Subject::Circuit(name.clone()),
                 format!(
                     "{name} failed {failures} times in a row: refreshes paused, probing with backoff (next in {})",
                     humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))

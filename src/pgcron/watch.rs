@@ -8,7 +8,7 @@ use tokio_postgres::{Client, GenericClient};
 use tokio_util::sync::CancellationToken;
 
 use super::{cron_db, job_name, PgCronError, JOB_PREFIX};
-use crate::alert::{Alerts, Event, Kind, Tracker};
+use crate::alert::{Alerts, Event, Kind, Subject, Tracker};
 use crate::config::Config;
 use crate::db::{Db, DbError};
 use crate::stats::Stats;
@@ -256,7 +256,7 @@ impl Watcher {
             let Some(row) = row else { continue };
             let age: Option<f64> = row.get(0);
             let ever: bool = row.get(1);
-            let subject = format!("pg_cron_job:{name}");
+            let subject = Subject::PgCronJob(name.clone());
             match age {
                 Some(age) if age > limit.as_secs_f64() => {
                     let event = Event::new(
@@ -343,7 +343,7 @@ fn failed_run_alert(run: &Run, source: &str) -> crate::alert::Alert {
         .unwrap_or_else(|| format!("job {}", run.jobid));
     let mut event = Event::new(
         Kind::PgCronJobFailed,
-        format!("pg_cron_run:{}", run.runid),
+        Subject::PgCronRun(run.runid),
         format!("pg_cron job {job} failed (run {})", run.runid),
     )
     .error(
