@@ -8,8 +8,7 @@ use clap::{Parser, Subcommand};
 use crate::commands;
 use crate::config::Config;
 
-/// Exit code for a bad configuration file (`EX_CONFIG` from sysexits.h).
-pub const EXIT_CONFIG: u8 = 78;
+pub use crate::commands::EXIT_CONFIG;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -8,10 +8,34 @@
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use serde::Deserialize;
 use tokio_postgres::{CancelToken, Client, Connection, Socket};
 
-use crate::config::DatabaseConfig;
 use crate::tls::{self, MakeTls, SslMode, TlsError, TlsStream};
+
+/// `[database]`: how to reach PostgreSQL. Defined here, with the code that uses it, so that
+/// this module needs nothing of [`crate::config`] (which re-exports it).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// libpq-style URL or key=value string. Never logged: it may hold a password.
+    pub url: String,
+    pub pool_size: usize,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    pub application_name: String,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            pool_size: 4,
+            connect_timeout: Duration::from_secs(10),
+            application_name: "mvrefresh".to_owned(),
+        }
+    }
+}
 
 /// A dedicated connection's driver, as returned by [`Db::connect`].
 pub type DbConnection = Connection<Socket, TlsStream>;

@@ -39,10 +39,6 @@ pub const CORE_SQL: &str = include_str!("../sql/mvrefresh.sql");
 /// The `schema_version` that [`CORE_SQL`] installs (kept equal by a unit test).
 pub const SCHEMA_VERSION: &str = "4";
 
-/// The longest generated identifier is `mvrefresh_capture_<name>_truncate`; PostgreSQL
-/// truncates identifiers to 63 bytes, so a capture's name may have this many.
-pub const MAX_CAPTURE_NAME: usize = 63 - "mvrefresh_capture__truncate".len();
-
 /// The bundled analytics' capture on bout_results (step 5 of `--analytics`).
 const ANALYTICS_CAPTURE_SQL: &str = include_str!("../sql/analytics/050_capture_bout_results.sql");
 

@@ -6,3 +6,6 @@ pub mod install;
 pub mod refresh;
 pub mod run;
 pub mod status;
+
+/// Exit code for a bad configuration file (`EX_CONFIG` from sysexits.h).
+pub const EXIT_CONFIG: u8 = 78;

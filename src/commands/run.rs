@@ -3,10 +3,11 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use crate::cli::EXIT_CONFIG;
 use crate::config::Config;
 use crate::daemon;
 use crate::stats::Stats;
+
+use super::EXIT_CONFIG;
 
 pub async fn execute(config: Config) -> anyhow::Result<ExitCode> {
     if let Some(problem) = config.http.exposure_problem() {

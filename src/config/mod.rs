@@ -15,11 +15,16 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::db::DatabaseConfig;
 use crate::sql::Relation;
 
 #[cfg(test)]
 mod tests;
 mod validate;
+
+/// The longest generated identifier is `mvrefresh_capture_<name>_truncate`; PostgreSQL
+/// truncates identifiers to 63 bytes, so a capture's name may have this many.
+pub const MAX_CAPTURE_NAME: usize = 63 - "mvrefresh_capture__truncate".len();
 
 /// Environment variable that overrides `[database] url`.
 pub const ENV_DATABASE_URL: &str = "MVREFRESH_DATABASE_URL";
@@ -83,17 +88,6 @@ pub struct Config {
     pub captures: Vec<CaptureConfig>,
     #[serde(rename = "view")]
     pub views: Vec<ViewConfig>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DatabaseConfig {
-    /// libpq-style URL or key=value string. Never logged: it may hold a password.
-    pub url: String,
-    pub pool_size: usize,
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    pub application_name: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -434,17 +428,6 @@ fn admin_token_problem(token: &str) -> Option<String> {
         ));
     }
     None
-}
-
-impl Default for DatabaseConfig {
-    fn default() -> Self {
-        Self {
-            url: String::new(),
-            pool_size: 4,
-            connect_timeout: Duration::from_secs(10),
-            application_name: "mvrefresh".to_owned(),
-        }
-    }
 }
 
 impl Default for ListenerConfig {

@@ -48,7 +48,7 @@ fn a_capture_name_must_fit_every_generated_identifier() {
             "{MINIMAL}[[capture]]\nname = \"{name}\"\ntable = \"t\"\nchannel = \"c\"\nkey = \"k\"\n"
         )
     };
-    let longest = "n".repeat(crate::install::MAX_CAPTURE_NAME);
+    let longest = "n".repeat(MAX_CAPTURE_NAME);
     assert!(parse(&with(&longest)).is_ok());
     let e = parse(&with(&format!("{longest}n")))
         .unwrap_err()

@@ -108,7 +108,7 @@ impl Config {
                     &at("name"),
                     &format!(
                         "must be 1 to {} letters, digits and underscores (it names the triggers and functions)",
-                        crate::install::MAX_CAPTURE_NAME
+                        MAX_CAPTURE_NAME
                     ),
                 );
             }
@@ -265,6 +265,6 @@ fn check_channel(key: &str, channel: &str) -> Result<(), (String, String)> {
 
 fn is_simple_name(s: &str) -> bool {
     !s.is_empty()
-        && s.len() <= crate::install::MAX_CAPTURE_NAME
+        && s.len() <= MAX_CAPTURE_NAME
         && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }

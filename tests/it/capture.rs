@@ -361,7 +361,7 @@ async fn a_capture_name_of_the_longest_length_keeps_every_trigger() {
     let db = Cluster::shared().create_db().await;
     let c = db.client().await;
     c.batch_execute(harness::SCHEMA).await.unwrap();
-    let name = "c".repeat(mvrefresh::install::MAX_CAPTURE_NAME);
+    let name = "c".repeat(mvrefresh::config::MAX_CAPTURE_NAME);
     let config = harness::config(
         &db.url,
         &format!(
