@@ -132,7 +132,7 @@ pub async fn run(
         );
     }
     let pool = db.pool(config.database.pool_size);
-    let (plan, captured) = {
+    let (plan, captured, last_success) = {
         let client = pool.get().await.map_err(DbError::from)?;
         db.ensure_primary(&client).await?;
         let plan = Plan::load(&**client, &config).await?;
@@ -148,12 +148,9 @@ pub async fn run(
             .collect();
         store::ensure_subscriptions(&**client, &pairs).await?;
         let captured = store::captured_channels(&**client).await?;
-        (plan, captured)
-    };
-    let last_success = {
-        let client = pool.get().await.map_err(DbError::from)?;
         let names: Vec<&str> = plan.views.iter().map(|v| v.name.as_str()).collect();
-        store::last_success_ages(&**client, &names).await?
+        let last_success = store::last_success_ages(&**client, &names).await?;
+        (plan, captured, last_success)
     };
     let telemetry = Arc::new(Telemetry::new(&config.telemetry, stats.clone())?);
     let config = Arc::new(config);
