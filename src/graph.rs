@@ -104,7 +104,7 @@ impl Plan {
         let mut functions = Vec::new();
         for v in &config.views {
             let name = v.relation().to_string();
-            let r = resolve(client, &v.relation()).await?;
+            let r = resolve(client, v.relation()).await?;
             let problem = |message: String, fix: String| Problem {
                 view: name.clone(),
                 message,
@@ -154,10 +154,14 @@ impl Plan {
                 }
                 Mode::Blocking => {}
                 Mode::Incremental => {
-                    let f = v.function.as_deref().unwrap_or_default();
-                    let rel = Relation::parse(f).map_err(|message| {
-                        PlanError::Problems(vec![problem(message, "fix `function`".into())])
-                    })?;
+                    let Some(rel) = &v.function else {
+                        // Validated at load: an incremental view names its function.
+                        let message = "mode `incremental` needs `function`".to_owned();
+                        return Err(PlanError::Problems(vec![problem(
+                            message,
+                            "set `function`".into(),
+                        )]));
+                    };
                     let row = client
                         .query_opt(
                             "SELECT n.nspname, p.proname FROM pg_proc p
@@ -175,7 +179,7 @@ impl Plan {
                             ))
                         }
                         None => problems.push(problem(
-                            format!("refresh function {f}(text[]) does not exist"),
+                            format!("refresh function {rel}(text[]) does not exist"),
                             "create it (`mvrefresh install --analytics` for the bundled ones) or fix `function`".into(),
                         )),
                     }
@@ -235,7 +239,6 @@ impl Plan {
                 // Validated at load: every entry names a configured view.
                 depends_on[i] = deps
                     .iter()
-                    .filter_map(|d| Relation::parse(d).ok())
                     .filter_map(|r| canonical.iter().position(|c| *c == r.canonical()))
                     .collect();
             }
@@ -245,7 +248,7 @@ impl Plan {
         for (i, name) in names.iter().enumerate() {
             if let Some(j) = names[..i].iter().position(|n| n == name) {
                 problems.push(Problem {
-                    view: config.views[i].name.clone(),
+                    view: config.views[i].name.to_string(),
                     message: format!(
                         "is the same relation as view[{j}] (`{}`)",
                         config.views[j].name
@@ -295,7 +298,7 @@ impl Plan {
         let want = Relation::parse(name).ok()?;
         self.views
             .iter()
-            .position(|v| v.name == name || v.config.relation() == want)
+            .position(|v| v.name == name || *v.config.relation() == want)
     }
 
     /// `a → b → c` lines for the check report.

@@ -31,7 +31,7 @@ use tokio_postgres::Client;
 
 use crate::config::{CaptureConfig, Config};
 use crate::db::LOCK_NAMESPACE;
-use crate::sql::{ident, literal, Relation};
+use crate::sql::{ident, literal};
 
 /// The daemon's own schema.
 pub const CORE_SQL: &str = include_str!("../sql/mvrefresh.sql");
@@ -191,9 +191,7 @@ fn seen_setting(c: &CaptureConfig) -> String {
 /// its column references can be qualified by the row they belong to; the columns it reads come
 /// from the same view's dependencies.
 pub fn capture_sql(c: &CaptureConfig) -> String {
-    let table = Relation::parse(&c.table)
-        .expect("validated at load")
-        .quoted();
+    let table = c.table.quoted();
     let table_lit = literal(&table);
     let when = c.when.as_deref().unwrap_or("true");
     let key = ident(&c.key);
@@ -485,6 +483,7 @@ DROP TABLE mvrefresh_desired;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sql::Relation;
 
     #[test]
     fn schema_version_matches_the_sql() {
@@ -495,7 +494,7 @@ mod tests {
     fn fingerprint_changes_with_the_capture() {
         let c = CaptureConfig {
             name: "x".into(),
-            table: "t".into(),
+            table: Relation::parse("t").unwrap(),
             channel: "c".into(),
             key: "k".into(),
             when: None,
@@ -524,7 +523,7 @@ mod tests {
     fn capture_sql_quotes_configured_names() {
         let c = CaptureConfig {
             name: "x".into(),
-            table: "\"Odd\"\"Table\"".into(),
+            table: Relation::parse("\"Odd\"\"Table\"").unwrap(),
             channel: "it's".into(),
             key: "k\"ey".into(),
             when: None,

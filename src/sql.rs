@@ -24,7 +24,11 @@ pub fn literal(text: &str) -> String {
 /// A relation (or function) name from configuration: `name` or `schema.name`. A part in double
 /// quotes keeps its case and may contain dots; an unquoted part is folded to lower case, as
 /// PostgreSQL does.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// Configuration holds names already parsed (serde reads them through [`Relation::parse`]), so
+/// no caller parses a name again.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub struct Relation {
     pub schema: Option<String>,
     pub name: String,
@@ -101,6 +105,13 @@ impl Relation {
     /// those are resolved against the catalog, see [`crate::graph`]).
     pub fn canonical(&self) -> String {
         self.quoted()
+    }
+}
+
+impl TryFrom<String> for Relation {
+    type Error = String;
+    fn try_from(text: String) -> Result<Relation, String> {
+        Relation::parse(&text)
     }
 }
 

@@ -318,9 +318,7 @@ pub async fn check(
     for c in &config.captures {
         let row = crate::install::trigger_name(c);
         let names = vec![format!("{row}_truncate"), row];
-        let table = crate::sql::Relation::parse(&c.table)
-            .map(|r| r.quoted())
-            .unwrap_or_default();
+        let table = c.table.quoted();
         let found: i64 = client
             .query_one(
                 "SELECT count(*) FROM pg_trigger

@@ -10,6 +10,7 @@
 //! (never in the file) signs alert bodies.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -149,8 +150,9 @@ pub struct LogConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
-    /// `host:port`; empty turns the server off. Loopback by default.
-    pub listen: String,
+    /// `host:port`; empty (`None`) turns the server off. Loopback by default.
+    #[serde(deserialize_with = "listen_address")]
+    pub listen: Option<SocketAddr>,
     /// Connections served at once; more are answered 503 and closed.
     pub max_connections: usize,
     /// Bearer token for `POST /refresh` and the full error texts of `/status`, from
@@ -270,7 +272,7 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields)]
 pub struct CaptureConfig {
     pub name: String,
-    pub table: String,
+    pub table: Relation,
     pub channel: String,
     pub key: String,
     /// SQL predicate over the row's columns; rows where it is not true are ignored.
@@ -309,16 +311,16 @@ impl Mode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ViewConfig {
-    pub name: String,
+    pub name: Relation,
     pub mode: Mode,
     #[serde(default)]
     pub channels: Vec<String>,
     /// Incremental mode: the function called with the batch's keys.
     #[serde(default)]
-    pub function: Option<String>,
+    pub function: Option<Relation>,
     /// Replaces the dependencies discovered from the catalog.
     #[serde(default)]
-    pub depends_on: Option<Vec<String>>,
+    pub depends_on: Option<Vec<Relation>>,
     #[serde(default, with = "humantime_serde")]
     pub schedule: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -354,7 +356,7 @@ impl Default for AlertConfig {
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
-            listen: "127.0.0.1:9187".to_owned(),
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9187))),
             max_connections: 32,
             admin_token: None,
         }
@@ -384,9 +386,8 @@ impl Default for TelemetryConfig {
 
 impl HttpConfig {
     /// The address to bind, or `None` when the server is off.
-    pub fn address(&self) -> Option<std::net::SocketAddr> {
-        let l = self.listen.trim();
-        (!l.is_empty()).then(|| l.parse().expect("validated at load"))
+    pub fn address(&self) -> Option<SocketAddr> {
+        self.listen
     }
 
     /// Why the daemon must not serve as configured: an admin server reachable beyond loopback
@@ -486,8 +487,8 @@ impl ViewConfig {
         }
     }
 
-    pub fn relation(&self) -> Relation {
-        Relation::parse(&self.name).expect("validated at load")
+    pub fn relation(&self) -> &Relation {
+        &self.name
     }
 }
 
@@ -579,6 +580,20 @@ impl Config {
             .map_err(|(key, message)| invalid(String::new(), key, message))?;
         Ok(config)
     }
+}
+
+/// `http.listen`: an address like `127.0.0.1:9187`, or empty for no server.
+fn listen_address<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(de)?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "`{text}` is not an address like 127.0.0.1:9187 (empty turns the server off)"
+        ))
+    })
 }
 
 /// `line L, column C: ` for a byte span of `text`, or nothing.

@@ -301,3 +301,30 @@ fn bad_tls_settings_name_key_and_file_without_the_password() {
         assert!(!msg.contains("s3cret"), "{msg}");
     }
 }
+
+#[test]
+fn names_and_addresses_are_parsed_at_load_naming_the_key_and_line() {
+    let bad_name = MINIMAL.replace("name = \"mv_a\"", "name = \"mv a\"");
+    let msg = parse(&bad_name).unwrap_err().to_string();
+    assert!(msg.contains("key `view[0].name`"), "{msg}");
+    assert!(msg.contains("line 5, column 8"), "{msg}");
+    assert!(msg.contains("not allowed in an unquoted name"), "{msg}");
+
+    let bad_dep = format!("{MINIMAL}depends_on = [\"a.b.c\"]\n");
+    let msg = parse(&bad_dep).unwrap_err().to_string();
+    assert!(msg.contains("key `view[0].depends_on[0]`"), "{msg}");
+
+    let bad_listen = MINIMAL.replace("[[view]]", "[http]\nlisten = \"localhost\"\n[[view]]");
+    let msg = parse(&bad_listen).unwrap_err().to_string();
+    assert!(msg.contains("key `http.listen`"), "{msg}");
+    assert!(msg.contains("`localhost` is not an address"), "{msg}");
+
+    let off = MINIMAL.replace("[[view]]", "[http]\nlisten = \" \"\n[[view]]");
+    assert_eq!(parse(&off).unwrap().http.address(), None);
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.http.address(), Some("127.0.0.1:9187".parse().unwrap()));
+    let quoted = MINIMAL.replace("name = \"mv_a\"", "name = '\"Odd\".\"Mv.A\"'");
+    let v = &parse(&quoted).unwrap().views[0];
+    assert_eq!(v.name.schema.as_deref(), Some("Odd"));
+    assert_eq!(v.name.name, "Mv.A");
+}

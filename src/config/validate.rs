@@ -74,15 +74,6 @@ impl Config {
             );
         }
         self.validate_alert()?;
-        let listen = self.http.listen.trim();
-        if !listen.is_empty() && listen.parse::<std::net::SocketAddr>().is_err() {
-            return err(
-                "http.listen",
-                &format!(
-                    "`{listen}` is not an address like 127.0.0.1:9187 (empty turns the server off)"
-                ),
-            );
-        }
         if !(1..=10_000).contains(&self.http.max_connections) {
             return err("http.max_connections", "must be between 1 and 10000");
         }
@@ -115,9 +106,6 @@ impl Config {
             if !capture_names.insert(c.name.as_str()) {
                 return err(&at("name"), &format!("`{}` is used twice", c.name));
             }
-            if let Err(e) = Relation::parse(&c.table) {
-                return err(&at("table"), &e);
-            }
             check_channel(&at("channel"), &c.channel)?;
             if c.key.is_empty() {
                 return err(&at("key"), "must name the key column");
@@ -132,8 +120,7 @@ impl Config {
         }
         let mut names = BTreeMap::new();
         for (i, v) in self.views.iter().enumerate() {
-            let rel = Relation::parse(&v.name).map_err(|e| (format!("view[{i}].name"), e))?;
-            if let Some(j) = names.insert(rel.canonical(), i) {
+            if let Some(j) = names.insert(v.name.canonical(), i) {
                 return err(
                     &format!("view[{i}].name"),
                     &format!("`{}` is also view[{j}]", v.name),
@@ -149,20 +136,16 @@ impl Config {
                 (Mode::Incremental, None) => {
                     return err(&at("function"), "is required in mode `incremental`")
                 }
-                (Mode::Incremental, Some(f)) => {
-                    Relation::parse(f).map_err(|e| (at("function"), e))?;
-                }
+                (Mode::Incremental, Some(_)) | (_, None) => {}
                 (_, Some(_)) => return err(&at("function"), "is only used in mode `incremental`"),
-                (_, None) => {}
             }
             if let Some(deps) = &v.depends_on {
                 for (j, d) in deps.iter().enumerate() {
                     let key = format!("view[{i}].depends_on[{j}]");
-                    let rel = Relation::parse(d).map_err(|e| (key.clone(), e))?;
-                    if !names.contains_key(&rel.canonical()) {
+                    if !names.contains_key(&d.canonical()) {
                         return err(&key, &format!("`{d}` is not a configured [[view]]"));
                     }
-                    if rel.canonical() == v.relation().canonical() {
+                    if d == &v.name {
                         return err(&key, "a view cannot depend on itself");
                     }
                 }

@@ -53,7 +53,9 @@ pub fn job_command(view: &ViewConfig) -> String {
         Mode::Concurrently => format!("REFRESH MATERIALIZED VIEW CONCURRENTLY {target}"),
         Mode::Blocking => format!("REFRESH MATERIALIZED VIEW {target}"),
         Mode::Incremental => {
-            let function = crate::sql::Relation::parse(view.function.as_deref().unwrap_or(""))
+            let function = view
+                .function
+                .as_ref()
                 .map(|f| f.quoted())
                 .unwrap_or_default();
             format!("SELECT {function}(NULL)")
@@ -74,7 +76,7 @@ pub fn jobs_sql(config: &Config, database: &str) -> Result<String, PgCronError> 
         let Some(every) = v.schedule else { continue };
         let schedule = cron_schedule(every).map_err(|message| PgCronError::Schedule {
             index,
-            view: v.name.clone(),
+            view: v.name.to_string(),
             message,
         })?;
         let name = job_name(v);

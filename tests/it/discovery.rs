@@ -272,11 +272,11 @@ fn the_example_config_is_valid_and_subscribes_as_documented() {
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.captures.len(), 1);
     let capture = &config.captures[0];
-    assert_eq!(capture.table, "discovery_runs");
+    assert_eq!(capture.table.to_string(), "discovery_runs");
     assert_eq!(capture.channel, CHANNEL);
     assert_eq!(capture.key, "run_id");
     assert_eq!(capture.when.as_deref(), Some("is_complete"));
-    let names: Vec<&str> = config.views.iter().map(|v| v.name.as_str()).collect();
+    let names: Vec<String> = config.views.iter().map(|v| v.name.to_string()).collect();
     assert_eq!(names, ALL_VIEWS);
     for v in &config.views {
         assert_eq!(v.mode, Mode::Concurrently, "{}", v.name);
@@ -285,7 +285,7 @@ fn the_example_config_is_valid_and_subscribes_as_documented() {
             "{}: order comes from the catalog",
             v.name
         );
-        if v.name == OVERLAP {
+        if v.name.to_string() == OVERLAP {
             assert!(
                 v.channels.is_empty(),
                 "the overlap matrix follows the run stats"
