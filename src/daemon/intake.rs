@@ -126,13 +126,7 @@ impl Daemon {
     /// main loop never waits on a query. At shutdown the step is dropped with its connection,
     /// whose backend then ends too (`client_connection_check_interval` on pooled connections).
     fn spawn_step(&self, step: impl Future<Output = ()> + Send + 'static) {
-        let stop = self.steps.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = stop.cancelled() => {}
-                () = step => {}
-            }
-        });
+        self.tasks.intake.spawn_until_stopped(step);
     }
 
     /// The next instant the intake has something to start.

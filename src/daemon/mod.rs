@@ -39,7 +39,6 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use crate::alert::{Alerts, Event, Kind, Subject, Tracker};
 use crate::config::Config;
@@ -47,7 +46,7 @@ use crate::db::{Canceller, Db, DbError, UrlError};
 use crate::debounce::{Batch, Debouncer, Limits, ALL};
 use crate::graph::{Plan, PlanError};
 use crate::http::{self, ManualRefresh};
-use crate::listener::{self, Inbox};
+use crate::listener::{self, Inbox, ListenerEvent};
 use crate::refresh::{Outcome, Reason, Request, Settings};
 use crate::stats::{Stats, ViewGauges};
 use crate::store::{self, Collected, Guard, PendingKeys};
@@ -58,10 +57,12 @@ mod health;
 mod intake;
 mod isolate;
 mod scheduler;
+mod supervisor;
 mod task;
 
 use breaker::{Failure, Policy};
 use scheduler::ViewState;
+use supervisor::Supervisor;
 use task::{refresh_task, retry_delay, TaskError};
 
 /// How long a due key waits for the hand-over horizon before it is refreshed anyway (its
@@ -113,6 +114,28 @@ struct Running {
     task: JoinHandle<()>,
 }
 
+/// What start-up reads from the database before anything runs.
+struct Startup {
+    plan: Plan,
+    /// Channels a capture feeds, as installed.
+    captured: Vec<String>,
+    /// How long ago each view (in plan order) last refreshed successfully.
+    last_success: Vec<Option<Duration>>,
+}
+
+/// The daemon's collaborators, built by [`run`].
+struct Wiring {
+    config: Arc<Config>,
+    db: Db,
+    pool: Pool,
+    stats: Arc<Stats>,
+    metrics: Metrics,
+    /// Manual refreshes asked over HTTP.
+    manual_rx: mpsc::Receiver<ManualRefresh>,
+    alerts: Alerts,
+    tasks: Supervisor,
+}
+
 /// Runs the daemon until `shutdown` completes; returns after a clean stop.
 pub async fn run(
     config: Config,
@@ -120,6 +143,63 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     let db = Db::new(&config.database)?;
+    warn_if_plaintext(&db);
+    let pool = db.pool(config.database.pool_size);
+    let startup = start_up(&db, &pool, &config).await?;
+    let telemetry = Arc::new(Telemetry::new(&config.telemetry, stats.clone())?);
+    let config = Arc::new(config);
+    let tasks = Supervisor::new();
+    let (manual_tx, manual_rx) = mpsc::channel(16);
+    if let Some(addr) = config.http.address() {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| DaemonError::Http { addr, source: e })?;
+        let bound = listener.local_addr().ok();
+        if let Ok(mut slot) = stats.http_addr.lock() {
+            *slot = bound;
+        }
+        tracing::info!(listen = ?bound, "admin HTTP server listening");
+        tasks.http.spawn(http::serve(
+            listener,
+            stats.clone(),
+            telemetry.clone(),
+            pool.clone(),
+            config.clone(),
+            manual_tx,
+            tasks.http.token(),
+        ));
+    }
+    tracing::info!(
+        target = %db.target(),
+        order = %startup.plan.describe_order(),
+        "mvrefresh started"
+    );
+    let (alerts, delivery) = Alerts::start(&config.alert, stats.clone(), tasks.alerts.token())
+        .map_err(|e| DaemonError::Alert(e.to_string()))?;
+    if let Some(delivery) = delivery {
+        tasks.alerts.spawn(delivery);
+    }
+    // Long enough for a webhook POST in flight, the slowest thing a stage waits for.
+    let grace = config.alert.timeout + Duration::from_secs(1);
+    let wiring = Wiring {
+        config,
+        db,
+        pool,
+        stats,
+        metrics: telemetry.metrics.clone(),
+        manual_rx,
+        alerts,
+        tasks,
+    };
+    let mut daemon = Daemon::new(wiring, startup);
+    daemon.main_loop(shutdown).await;
+    daemon.finish(grace).await;
+    // Flush telemetry off the async runtime: the OTLP reader uses a blocking client.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    Ok(())
+}
+
+fn warn_if_plaintext(db: &Db) {
     if db.ssl_mode().may_be_plaintext()
         && db.ssl_mode() != crate::tls::SslMode::Disable
         && !db.unix_only()
@@ -131,90 +211,33 @@ pub async fn run(
             db.ssl_mode()
         );
     }
-    let pool = db.pool(config.database.pool_size);
-    let (plan, captured, last_success) = {
-        let client = pool.get().await.map_err(DbError::from)?;
-        db.ensure_primary(&client).await?;
-        let plan = Plan::load(&**client, &config).await?;
-        let pairs: Vec<(String, String)> = plan
-            .views
-            .iter()
-            .flat_map(|v| {
-                v.config
-                    .channels
-                    .iter()
-                    .map(|c| (c.clone(), v.name.clone()))
-            })
-            .collect();
-        store::ensure_subscriptions(&**client, &pairs).await?;
-        let captured = store::captured_channels(&**client).await?;
-        let names: Vec<&str> = plan.views.iter().map(|v| v.name.as_str()).collect();
-        let last_success = store::last_success_ages(&**client, &names).await?;
-        (plan, captured, last_success)
-    };
-    let telemetry = Arc::new(Telemetry::new(&config.telemetry, stats.clone())?);
-    let config = Arc::new(config);
-    let (manual_tx, manual_rx) = mpsc::channel(16);
-    let stop_http = CancellationToken::new();
-    let http = match config.http.address() {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| DaemonError::Http { addr, source: e })?;
-            let bound = listener.local_addr().ok();
-            if let Ok(mut slot) = stats.http_addr.lock() {
-                *slot = bound;
-            }
-            tracing::info!(listen = ?bound, "admin HTTP server listening");
-            Some(tokio::spawn(http::serve(
-                listener,
-                stats.clone(),
-                telemetry.clone(),
-                pool.clone(),
-                config.clone(),
-                manual_tx,
-                stop_http.clone(),
-            )))
-        }
-        None => None,
-    };
-    tracing::info!(
-        target = %db.target(),
-        order = %plan.describe_order(),
-        "mvrefresh started"
-    );
-    let cancel_alerts = CancellationToken::new();
-    let (alerts, delivery) = Alerts::start(&config.alert, stats.clone(), cancel_alerts.clone())
-        .map_err(|e| DaemonError::Alert(e.to_string()))?;
-    let alert_patience = config.alert.timeout + Duration::from_secs(1);
-    let mut daemon = Daemon::new(
-        config,
-        db,
-        pool,
-        Arc::new(plan),
-        stats,
-        telemetry.metrics.clone(),
-        manual_rx,
-        alerts,
+}
+
+/// Resolves the plan, subscribes the views to their channels, and reads what the daemon starts
+/// from, on one connection.
+async fn start_up(db: &Db, pool: &Pool, config: &Config) -> Result<Startup, DaemonError> {
+    let client = pool.get().await.map_err(DbError::from)?;
+    db.ensure_primary(&client).await?;
+    let plan = Plan::load(&**client, config).await?;
+    let pairs: Vec<(String, String)> = plan
+        .views
+        .iter()
+        .flat_map(|v| {
+            v.config
+                .channels
+                .iter()
+                .map(|c| (c.clone(), v.name.clone()))
+        })
+        .collect();
+    store::ensure_subscriptions(&**client, &pairs).await?;
+    let captured = store::captured_channels(&**client).await?;
+    let names: Vec<&str> = plan.views.iter().map(|v| v.name.as_str()).collect();
+    let last_success = store::last_success_ages(&**client, &names).await?;
+    Ok(Startup {
+        plan,
         captured,
-    );
-    let now = Instant::now();
-    for (st, age) in daemon.views.iter_mut().zip(last_success) {
-        st.last_success = age.and_then(|a| now.checked_sub(a));
-    }
-    daemon.main_loop(shutdown).await;
-    stop_http.cancel();
-    if let Some(http) = http {
-        join_or_abort(http, Duration::from_secs(5)).await;
-    }
-    // Last: alerts raised during shutdown still get one delivery attempt.
-    cancel_alerts.cancel();
-    if let Some(task) = delivery {
-        join_or_abort(task, alert_patience).await;
-    }
-    // Flush telemetry off the async runtime: the OTLP reader uses a blocking client.
-    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
-    Ok(())
+        last_success,
+    })
 }
 
 struct Daemon {
@@ -249,93 +272,52 @@ struct Daemon {
     tracker: Tracker,
     /// Since when the listener is down, and why.
     listener_down: Option<(Instant, String)>,
-    /// Cancelled at shutdown: ends the database steps still running (see `spawn_step`).
-    steps: CancellationToken,
+    /// The background tasks; the intake stage runs the database steps (see `spawn_step`).
+    tasks: Supervisor,
 }
 
 impl Daemon {
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "private constructor called once, each argument a distinct collaborator"
-    )]
-    fn new(
-        config: Arc<Config>,
-        db: Db,
-        pool: Pool,
-        plan: Arc<Plan>,
-        stats: Arc<Stats>,
-        metrics: Metrics,
-        manual_rx: mpsc::Receiver<ManualRefresh>,
-        alerts: Alerts,
-        captured: Vec<String>,
-    ) -> Self {
+    fn new(w: Wiring, startup: Startup) -> Self {
+        let Startup {
+            plan,
+            captured,
+            last_success,
+        } = startup;
         let now = Instant::now();
-        let views: Vec<ViewState> = plan
-            .views
-            .iter()
-            .map(|v| {
-                let limits = Limits {
-                    cap: config.refresh.max_pending_keys,
-                    batch: config.refresh.batch_keys,
-                    patience: HORIZON_PATIENCE,
-                };
-                let mut debouncer = Debouncer::new(v.config.debounce(config.debounce), limits);
-                let mut reason = None;
-                if v.mode().is_whole_view() && !v.populated {
-                    debouncer.note_due(ALL, now, now, true);
-                    reason = Some(Reason::Startup);
-                }
-                ViewState {
-                    next_schedule: v.config.schedule.map(|s| now + s),
-                    reason,
-                    ..ViewState::new(debouncer)
-                }
-            })
-            .collect();
-        let captured: BTreeSet<&str> = config
-            .captures
-            .iter()
-            .map(|c| c.channel.as_str())
-            .chain(captured.iter().map(String::as_str))
-            .collect();
-        let mut channels: BTreeMap<String, (Vec<usize>, bool)> = BTreeMap::new();
-        for (i, v) in plan.views.iter().enumerate() {
-            for c in &v.config.channels {
-                let entry = channels
-                    .entry(c.clone())
-                    .or_insert_with(|| (Vec::new(), captured.contains(c.as_str())));
-                entry.0.push(i);
-            }
+        let mut views = view_states(&plan, &w.config, now);
+        for (st, age) in views.iter_mut().zip(last_success) {
+            st.last_success = age.and_then(|a| now.checked_sub(a));
         }
+        let channels = channel_map(&plan, &w.config, &captured);
         let quiet = plan
             .views
             .iter()
-            .map(|v| v.config.debounce(config.debounce).quiet)
+            .map(|v| v.config.debounce(w.config.debounce).quiet)
             .min()
-            .unwrap_or(config.debounce.quiet);
+            .unwrap_or(w.config.debounce.quiet);
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
         let replica = format!(
             "{}:{}",
             std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
             std::process::id()
         );
-        let tracker = Tracker::new(config.alert.repeat_after, replica.clone());
         let facts = plan
             .views
             .iter()
             .map(|v| scheduler::Facts {
                 whole: v.mode().is_whole_view(),
                 schedule: v.config.schedule,
-                quiet: v.config.debounce(config.debounce).quiet,
+                quiet: v.config.debounce(w.config.debounce).quiet,
                 ancestors: v.ancestors.iter().copied().collect(),
             })
             .collect();
         Daemon {
-            config,
-            db,
-            pool,
-            plan,
-            stats,
+            tracker: Tracker::new(w.config.alert.repeat_after, replica.clone()),
+            config: w.config,
+            db: w.db,
+            pool: w.pool,
+            plan: Arc::new(plan),
+            stats: w.stats,
             running: views.iter().map(|_| None).collect(),
             facts,
             views,
@@ -346,39 +328,16 @@ impl Daemon {
             inbox: Arc::default(),
             rejected_log: crate::ratelimit::LogLimiter::new(crate::ratelimit::DEFAULT_INTERVAL),
             replica,
-            metrics,
-            manual_rx,
-            alerts,
-            tracker,
+            metrics: w.metrics,
+            manual_rx: w.manual_rx,
+            alerts: w.alerts,
             listener_down: None,
-            steps: CancellationToken::new(),
+            tasks: w.tasks,
         }
     }
 
     async fn main_loop(&mut self, shutdown: impl Future<Output = ()>) {
-        let cancel_intake = CancellationToken::new();
-        let (listener_tx, mut listener_rx) = mpsc::channel(16);
-        let listener = tokio::spawn(listener::run(
-            self.db.clone(),
-            self.channels.keys().cloned().collect(),
-            self.config.listener.clone(),
-            listener::Intake {
-                captured: self
-                    .channels
-                    .iter()
-                    .filter(|(_, (_, captured))| *captured)
-                    .map(|(c, _)| c.clone())
-                    .collect(),
-                payload_key: self.config.listener.payload_key.clone(),
-            },
-            listener::Outputs {
-                events: listener_tx,
-                inbox: self.inbox.clone(),
-                stats: self.stats.clone(),
-                metrics: self.metrics.clone(),
-            },
-            cancel_intake.clone(),
-        ));
+        let mut listener_rx = self.start_intake();
         let mut catch_up = tokio::time::interval(self.config.listener.catch_up_interval);
         catch_up.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let watchdog = watchdog_interval();
@@ -386,17 +345,6 @@ impl Daemon {
             tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
         let mut health = tokio::time::interval(self.health_interval());
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let pg_cron = self.config.pg_cron.watch.then(|| {
-            tokio::spawn(crate::pgcron::watch(
-                self.db.clone(),
-                self.pool.clone(),
-                (*self.config).clone(),
-                self.replica.clone(),
-                self.alerts.clone(),
-                self.stats.clone(),
-                cancel_intake.clone(),
-            ))
-        });
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         self.stats.ready.set(true);
         tokio::pin!(shutdown);
@@ -424,12 +372,58 @@ impl Daemon {
             }
         }
 
-        // Phase 1: stop intake; let in-flight refreshes finish until the deadline.
         tracing::info!("shutting down: no new refreshes; waiting for the ones in flight");
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         self.stats.ready.set(false);
-        cancel_intake.cancel();
-        self.steps.cancel();
+        // Nothing new comes in (listener, pg_cron watch, database steps); the refreshes in
+        // flight may finish.
+        self.tasks.intake.cancel();
+        self.drain_refreshes().await;
+    }
+
+    /// Starts the listener and the pg_cron watch in the intake stage; returns the listener's
+    /// events.
+    fn start_intake(&mut self) -> mpsc::Receiver<ListenerEvent> {
+        let (listener_tx, listener_rx) = mpsc::channel(16);
+        let captured = self
+            .channels
+            .iter()
+            .filter(|(_, (_, captured))| *captured)
+            .map(|(c, _)| c.clone())
+            .collect();
+        self.tasks.intake.spawn(listener::run(
+            self.db.clone(),
+            self.channels.keys().cloned().collect(),
+            self.config.listener.clone(),
+            listener::Intake {
+                captured,
+                payload_key: self.config.listener.payload_key.clone(),
+            },
+            listener::Outputs {
+                events: listener_tx,
+                inbox: self.inbox.clone(),
+                stats: self.stats.clone(),
+                metrics: self.metrics.clone(),
+            },
+            self.tasks.intake.token(),
+        ));
+        if self.config.pg_cron.watch {
+            self.tasks.intake.spawn(crate::pgcron::watch(
+                self.db.clone(),
+                self.pool.clone(),
+                (*self.config).clone(),
+                self.replica.clone(),
+                self.alerts.clone(),
+                self.stats.clone(),
+                self.tasks.intake.token(),
+            ));
+        }
+        listener_rx
+    }
+
+    /// Lets the refreshes in flight finish until `[refresh] shutdown_deadline`, then cancels
+    /// what is left server-side and waits briefly for it to roll back.
+    async fn drain_refreshes(&mut self) {
         let deadline = Instant::now() + self.config.refresh.shutdown_deadline;
         while self.views.iter().any(|v| v.in_flight.is_some()) {
             tokio::select! {
@@ -437,7 +431,6 @@ impl Daemon {
                 _ = tokio::time::sleep_until(deadline.into()) => break,
             }
         }
-        // Phase 2: cancel what is left, server-side, and wait briefly for it to roll back.
         let left: Vec<usize> = (0..self.views.len())
             .filter(|&i| self.views[i].in_flight.is_some())
             .collect();
@@ -465,12 +458,12 @@ impl Daemon {
                 r.task.abort();
             }
         }
-        // The listener and the pg_cron watch stop on `cancel_intake`; a send either is blocked
-        // in cannot hold us up.
-        join_or_abort(listener, Duration::from_secs(5)).await;
-        if let Some(task) = pg_cron {
-            join_or_abort(task, Duration::from_secs(5)).await;
-        }
+    }
+
+    /// Stops the background tasks in order (intake, admin server, alert delivery: alerts
+    /// raised while stopping still get a delivery attempt), then closes the pool.
+    async fn finish(self, grace: Duration) {
+        self.tasks.stop(grace).await;
         self.pool.close();
         tracing::info!("stopped");
     }
@@ -829,17 +822,58 @@ impl Daemon {
     }
 }
 
+/// Each view's scheduling state at start-up: a whole-view view never populated is due at once.
+fn view_states(plan: &Plan, config: &Config, now: Instant) -> Vec<ViewState> {
+    let limits = Limits {
+        cap: config.refresh.max_pending_keys,
+        batch: config.refresh.batch_keys,
+        patience: HORIZON_PATIENCE,
+    };
+    plan.views
+        .iter()
+        .map(|v| {
+            let mut debouncer = Debouncer::new(v.config.debounce(config.debounce), limits);
+            let mut reason = None;
+            if v.mode().is_whole_view() && !v.populated {
+                debouncer.note_due(ALL, now, now, true);
+                reason = Some(Reason::Startup);
+            }
+            ViewState {
+                next_schedule: v.config.schedule.map(|s| now + s),
+                reason,
+                ..ViewState::new(debouncer)
+            }
+        })
+        .collect()
+}
+
+/// channel → (the views subscribed to it, whether a capture feeds it).
+fn channel_map(
+    plan: &Plan,
+    config: &Config,
+    captured: &[String],
+) -> BTreeMap<String, (Vec<usize>, bool)> {
+    let captured: BTreeSet<&str> = config
+        .captures
+        .iter()
+        .map(|c| c.channel.as_str())
+        .chain(captured.iter().map(String::as_str))
+        .collect();
+    let mut channels: BTreeMap<String, (Vec<usize>, bool)> = BTreeMap::new();
+    for (i, v) in plan.views.iter().enumerate() {
+        for c in &v.config.channels {
+            let entry = channels
+                .entry(c.clone())
+                .or_insert_with(|| (Vec::new(), captured.contains(c.as_str())));
+            entry.0.push(i);
+        }
+    }
+    channels
+}
+
 /// `1.2s`: a duration for messages.
 fn secs(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
-}
-
-/// Waits for a task that was told to stop, at most `patience`; then aborts it.
-async fn join_or_abort<T>(task: JoinHandle<T>, patience: Duration) {
-    let abort = task.abort_handle();
-    if tokio::time::timeout(patience, task).await.is_err() {
-        abort.abort();
-    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
