@@ -2,8 +2,8 @@
 //! global. Unknown keys are rejected; durations are humantime strings (`"2s"`, `"10m"`).
 //!
 //! Every key, its default and its meaning are documented in the shipped `config.toml`; the
-//! defaults live here, one `Default` per section (a unit test parses the shipped file). What
-//! serde cannot check is in `config/validate.rs`.
+//! defaults are in `config/defaults.rs`, one `Default` per section (a unit test parses the
+//! shipped file). What serde cannot check is in `config/validate.rs`.
 //!
 //! Environment overrides: `MVREFRESH_DATABASE_URL` replaces `[database] url`,
 //! `MVREFRESH_ALERT_WEBHOOK_URL` replaces `[alert] webhook_url`, and `MVREFRESH_ALERT_SECRET`
@@ -19,6 +19,7 @@ use serde::Deserialize;
 pub use crate::db::DatabaseConfig;
 use crate::sql::Relation;
 
+mod defaults;
 #[cfg(test)]
 mod tests;
 mod validate;
@@ -333,57 +334,6 @@ pub struct ViewConfig {
     pub max_wait: Option<Duration>,
 }
 
-impl Default for AlertConfig {
-    fn default() -> Self {
-        Self {
-            webhook_url: None,
-            format: AlertFormat::Json,
-            repeat_after: Duration::from_secs(3600),
-            listener_down_after: Duration::from_secs(60),
-            circuit_failures: 5,
-            circuit_probe_min: Duration::from_secs(30),
-            circuit_probe_max: Duration::from_secs(600),
-            queue_size: 1000,
-            timeout: Duration::from_secs(10),
-            retry_min: Duration::from_secs(1),
-            retry_max: Duration::from_secs(60),
-            max_attempts: 8,
-            secret: None,
-        }
-    }
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        Self {
-            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9187))),
-            max_connections: 32,
-            admin_token: None,
-        }
-    }
-}
-
-impl Default for PgCronConfig {
-    fn default() -> Self {
-        Self {
-            watch: true,
-            database_url: None,
-            poll_interval: Duration::from_secs(10),
-        }
-    }
-}
-
-impl Default for TelemetryConfig {
-    fn default() -> Self {
-        Self {
-            otlp_endpoint: None,
-            export_interval: Duration::from_secs(15),
-            export_timeout: Duration::from_secs(10),
-            service_name: "mvrefresh".to_owned(),
-        }
-    }
-}
-
 impl HttpConfig {
     /// The address to bind, or `None` when the server is off.
     pub fn address(&self) -> Option<SocketAddr> {
@@ -429,53 +379,6 @@ fn admin_token_problem(token: &str) -> Option<String> {
         ));
     }
     None
-}
-
-impl Default for ListenerConfig {
-    fn default() -> Self {
-        Self {
-            heartbeat_interval: Duration::from_secs(5),
-            heartbeat_timeout: Duration::from_secs(3),
-            reconnect_min: Duration::from_millis(250),
-            reconnect_max: Duration::from_secs(30),
-            catch_up_interval: Duration::from_secs(30),
-            payload_key: "challenge_id".to_owned(),
-        }
-    }
-}
-
-impl Default for DebounceConfig {
-    fn default() -> Self {
-        Self {
-            quiet: Duration::from_secs(2),
-            max_wait: Duration::from_secs(15),
-        }
-    }
-}
-
-impl Default for RefreshConfig {
-    fn default() -> Self {
-        Self {
-            timeout: Duration::from_secs(300),
-            lock_timeout: Duration::from_secs(10),
-            retry_min: Duration::from_secs(1),
-            retry_max: Duration::from_secs(300),
-            history_retention: Duration::from_secs(14 * 24 * 3600),
-            shutdown_deadline: Duration::from_secs(30),
-            concurrency: 2,
-            max_pending_keys: 10_000,
-            batch_keys: 1_000,
-        }
-    }
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            format: LogFormat::Text,
-            level: "info".to_owned(),
-        }
-    }
 }
 
 impl ViewConfig {

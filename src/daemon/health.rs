@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::{secs, Daemon};
-use crate::alert::{Event, Kind, Subject};
+use super::{events, Daemon};
+use crate::alert::Subject;
 
 impl Daemon {
     /// How often [`Self::check_health`] runs: a quarter of the shortest threshold it watches,
@@ -43,41 +43,19 @@ impl Daemon {
             let subject = Subject::Stale(name.clone());
             match age {
                 Some(age) if age > limit => {
-                    let since_success = st.last_success.map(|t| now.saturating_duration_since(t));
-                    let mut event = Event::new(
-                        Kind::ViewStale,
-                        subject,
-                        format!(
-                            "{name} is stale: its oldest unreflected change is {} old (max_staleness {}); last success {}",
-                            secs(age),
-                            humantime::format_duration(limit),
-                            since_success.map_or("not since start-up".to_owned(), |d| format!("{} ago", secs(d)))
-                        ),
-                    )
-                    .view(&name)
-                    .detail("oldest_change_age_seconds", age.as_secs_f64())
-                    .detail("max_staleness_seconds", limit.as_secs_f64())
-                    .detail(
-                        "since_last_success_seconds",
-                        since_success.map(|d| d.as_secs_f64()),
-                    );
-                    if st.breaker.failures() > 0 {
-                        event = event.failures(u64::from(st.breaker.failures()));
-                    }
+                    let staleness = events::Staleness {
+                        age,
+                        limit,
+                        since_success: st.last_success.map(|t| now.saturating_duration_since(t)),
+                        failures: st.breaker.failures(),
+                    };
+                    let event = events::view_stale(&name, &staleness);
                     if let Some(alert) = self.tracker.fail(event, now) {
                         self.alerts.send(alert);
                     }
                 }
                 _ if self.tracker.is_open(&subject) => {
-                    let event = Event::new(
-                        Kind::ViewFresh,
-                        subject,
-                        format!(
-                            "{name} is fresh again (within max_staleness {})",
-                            humantime::format_duration(limit)
-                        ),
-                    )
-                    .view(&name);
+                    let event = events::view_fresh(&name, limit);
                     self.alerts.send_opt(self.tracker.recover(event));
                 }
                 _ => {}
@@ -86,17 +64,7 @@ impl Daemon {
         if let Some((since, reason)) = &self.listener_down {
             let down = now.saturating_duration_since(*since);
             if down >= self.config.alert.listener_down_after {
-                let event = Event::new(
-                    Kind::ListenerDown,
-                    Subject::Listener,
-                    format!(
-                        "the LISTEN connection to {} has been down for {}",
-                        self.db.target(),
-                        secs(down)
-                    ),
-                )
-                .error(reason.clone())
-                .detail("down_seconds", down.as_secs_f64());
+                let event = events::listener_down(&self.db.target(), down, reason);
                 if let Some(alert) = self.tracker.fail(event, now) {
                     self.alerts.send(alert);
                 }

@@ -485,14 +485,8 @@ impl Daemon {
             ListenerEvent::Up => {
                 if let Some((since, _)) = self.listener_down.take() {
                     let now = Instant::now();
-                    let event = crate::alert::Event::new(
-                        crate::alert::Kind::ListenerRecovered,
-                        crate::alert::Subject::Listener,
-                        format!(
-                            "the LISTEN connection is back after {}",
-                            super::secs(now.saturating_duration_since(since))
-                        ),
-                    );
+                    let down = now.saturating_duration_since(since);
+                    let event = super::events::listener_recovered(down);
                     self.alerts.send_opt(self.tracker.recover(event));
                 }
                 // Notifications on channels without capture were missed while not listening

@@ -18,20 +18,9 @@
 //! Shutdown is two-phase: stop intake (listener, catch-up, new refreshes), let in-flight
 //! refreshes finish until `[refresh] shutdown_deadline`, then cancel them server-side.
 //!
-//! # Failures, alerts and the circuit breaker
-//!
-//! The loop is where failures become known, so it owns the [`Tracker`] of view, circuit,
-//! staleness and listener alerts (the pg_cron watch has its own). Each view's retry backoff,
-//! busy replica backoff and circuit breaker are plain data (`daemon/breaker.rs`): a failure
-//! sends `refresh_failed` (and `circuit_opened` at `[alert] circuit_failures` in a row, after
-//! which probes are further and further apart; changes keep accumulating in the debouncer).
-//!
-//! A success sends `refresh_recovered` (and `circuit_closed` when the circuit was open). A health
-//! check runs every few hundred milliseconds: a view whose oldest unreflected change is older
-//! than its `max_staleness` is `view_stale` until it is fresh again (`view_fresh`); a listener
-//! disconnected longer than `[alert] listener_down_after` is `listener_down` until it is back.
+//! Failures, retries, the circuit breaker and their alerts: `daemon/outcomes.rs`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,30 +29,33 @@ use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::alert::{Alerts, Event, Kind, Subject, Tracker};
+use crate::alert::{Alerts, Tracker};
 use crate::config::Config;
 use crate::db::{Canceller, Db, DbError, UrlError};
-use crate::debounce::{Batch, Debouncer, Limits, ALL};
+use crate::debounce::{Batch, ALL};
 use crate::graph::{Plan, PlanError};
 use crate::http::{self, ManualRefresh};
 use crate::listener::{self, Inbox, ListenerEvent};
-use crate::refresh::{Outcome, Reason, Request, Settings};
+use crate::refresh::{Outcome, Reason};
 use crate::stats::{Stats, ViewGauges};
-use crate::store::{self, Collected, Guard, PendingKeys};
-use crate::telemetry::{Metrics, RefreshOutcome, Telemetry};
+use crate::store::{Collected, Guard, PendingKeys};
+use crate::telemetry::{Metrics, Telemetry};
 
 mod breaker;
+mod events;
 mod health;
 mod intake;
 mod isolate;
+mod outcomes;
 mod scheduler;
+mod startup;
 mod supervisor;
 mod task;
 
-use breaker::{Failure, Policy};
 use scheduler::ViewState;
+use startup::{channel_map, start_up, view_states, warn_if_plaintext, Startup};
 use supervisor::Supervisor;
-use task::{refresh_task, retry_delay, TaskError};
+use task::TaskError;
 
 /// How long a due key waits for the hand-over horizon before it is refreshed anyway (its
 /// pending rows are then consumed by a later refresh).
@@ -112,15 +104,6 @@ enum Internal {
 struct Running {
     cancel: Arc<Mutex<Option<Canceller>>>,
     task: JoinHandle<()>,
-}
-
-/// What start-up reads from the database before anything runs.
-struct Startup {
-    plan: Plan,
-    /// Channels a capture feeds, as installed.
-    captured: Vec<String>,
-    /// How long ago each view (in plan order) last refreshed successfully.
-    last_success: Vec<Option<Duration>>,
 }
 
 /// The daemon's collaborators, built by [`run`].
@@ -197,47 +180,6 @@ pub async fn run(
     // Flush telemetry off the async runtime: the OTLP reader uses a blocking client.
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     Ok(())
-}
-
-fn warn_if_plaintext(db: &Db) {
-    if db.ssl_mode().may_be_plaintext()
-        && db.ssl_mode() != crate::tls::SslMode::Disable
-        && !db.unix_only()
-    {
-        tracing::warn!(
-            sslmode = %db.ssl_mode(),
-            "database.url: sslmode={} falls back to plaintext when the server does not offer TLS, \
-             and does not verify the server's certificate; use sslmode=verify-full with sslrootcert",
-            db.ssl_mode()
-        );
-    }
-}
-
-/// Resolves the plan, subscribes the views to their channels, and reads what the daemon starts
-/// from, on one connection.
-async fn start_up(db: &Db, pool: &Pool, config: &Config) -> Result<Startup, DaemonError> {
-    let client = pool.get().await.map_err(DbError::from)?;
-    db.ensure_primary(&client).await?;
-    let plan = Plan::load(&**client, config).await?;
-    let pairs: Vec<(String, String)> = plan
-        .views
-        .iter()
-        .flat_map(|v| {
-            v.config
-                .channels
-                .iter()
-                .map(|c| (c.clone(), v.name.clone()))
-        })
-        .collect();
-    store::ensure_subscriptions(&**client, &pairs).await?;
-    let captured = store::captured_channels(&**client).await?;
-    let names: Vec<&str> = plan.views.iter().map(|v| v.name.as_str()).collect();
-    let last_success = store::last_success_ages(&**client, &names).await?;
-    Ok(Startup {
-        plan,
-        captured,
-        last_success,
-    })
 }
 
 struct Daemon {
@@ -493,65 +435,6 @@ impl Daemon {
         }
     }
 
-    fn spawn_refresh(&mut self, i: usize, batch: Batch, reason: Reason) {
-        let view = &self.plan.views[i];
-        let keys: Vec<String> = batch.iter().map(|(k, _)| k.clone()).collect();
-        let forced: Vec<String> = batch
-            .iter()
-            .filter(|(_, p)| p.forced)
-            .map(|(k, _)| k.clone())
-            .collect();
-        let request = Request {
-            keys: keys.clone(),
-            forced,
-            reason,
-            wait_for_lock: false,
-            horizon: self.intake.horizon_snapshot(),
-        };
-        let settings = Settings {
-            timeout: view.config.timeout.unwrap_or(self.config.refresh.timeout),
-            lock_timeout: self.config.refresh.lock_timeout,
-            replica: self.replica.clone(),
-        };
-        let dependents: Vec<String> = view
-            .dependents
-            .iter()
-            .map(|&d| self.plan.views[d].name.clone())
-            .collect();
-        let cancel: Arc<Mutex<Option<Canceller>>> = Arc::default();
-        let task = {
-            let pool = self.pool.clone();
-            let db = self.db.clone();
-            let plan = self.plan.clone();
-            let cancel = cancel.clone();
-            let liveness = self.config.listener.clone();
-            let done = self.internal_tx.clone();
-            let span = tracing::info_span!("refresh", view = %view.name, keys = keys.len(), reason = reason.as_str());
-            tokio::spawn(tracing::Instrument::instrument(
-                async move {
-                    let result = refresh_task(
-                        &pool,
-                        &db,
-                        &plan.views[i],
-                        &dependents,
-                        &request,
-                        &settings,
-                        &liveness,
-                        &cancel,
-                    )
-                    .await;
-                    let _ = done.send(Internal::RefreshDone {
-                        view: i,
-                        batch,
-                        result,
-                    });
-                },
-                span,
-            ))
-        };
-        self.running[i] = Some(Running { cancel, task });
-    }
-
     fn on_internal(&mut self, event: Internal) {
         match event {
             Internal::Collected(result) => self.on_collected(result),
@@ -565,204 +448,6 @@ impl Daemon {
                 result,
             } => self.on_refresh_done(view, batch, result),
         }
-    }
-
-    fn on_refresh_done(&mut self, i: usize, batch: Batch, result: Result<Outcome, TaskError>) {
-        let now = Instant::now();
-        self.running[i] = None;
-        self.views[i].in_flight = None;
-        let name = self.plan.views[i].name.clone();
-        let st = &mut self.views[i];
-        match result {
-            Ok(Outcome::Refreshed {
-                keys,
-                duration,
-                leftover,
-            }) => self.on_refreshed(i, batch, keys, duration, leftover, now),
-            Ok(Outcome::NothingToDo) => {
-                self.metrics
-                    .refresh(&name, RefreshOutcome::Skipped, None, None);
-                st.breaker.settled();
-                tracing::debug!(view = %name, "nothing left to refresh (another replica covered it)");
-            }
-            Ok(Outcome::Busy) => {
-                self.metrics
-                    .refresh(&name, RefreshOutcome::Busy, None, None);
-                st.debouncer.restore(batch);
-                let delay = st.breaker.busy(now);
-                tracing::debug!(view = %name, retry_in = ?delay, "another replica is refreshing this view");
-            }
-            Err(e) => self.on_refresh_failed(i, batch, e, now),
-        }
-    }
-
-    /// A refresh succeeded: recoveries, the backstop schedule, keys left over, dependents.
-    fn on_refreshed(
-        &mut self,
-        i: usize,
-        batch: Batch,
-        keys: Option<Vec<String>>,
-        duration: Duration,
-        leftover: Vec<String>,
-        now: Instant,
-    ) {
-        let name = self.plan.views[i].name.clone();
-        let st = &mut self.views[i];
-        self.metrics.refresh(
-            &name,
-            RefreshOutcome::Success,
-            Some(duration),
-            keys.as_ref().map(Vec::len),
-        );
-        st.last_success = Some(now);
-        for key in st.isolation.succeeded(&batch) {
-            tracing::info!(view = %name, key = %key, "a quarantined key refreshed again");
-            let released = Event::new(
-                Kind::RefreshRecovered,
-                Subject::Key {
-                    view: name.clone(),
-                    key: key.clone(),
-                },
-                format!("refresh of {name} for key {key} succeeded again"),
-            )
-            .view(&name);
-            self.alerts.send_opt(self.tracker.recover(released));
-        }
-        let recovery = st.breaker.succeeded();
-        if recovery.failures > 0 {
-            tracing::info!(view = %name, after_failures = recovery.failures, "refresh recovered");
-        }
-        let recovered = Event::new(
-            Kind::RefreshRecovered,
-            Subject::View(name.clone()),
-            format!("refresh of {name} succeeded again"),
-        )
-        .view(&name)
-        .failures(u64::from(recovery.failures));
-        self.alerts.send_opt(self.tracker.recover(recovered));
-        if recovery.circuit_closed {
-            let closed = Event::new(
-                Kind::CircuitClosed,
-                Subject::Circuit(name.clone()),
-                format!("{name} refreshed successfully: circuit closed, normal refreshes resume"),
-            )
-            .view(&name);
-            self.alerts.send_opt(self.tracker.recover(closed));
-        }
-        tracing::info!(
-            view = %name,
-            keys = keys.as_ref().map_or("all".to_owned(), |k| k.len().to_string()),
-            duration_ms = duration.as_millis() as u64,
-            "refreshed"
-        );
-        if keys.is_none() {
-            // A whole refresh resets the backstop: `schedule` is "at least this often".
-            if let Some(period) = self.plan.views[i].config.schedule {
-                st.next_schedule = Some(now + period);
-            }
-        }
-        for k in &leftover {
-            st.debouncer.park(k, now);
-        }
-        let oldest = batch.iter().map(|(_, p)| p.first).min().unwrap_or(now);
-        let keys = keys.unwrap_or_else(|| vec![ALL.to_owned()]);
-        scheduler::propagate(
-            &mut self.views,
-            self.plan.views[i].dependents.iter().copied(),
-            &keys,
-            oldest,
-            now,
-        );
-    }
-
-    /// A refresh failed: a failing key is isolated (incremental views), else the view backs off,
-    /// maybe opening its circuit; alerts say so.
-    fn on_refresh_failed(&mut self, i: usize, batch: Batch, e: TaskError, now: Instant) {
-        let name = self.plan.views[i].name.clone();
-        let st = &mut self.views[i];
-        self.metrics
-            .refresh(&name, RefreshOutcome::Failure, None, None);
-        let statement_error = matches!(&e, TaskError::Refresh(r) if !r.is_connection_error());
-        let batch = if statement_error && !self.plan.views[i].mode().is_whole_view() {
-            let (min, max) = (self.config.refresh.retry_min, self.config.refresh.retry_max);
-            match st
-                .isolation
-                .failed(batch, now, |n| retry_delay(min, max, n))
-            {
-                isolate::Verdict::Split => {
-                    tracing::warn!(view = %name, error = %e, "refresh of several keys failed: refreshing them in halves to isolate the key that fails");
-                    return;
-                }
-                isolate::Verdict::Quarantined { key, first } => {
-                    tracing::error!(view = %name, key = %key, error = %e, "a key makes the refresh fail: quarantined, retried alone with backoff; the other keys keep refreshing");
-                    let event = Event::new(
-                        Kind::RefreshFailed,
-                        Subject::Key {
-                    view: name.clone(),
-                    key: key.clone(),
-                },
-                        format!("refresh of {name} fails for key {key}: the key is quarantined (retried alone with backoff); other keys keep refreshing"),
-                    )
-                    .view(&name)
-                    .error(e.to_string())
-                    .detail("key", key.clone())
-                    .detail("first", first);
-                    match self.tracker.fail(event, now) {
-                        Some(alert) => self.alerts.send(alert),
-                        None => self.stats.alerts_suppressed.inc(),
-                    }
-                    return;
-                }
-                isolate::Verdict::ViewFails(batch) => batch,
-            }
-        } else {
-            batch
-        };
-        st.debouncer.restore(batch);
-        let Failure {
-            failures,
-            delay,
-            circuit_opened,
-        } = st.breaker.failed(now, &Policy::new(&self.config));
-        let error = e.to_string();
-        let failed = Event::new(
-            Kind::RefreshFailed,
-            Subject::View(name.clone()),
-            format!("refresh of {name} failed ({failures} in a row)"),
-        )
-        .view(&name)
-        .error(error.clone())
-        .failures(u64::from(failures))
-        .detail("retry_in_seconds", delay.as_secs_f64());
-        match self.tracker.fail(failed, now) {
-            Some(alert) => self.alerts.send(alert),
-            None => self.stats.alerts_suppressed.inc(),
-        }
-        if circuit_opened {
-            self.stats.circuits_opened.inc();
-            let opened = Event::new(
-                Kind::CircuitOpened,
-                Subject::Circuit(name.clone()),
-                format!(
-                    "{name} failed {failures} times in a row: refreshes paused, probing with backoff (next in {})",
-                    humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
-                ),
-            )
-            .view(&name)
-            .error(error)
-            .failures(u64::from(failures))
-            .detail("next_probe_in_seconds", delay.as_secs_f64());
-            if let Some(alert) = self.tracker.fail(opened, now) {
-                self.alerts.send(alert);
-            }
-        }
-        tracing::error!(
-            view = %name,
-            consecutive_failures = failures,
-            retry_in = ?delay,
-            error = %e,
-            "refresh failed"
-        );
     }
 
     /// Queues a manual refresh of one view or all (`POST /refresh[/{view}]`).
@@ -820,60 +505,6 @@ impl Daemon {
             *slot = gauges;
         }
     }
-}
-
-/// Each view's scheduling state at start-up: a whole-view view never populated is due at once.
-fn view_states(plan: &Plan, config: &Config, now: Instant) -> Vec<ViewState> {
-    let limits = Limits {
-        cap: config.refresh.max_pending_keys,
-        batch: config.refresh.batch_keys,
-        patience: HORIZON_PATIENCE,
-    };
-    plan.views
-        .iter()
-        .map(|v| {
-            let mut debouncer = Debouncer::new(v.config.debounce(config.debounce), limits);
-            let mut reason = None;
-            if v.mode().is_whole_view() && !v.populated {
-                debouncer.note_due(ALL, now, now, true);
-                reason = Some(Reason::Startup);
-            }
-            ViewState {
-                next_schedule: v.config.schedule.map(|s| now + s),
-                reason,
-                ..ViewState::new(debouncer)
-            }
-        })
-        .collect()
-}
-
-/// channel → (the views subscribed to it, whether a capture feeds it).
-fn channel_map(
-    plan: &Plan,
-    config: &Config,
-    captured: &[String],
-) -> BTreeMap<String, (Vec<usize>, bool)> {
-    let captured: BTreeSet<&str> = config
-        .captures
-        .iter()
-        .map(|c| c.channel.as_str())
-        .chain(captured.iter().map(String::as_str))
-        .collect();
-    let mut channels: BTreeMap<String, (Vec<usize>, bool)> = BTreeMap::new();
-    for (i, v) in plan.views.iter().enumerate() {
-        for c in &v.config.channels {
-            let entry = channels
-                .entry(c.clone())
-                .or_insert_with(|| (Vec::new(), captured.contains(c.as_str())));
-            entry.0.push(i);
-        }
-    }
-    channels
-}
-
-/// `1.2s`: a duration for messages.
-fn secs(d: Duration) -> String {
-    format!("{:.1}s", d.as_secs_f64())
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -34,31 +34,32 @@ use crate::db::LOCK_NAMESPACE;
 use crate::sql::{ident, literal};
 
 /// The daemon's own schema.
-pub const CORE_SQL: &str = include_str!("../sql/mvrefresh.sql");
+pub const CORE_SQL: &str = include_str!("../../sql/mvrefresh.sql");
 
 /// The `schema_version` that [`CORE_SQL`] installs (kept equal by a unit test).
 pub const SCHEMA_VERSION: &str = "4";
 
 /// The bundled analytics' capture on bout_results (step 5 of `--analytics`).
-const ANALYTICS_CAPTURE_SQL: &str = include_str!("../sql/analytics/050_capture_bout_results.sql");
+const ANALYTICS_CAPTURE_SQL: &str =
+    include_str!("../../sql/analytics/050_capture_bout_results.sql");
 
 /// The bundled analytics of the README's analytics section, in the order they run.
 pub const ANALYTICS_SQL: &[(&str, &str)] = &[
     (
         "sql/analytics/010_operational.sql",
-        include_str!("../sql/analytics/010_operational.sql"),
+        include_str!("../../sql/analytics/010_operational.sql"),
     ),
     (
         "sql/analytics/020_compute.sql",
-        include_str!("../sql/analytics/020_compute.sql"),
+        include_str!("../../sql/analytics/020_compute.sql"),
     ),
     (
         "sql/analytics/030_mv_views.sql",
-        include_str!("../sql/analytics/030_mv_views.sql"),
+        include_str!("../../sql/analytics/030_mv_views.sql"),
     ),
     (
         "sql/analytics/040_analytics_tables.sql",
-        include_str!("../sql/analytics/040_analytics_tables.sql"),
+        include_str!("../../sql/analytics/040_analytics_tables.sql"),
     ),
     (
         "sql/analytics/050_capture_bout_results.sql",
@@ -66,7 +67,7 @@ pub const ANALYTICS_SQL: &[(&str, &str)] = &[
     ),
     (
         "sql/analytics/090_sample_data.sql",
-        include_str!("../sql/analytics/090_sample_data.sql"),
+        include_str!("../../sql/analytics/090_sample_data.sql"),
     ),
 ];
 
@@ -481,63 +482,4 @@ DROP TABLE mvrefresh_desired;
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::sql::Relation;
-
-    #[test]
-    fn schema_version_matches_the_sql() {
-        assert!(CORE_SQL.contains(&format!("VALUES ('schema_version', '{SCHEMA_VERSION}')")));
-    }
-
-    #[test]
-    fn fingerprint_changes_with_the_capture() {
-        let c = CaptureConfig {
-            name: "x".into(),
-            table: Relation::parse("t").unwrap(),
-            channel: "c".into(),
-            key: "k".into(),
-            when: None,
-            columns: vec!["a".into()],
-        };
-        let mut d = c.clone();
-        d.columns.push("b".into());
-        assert_ne!(fingerprint(&c), fingerprint(&d));
-        assert_eq!(fingerprint(&c), fingerprint(&c.clone()));
-    }
-
-    #[test]
-    fn every_analytics_file_is_installed_in_order() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/analytics");
-        let mut files: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| format!("sql/analytics/{}", e.unwrap().file_name().to_string_lossy()))
-            .filter(|f| f.ends_with(".sql"))
-            .collect();
-        files.sort();
-        let listed: Vec<&str> = ANALYTICS_SQL.iter().map(|(n, _)| *n).collect();
-        assert_eq!(listed, files);
-    }
-
-    #[test]
-    fn capture_sql_quotes_configured_names() {
-        let c = CaptureConfig {
-            name: "x".into(),
-            table: Relation::parse("\"Odd\"\"Table\"").unwrap(),
-            channel: "it's".into(),
-            key: "k\"ey".into(),
-            when: None,
-            columns: vec!["a\"b".into()],
-        };
-        assert!(trigger_name(&c).len() + "_truncate".len() <= 63);
-        let sql = capture_sql(&c);
-        assert!(sql.contains("FROM \"Odd\"\"Table\" AS n"), "{sql}");
-        assert!(sql.contains("'\"Odd\"\"Table\"'::regclass"), "{sql}");
-        assert!(
-            sql.contains("VALUES ('x', '\"Odd\"\"Table\"'::regclass, 'it''s',"),
-            "{sql}"
-        );
-        assert!(sql.contains("n.\"k\"\"ey\"::text"), "{sql}");
-        assert!(sql.contains("ARRAY['k\"ey', 'a\"b']"), "{sql}");
-    }
-}
+mod tests;
