@@ -13,15 +13,15 @@
 //! | [`commands`] | one module per command (`run`, `install`, `refresh`, `check`, `status`) |
 //! | [`install`] | the schema, the generated capture (row trigger, its inlined checks) and subscriptions, in one transaction |
 //! | [`db`] | reaching PostgreSQL: URL, timeouts, the refresh pool, primary check |
-//! | [`tls`] | `sslmode`/`sslrootcert`/`sslcert`/`sslkey` → the one rustls connector |
+//! | [`tls`] | `sslmode`/`sslrootcert`/`sslcert`/`sslkey` → the one rustls connector (`tls/certs.rs`: PEM files, the weaker modes' verifiers) |
 //! | [`listener`] | the LISTEN connection: reconnect with backoff, heartbeat, a bounded inbox |
 //! | [`changelog`] | what a notification means (payloads of channels without capture) |
 //! | [`store`] | statements on mvrefresh's tables: collect, bounded reads, the hand-over guards, subscriptions, schema version, last successes |
 //! | [`debounce`] | per-key `quiet` / `max_wait` debouncing, bounded, aware of the hand-over horizon |
-//! | [`graph`] | resolving views in the catalog, dependency order |
+//! | [`plan`] | resolving views in the catalog, dependency order |
 //! | [`refresh`] | one refresh transaction: lock, consume the guarded pending keys, refresh, record |
-//! | [`daemon`] | the main loop tying them together; two-phase shutdown (`daemon/scheduler.rs`: each view's scheduling state, dispatch, next wake-up, waiting for the views it reads, propagation to the views that read it; `daemon/breaker.rs`: retry backoff and the circuit breaker; `daemon/intake.rs`: collects, catch-ups, guards, pruning, the inbox; `daemon/task.rs`: one refresh and its liveness watch; `daemon/isolate.rs`: splitting failed batches, quarantining a failing key; `daemon/health.rs`: staleness and listener alerts) |
-//! | [`alert`] | alert lifecycle per subject, webhook delivery (queue, retries, signature) |
+//! | [`daemon`] | the main loop tying them together (`daemon/mod.rs`: wiring; `daemon/startup.rs`: what it reads before the loop; `daemon/supervisor.rs`: the background tasks, one token tree, ordered stop; `daemon/scheduler.rs`: each view's scheduling state, dispatch, next wake-up, waiting for the views it reads, propagation to the views that read it; `daemon/breaker.rs`: retry backoff, busy replica, the circuit breaker; `daemon/outcomes.rs`: starting a refresh and what its outcome does; `daemon/events.rs`: the alerts' wording; `daemon/intake.rs`: collects, catch-ups, guards, pruning, the inbox; `daemon/task.rs`: one refresh and its liveness watch; `daemon/isolate.rs`: splitting failed batches, quarantining a failing key; `daemon/health.rs`: staleness and listener alerts) |
+//! | [`alert`] | alert lifecycle per subject, typed subjects (`alert/mod.rs`); webhook delivery: queue, retries, signature (`alert/delivery.rs`) |
 //! | [`pgcron`] | pg_cron: watch of failed and late job runs (`pgcron/watch.rs`), `install --pg-cron` jobs (`pgcron/jobs.rs`) |
 //! | [`status`] | the status report from the database (`status`, `/status`) |
 //! | [`telemetry`] | OpenTelemetry metrics: Prometheus registry and OTLP push |
@@ -48,11 +48,11 @@ pub mod config;
 pub mod daemon;
 pub mod db;
 pub mod debounce;
-pub mod graph;
 pub mod http;
 pub mod install;
 pub mod listener;
 pub mod pgcron;
+pub mod plan;
 pub mod ratelimit;
 pub mod refresh;
 pub mod shutdown;

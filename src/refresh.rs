@@ -24,7 +24,7 @@ use tokio_postgres::Client;
 use crate::config::Mode;
 use crate::db::LOCK_NAMESPACE;
 use crate::debounce::ALL;
-use crate::graph::View;
+use crate::plan::View;
 
 /// Why a refresh ran (recorded in the history).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -102,7 +102,7 @@ impl Relation {
     }
 
     /// A key that compares equal for the same text written two ways (`public.x` vs `x` do not:
-    /// those are resolved against the catalog, see [`crate::graph`]).
+    /// those are resolved against the catalog, see [`crate::plan`]).
     pub fn canonical(&self) -> String {
         self.quoted()
     }

@@ -7,7 +7,7 @@ use tokio_postgres::GenericClient;
 
 use crate::config::Config;
 use crate::db::Db;
-use crate::graph::{Plan, PlanError};
+use crate::plan::{Plan, PlanError};
 use crate::tls::SslMode;
 
 pub async fn execute(config: Config, test_alert: bool) -> anyhow::Result<ExitCode> {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use crate::config::Config;
 use crate::db::Db;
 use crate::debounce::ALL;
-use crate::graph::Plan;
+use crate::plan::Plan;
 use crate::refresh::{self, Outcome, Reason, Request, Settings};
 
 pub async fn execute(config: Config, names: Vec<String>, all: bool) -> anyhow::Result<ExitCode> {

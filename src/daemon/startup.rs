@@ -11,7 +11,7 @@ use super::{DaemonError, HORIZON_PATIENCE};
 use crate::config::Config;
 use crate::db::{Db, DbError};
 use crate::debounce::{Debouncer, Limits, ALL};
-use crate::graph::Plan;
+use crate::plan::Plan;
 use crate::refresh::Reason;
 use crate::store;
 

@@ -38,7 +38,7 @@ pub(super) enum TaskError {
 pub(super) async fn refresh_task(
     pool: &Pool,
     db: &Db,
-    view: &crate::graph::View,
+    view: &crate::plan::View,
     dependents: &[String],
     request: &Request,
     settings: &Settings,

@@ -91,8 +91,7 @@ struct Resolved {
 impl Plan {
     /// Resolves and checks every view. All problems are reported together.
     pub async fn load(client: &impl GenericClient, config: &Config) -> Result<Plan, PlanError> {
-        let installed = crate::store::installed_version(client).await?;
-        match installed {
+        match crate::store::installed_version(client).await? {
             None => return Err(PlanError::NotInstalled),
             Some(v) if v != crate::install::SCHEMA_VERSION => {
                 return Err(PlanError::Outdated { installed: v })
@@ -101,134 +100,17 @@ impl Plan {
         }
         let mut problems = Vec::new();
         let mut resolved = Vec::new();
-        let mut functions = Vec::new();
         for v in &config.views {
-            let name = v.relation().to_string();
-            let r = resolve(client, v.relation()).await?;
-            let problem = |message: String, fix: String| Problem {
-                view: name.clone(),
-                message,
-                fix,
-            };
-            let Some(r) = r else {
-                problems.push(problem(
-                    "does not exist".into(),
-                    if v.mode == Mode::Incremental {
-                        "create the table (`mvrefresh install --analytics` for the bundled ones)"
-                    } else {
-                        "create the materialized view (`mvrefresh install --analytics` for the bundled ones) or fix `name`"
-                    }
-                    .into(),
-                ));
-                resolved.push(None);
-                functions.push(None);
-                continue;
-            };
-            let mut function = None;
-            match v.mode {
-                Mode::Concurrently | Mode::Blocking if r.relkind != b'm' as i8 => {
-                    problems.push(problem(
-                        "is not a materialized view".into(),
-                        "use mode = \"incremental\" with a refresh function for tables".into(),
-                    ));
-                }
-                Mode::Concurrently => {
-                    let ok: bool = client
-                        .query_one(
-                            "SELECT EXISTS (SELECT 1 FROM pg_index
-                              WHERE indrelid = $1 AND indisunique AND indisvalid
-                                AND indpred IS NULL AND indexprs IS NULL)",
-                            &[&r.oid],
-                        )
-                        .await?
-                        .get(0);
-                    if !ok {
-                        problems.push(problem(
-                            "has no usable unique index, which REFRESH MATERIALIZED VIEW CONCURRENTLY needs (a UNIQUE index on plain columns, without WHERE)".into(),
-                            format!(
-                                "CREATE UNIQUE INDEX ON {} (<columns that identify a row>), or set mode = \"blocking\"",
-                                r.target
-                            ),
-                        ));
-                    }
-                }
-                Mode::Blocking => {}
-                Mode::Incremental => {
-                    let Some(rel) = &v.function else {
-                        // Validated at load: an incremental view names its function.
-                        let message = "mode `incremental` needs `function`".to_owned();
-                        return Err(PlanError::Problems(vec![problem(
-                            message,
-                            "set `function`".into(),
-                        )]));
-                    };
-                    let row = client
-                        .query_opt(
-                            "SELECT n.nspname, p.proname FROM pg_proc p
-                             JOIN pg_namespace n ON n.oid = p.pronamespace
-                             WHERE p.oid = to_regprocedure($1)",
-                            &[&format!("{}(text[])", rel.quoted())],
-                        )
-                        .await?;
-                    match row {
-                        Some(row) => {
-                            function = Some(format!(
-                                "{}.{}",
-                                ident(row.get(0)),
-                                ident(row.get(1))
-                            ))
-                        }
-                        None => problems.push(problem(
-                            format!("refresh function {rel}(text[]) does not exist"),
-                            "create it (`mvrefresh install --analytics` for the bundled ones) or fix `function`".into(),
-                        )),
-                    }
-                }
-            }
-            if !r.owner {
-                problems.push(problem(
-                    "is not owned by the connecting role, and only its owner may refresh it".into(),
-                    format!(
-                        "ALTER ... {} OWNER TO <this role>, or connect as its owner",
-                        r.target
-                    ),
-                ));
-            }
-            resolved.push(Some(r));
-            functions.push(function);
+            let (r, found) = check_view(client, v).await?;
+            problems.extend(found);
+            resolved.push(r);
         }
         if !problems.is_empty() {
             return Err(PlanError::Problems(problems));
         }
-        let resolved: Vec<Resolved> = resolved.into_iter().flatten().collect();
-
-        // Dependencies among configured views, through plain views.
-        let oids: Vec<u32> = resolved.iter().map(|r| r.oid).collect();
-        let rows = client
-            .query(
-                "WITH RECURSIVE deps(root, rel) AS (
-                     SELECT v, v FROM unnest($1::oid[]) AS v
-                     UNION
-                     SELECT d.root, dep.refobjid
-                     FROM deps d
-                     JOIN pg_class c ON c.oid = d.rel
-                     JOIN pg_rewrite r ON r.ev_class = d.rel
-                     JOIN pg_depend dep ON dep.classid = 'pg_rewrite'::regclass
-                          AND dep.objid = r.oid
-                          AND dep.refclassid = 'pg_class'::regclass
-                          AND dep.refobjid <> d.rel
-                     WHERE d.rel = d.root OR c.relkind = 'v')
-                 SELECT root, rel FROM deps WHERE rel <> root AND rel = ANY($1)",
-                &[&oids],
-            )
-            .await?;
-        let index_of = |oid: u32| oids.iter().position(|o| *o == oid);
-        let mut depends_on: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); oids.len()];
-        for row in rows {
-            if let (Some(a), Some(b)) = (index_of(row.get(0)), index_of(row.get(1))) {
-                depends_on[a].insert(b);
-            }
-        }
+        let resolved: Vec<(Resolved, Option<String>)> = resolved.into_iter().flatten().collect();
+        let oids: Vec<u32> = resolved.iter().map(|(r, _)| r.oid).collect();
+        let mut depends_on = catalog_dependencies(client, &oids).await?;
         let canonical: Vec<String> = config
             .views
             .iter()
@@ -261,14 +143,12 @@ impl Plan {
             return Err(PlanError::Problems(problems));
         }
         let order = topo_order(&names, &depends_on)?;
-
-        let mut views: Vec<View> = config
+        let views = config
             .views
             .iter()
             .zip(resolved)
-            .zip(functions)
             .enumerate()
-            .map(|(i, ((cfg, r), function))| View {
+            .map(|(i, (cfg, (r, function)))| View {
                 name: names[i].clone(),
                 config: cfg.clone(),
                 target: r.target,
@@ -279,18 +159,10 @@ impl Plan {
                 dependents: Vec::new(),
             })
             .collect();
-        for &i in &order {
-            let mut anc = BTreeSet::new();
-            for &d in &views[i].depends_on {
-                anc.insert(d);
-                anc.extend(views[d].ancestors.iter().copied());
-            }
-            views[i].ancestors = anc;
-            for d in views[i].depends_on.clone() {
-                views[d].dependents.push(i);
-            }
-        }
-        Ok(Plan { views, order })
+        Ok(Plan {
+            views: link(views, &order),
+            order,
+        })
     }
 
     /// The view `name` designates: its recorded name, or as configured.
@@ -343,6 +215,144 @@ async fn resolve(
         populated: row.get(4),
         owner: row.get(5),
     }))
+}
+
+/// Resolves one view and checks it can be refreshed in its mode: the relation, and its refresh
+/// function for `incremental`; with the problems that keep it from being refreshed.
+async fn check_view(
+    client: &impl GenericClient,
+    v: &ViewConfig,
+) -> Result<(Option<(Resolved, Option<String>)>, Vec<Problem>), PlanError> {
+    let name = v.relation().to_string();
+    let problem = |message: String, fix: String| Problem {
+        view: name.clone(),
+        message,
+        fix,
+    };
+    let Some(r) = resolve(client, v.relation()).await? else {
+        let fix = if v.mode == Mode::Incremental {
+            "create the table (`mvrefresh install --analytics` for the bundled ones)"
+        } else {
+            "create the materialized view (`mvrefresh install --analytics` for the bundled ones) or fix `name`"
+        };
+        return Ok((None, vec![problem("does not exist".into(), fix.into())]));
+    };
+    let mut problems = Vec::new();
+    let mut function = None;
+    match v.mode {
+        Mode::Concurrently | Mode::Blocking if r.relkind != b'm' as i8 => {
+            problems.push(problem(
+                "is not a materialized view".into(),
+                "use mode = \"incremental\" with a refresh function for tables".into(),
+            ));
+        }
+        Mode::Concurrently => {
+            let ok: bool = client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_index
+                      WHERE indrelid = $1 AND indisunique AND indisvalid
+                        AND indpred IS NULL AND indexprs IS NULL)",
+                    &[&r.oid],
+                )
+                .await?
+                .get(0);
+            if !ok {
+                problems.push(problem(
+                    "has no usable unique index, which REFRESH MATERIALIZED VIEW CONCURRENTLY needs (a UNIQUE index on plain columns, without WHERE)".into(),
+                    format!(
+                        "CREATE UNIQUE INDEX ON {} (<columns that identify a row>), or set mode = \"blocking\"",
+                        r.target
+                    ),
+                ));
+            }
+        }
+        Mode::Blocking => {}
+        Mode::Incremental => {
+            // Validated at load: an incremental view names its function.
+            let Some(rel) = &v.function else {
+                let fix = "set `function`".to_owned();
+                problems.push(problem("mode `incremental` needs `function`".into(), fix));
+                return Ok((None, problems));
+            };
+            let row = client
+                .query_opt(
+                    "SELECT n.nspname, p.proname FROM pg_proc p
+                     JOIN pg_namespace n ON n.oid = p.pronamespace
+                     WHERE p.oid = to_regprocedure($1)",
+                    &[&format!("{}(text[])", rel.quoted())],
+                )
+                .await?;
+            match row {
+                Some(row) => {
+                    function = Some(format!("{}.{}", ident(row.get(0)), ident(row.get(1))))
+                }
+                None => problems.push(problem(
+                    format!("refresh function {rel}(text[]) does not exist"),
+                    "create it (`mvrefresh install --analytics` for the bundled ones) or fix `function`".into(),
+                )),
+            }
+        }
+    }
+    if !r.owner {
+        problems.push(problem(
+            "is not owned by the connecting role, and only its owner may refresh it".into(),
+            format!(
+                "ALTER ... {} OWNER TO <this role>, or connect as its owner",
+                r.target
+            ),
+        ));
+    }
+    Ok((Some((r, function)), problems))
+}
+
+/// Which of the relations `oids` each one reads, through plain views (`pg_depend` over the
+/// rewrite rules); indexes into `oids`.
+async fn catalog_dependencies(
+    client: &impl GenericClient,
+    oids: &[u32],
+) -> Result<Vec<BTreeSet<usize>>, PlanError> {
+    let rows = client
+        .query(
+            "WITH RECURSIVE deps(root, rel) AS (
+                 SELECT v, v FROM unnest($1::oid[]) AS v
+                 UNION
+                 SELECT d.root, dep.refobjid
+                 FROM deps d
+                 JOIN pg_class c ON c.oid = d.rel
+                 JOIN pg_rewrite r ON r.ev_class = d.rel
+                 JOIN pg_depend dep ON dep.classid = 'pg_rewrite'::regclass
+                      AND dep.objid = r.oid
+                      AND dep.refclassid = 'pg_class'::regclass
+                      AND dep.refobjid <> d.rel
+                 WHERE d.rel = d.root OR c.relkind = 'v')
+             SELECT root, rel FROM deps WHERE rel <> root AND rel = ANY($1)",
+            &[&oids],
+        )
+        .await?;
+    let index_of = |oid: u32| oids.iter().position(|o| *o == oid);
+    let mut depends_on: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); oids.len()];
+    for row in rows {
+        if let (Some(a), Some(b)) = (index_of(row.get(0)), index_of(row.get(1))) {
+            depends_on[a].insert(b);
+        }
+    }
+    Ok(depends_on)
+}
+
+/// Fills each view's ancestors and dependents from `depends_on`, walking `order`.
+fn link(mut views: Vec<View>, order: &[usize]) -> Vec<View> {
+    for &i in order {
+        let mut anc = BTreeSet::new();
+        for &d in &views[i].depends_on {
+            anc.insert(d);
+            anc.extend(views[d].ancestors.iter().copied());
+        }
+        views[i].ancestors = anc;
+        for d in views[i].depends_on.clone() {
+            views[d].dependents.push(i);
+        }
+    }
+    views
 }
 
 /// Kahn's algorithm, stable in configuration order. A cycle names its views.
