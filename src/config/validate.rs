@@ -10,6 +10,16 @@ impl Config {
     /// Checks what serde cannot: ranges, references between sections, names.
     /// Returns the offending key and the problem.
     pub(super) fn validate(&self) -> Result<(), (String, String)> {
+        self.validate_database()?;
+        self.validate_timing()?;
+        self.validate_alert()?;
+        self.validate_serving()?;
+        self.validate_captures()?;
+        self.validate_views()
+    }
+
+    /// `[database]`: the URL (the whole connection setup) and the pool.
+    fn validate_database(&self) -> Result<(), (String, String)> {
         let err = |key: &str, msg: &str| Err((key.to_owned(), msg.to_owned()));
         if self.database.url.trim().is_empty() {
             return err(
@@ -25,6 +35,12 @@ impl Config {
             return err("database.pool_size", "must be at least 2");
         }
         positive("database.connect_timeout", self.database.connect_timeout)?;
+        Ok(())
+    }
+
+    /// `[listener]`, `[debounce]`, `[refresh]`: durations, bounds, concurrency.
+    fn validate_timing(&self) -> Result<(), (String, String)> {
+        let err = |key: &str, msg: &str| Err((key.to_owned(), msg.to_owned()));
         positive(
             "listener.heartbeat_interval",
             self.listener.heartbeat_interval,
@@ -73,7 +89,12 @@ impl Config {
                 "must be less than database.pool_size (one connection is kept for bookkeeping)",
             );
         }
-        self.validate_alert()?;
+        Ok(())
+    }
+
+    /// `[http]`, `[telemetry]`, `[log]`.
+    fn validate_serving(&self) -> Result<(), (String, String)> {
+        let err = |key: &str, msg: &str| Err((key.to_owned(), msg.to_owned()));
         if !(1..=10_000).contains(&self.http.max_connections) {
             return err("http.max_connections", "must be between 1 and 10000");
         }
@@ -90,7 +111,12 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return err("log.level", &format!("is not a valid filter: {e}"));
         }
+        Ok(())
+    }
 
+    /// `[[capture]]`: names that fit every generated identifier, channels, keys.
+    fn validate_captures(&self) -> Result<(), (String, String)> {
+        let err = |key: &str, msg: &str| Err((key.to_owned(), msg.to_owned()));
         let mut capture_names = BTreeSet::new();
         for (i, c) in self.captures.iter().enumerate() {
             let at = |field: &str| format!("capture[{i}].{field}");
@@ -114,7 +140,12 @@ impl Config {
                 return err(&at("when"), "is empty; leave it out to capture every row");
             }
         }
+        Ok(())
+    }
 
+    /// `[[view]]`: names once each, channels, mode and function, `depends_on`, durations.
+    fn validate_views(&self) -> Result<(), (String, String)> {
+        let err = |key: &str, msg: &str| Err((key.to_owned(), msg.to_owned()));
         if self.views.is_empty() {
             return err("view", "at least one [[view]] is required");
         }
