@@ -19,12 +19,13 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
 use crate::config::Mode;
 use crate::db::LOCK_NAMESPACE;
 use crate::debounce::ALL;
 use crate::plan::View;
+use crate::store;
 
 /// Why a refresh ran (recorded in the history).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +131,8 @@ pub async fn refresh(
     }
 }
 
+/// The refresh transaction: the view's lock, the pending keys it consumes, the refresh itself,
+/// the keys handed to the dependents and the history row, all committed together.
 async fn run_transaction(
     client: &mut Client,
     view: &View,
@@ -139,6 +142,52 @@ async fn run_transaction(
     started: Instant,
 ) -> Result<Outcome, tokio_postgres::Error> {
     let tx = client.transaction().await?;
+    if !lock(&tx, view, request, settings).await? {
+        tx.rollback().await?;
+        return Ok(Outcome::Busy);
+    }
+    let all = view.mode().is_whole_view() || request.keys.iter().any(|k| k == ALL);
+    let keys = (!all).then_some(request.keys.as_slice());
+    let (consumed, leftover) =
+        store::consume_pending(&tx, &view.name, keys, &request.horizon).await?;
+    if consumed == 0 && leftover.is_empty() && request.forced.is_empty() {
+        tx.commit().await?;
+        return Ok(Outcome::NothingToDo);
+    }
+    let covered: BTreeSet<String> = request.keys.iter().cloned().collect();
+    let keys: Option<Vec<&str>> = (!all).then(|| covered.iter().map(String::as_str).collect());
+    apply(&tx, view, keys.as_deref()).await?;
+    if !dependents.is_empty() {
+        let propagate = keys.clone().unwrap_or_else(|| vec![ALL]);
+        store::pend_for(&tx, dependents, &propagate).await?;
+    }
+    let duration = started.elapsed();
+    let success = store::Attempt {
+        view: &view.name,
+        mode: view.mode().as_str(),
+        reason: request.reason.as_str(),
+        keys: keys.as_ref().map(|k| k.len() as i32),
+        duration,
+        replica: &settings.replica,
+    };
+    store::record_success(&tx, &success).await?;
+    tx.commit().await?;
+    Ok(Outcome::Refreshed {
+        keys: (!all).then(|| covered.into_iter().collect()),
+        duration,
+        leftover,
+    })
+}
+
+/// Sets the transaction's timeouts and takes the view's lock (waiting for it when `request`
+/// says so); `false` when another session holds it. Remembers, server-side, when the refresh
+/// started (once it holds the lock) for the history row.
+async fn lock(
+    tx: &Transaction<'_>,
+    view: &View,
+    request: &Request,
+    settings: &Settings,
+) -> Result<bool, tokio_postgres::Error> {
     tx.batch_execute(&format!(
         "SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
         settings.timeout.as_millis().max(1),
@@ -160,67 +209,22 @@ async fn run_transaction(
         .await?
         .get(0)
     };
-    if !locked {
-        tx.rollback().await?;
-        return Ok(Outcome::Busy);
-    }
-    // The refresh starts once it holds the lock; remembered server-side for the history row.
-    tx.execute(
-        "SELECT set_config('mvrefresh.started_at', clock_timestamp()::text, true)",
-        &[],
-    )
-    .await?;
-
-    let whole = view.mode().is_whole_view() || request.keys.iter().any(|k| k == ALL);
-    let (consumed, leftover): (u64, Vec<String>) = if whole {
-        let consumed = tx
-            .execute(
-                "DELETE FROM mvrefresh.pending
-                 WHERE view_name = $1
-                   AND (xact IS NULL OR pg_visible_in_snapshot(xact, $2::text::pg_snapshot))",
-                &[&view.name, &request.horizon],
-            )
-            .await?;
-        let left: bool = tx
-            .query_one(
-                "SELECT EXISTS (SELECT FROM mvrefresh.pending WHERE view_name = $1)",
-                &[&view.name],
-            )
-            .await?
-            .get(0);
-        (
-            consumed,
-            if left {
-                vec![ALL.to_owned()]
-            } else {
-                Vec::new()
-            },
+    if locked {
+        tx.execute(
+            "SELECT set_config('mvrefresh.started_at', clock_timestamp()::text, true)",
+            &[],
         )
-    } else {
-        let consumed = tx
-            .execute(
-                "DELETE FROM mvrefresh.pending
-                 WHERE view_name = $1 AND key = ANY ($2)
-                   AND (xact IS NULL OR pg_visible_in_snapshot(xact, $3::text::pg_snapshot))",
-                &[&view.name, &request.keys, &request.horizon],
-            )
-            .await?;
-        let left = tx
-            .query(
-                "SELECT DISTINCT key FROM mvrefresh.pending WHERE view_name = $1 AND key = ANY ($2)",
-                &[&view.name, &request.keys],
-            )
-            .await?;
-        (consumed, left.iter().map(|r| r.get(0)).collect())
-    };
-
-    if consumed == 0 && leftover.is_empty() && request.forced.is_empty() {
-        tx.commit().await?;
-        return Ok(Outcome::NothingToDo);
+        .await?;
     }
-    let all = whole;
-    let covered: BTreeSet<String> = request.keys.iter().cloned().collect();
+    Ok(locked)
+}
 
+/// The refresh statement of `view`'s mode: `keys` for an incremental view, `None` for all.
+async fn apply(
+    tx: &Transaction<'_>,
+    view: &View,
+    keys: Option<&[&str]>,
+) -> Result<(), tokio_postgres::Error> {
     match view.mode() {
         Mode::Concurrently | Mode::Blocking => {
             let populated: bool = tx
@@ -240,53 +244,11 @@ async fn run_transaction(
         }
         Mode::Incremental => {
             let function = view.function.as_deref().unwrap_or_default();
-            let keys: Option<Vec<&str>> = if all {
-                None
-            } else {
-                Some(covered.iter().map(String::as_str).collect())
-            };
             tx.execute(&format!("SELECT {function}($1::text[])"), &[&keys])
                 .await?;
         }
     }
-
-    let propagate: Vec<&str> = if all {
-        vec![ALL]
-    } else {
-        covered.iter().map(String::as_str).collect()
-    };
-    if !dependents.is_empty() {
-        tx.execute(
-            "INSERT INTO mvrefresh.pending (view_name, key, since)
-             SELECT d, k, current_setting('mvrefresh.started_at')::timestamptz
-             FROM unnest($1::text[]) AS d, unnest($2::text[]) AS k",
-            &[&dependents, &propagate],
-        )
-        .await?;
-    }
-    let duration = started.elapsed();
-    let keys_count: Option<i32> = (!all).then_some(covered.len() as i32);
-    tx.execute(
-        "INSERT INTO mvrefresh.refresh_history
-             (view_name, mode, reason, keys, started_at, duration_ms, outcome, replica)
-         VALUES ($1, $2, $3, $4, current_setting('mvrefresh.started_at')::timestamptz, $5,
-                 'success', $6)",
-        &[
-            &view.name,
-            &view.mode().as_str(),
-            &request.reason.as_str(),
-            &keys_count,
-            &(duration.as_secs_f64() * 1000.0),
-            &settings.replica,
-        ],
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(Outcome::Refreshed {
-        keys: (!all).then(|| covered.into_iter().collect()),
-        duration,
-        leftover,
-    })
+    Ok(())
 }
 
 /// Records a failed attempt (`error`: what went wrong) in `refresh_history`, on `client`: the
@@ -299,25 +261,15 @@ pub async fn record_failure(
     started: Instant,
     error: &str,
 ) {
-    let age = started.elapsed().as_secs_f64();
-    let result = client
-        .execute(
-            "INSERT INTO mvrefresh.refresh_history
-                 (view_name, mode, reason, keys, started_at, duration_ms, outcome, error, replica)
-             VALUES ($1, $2, $3, $4, clock_timestamp() - make_interval(secs => $5), $6,
-                     'failure', $7, $8)",
-            &[
-                &view.name,
-                &view.mode().as_str(),
-                &request.reason.as_str(),
-                &(request.keys.len() as i32),
-                &age,
-                &(started.elapsed().as_secs_f64() * 1000.0),
-                &error,
-                &settings.replica,
-            ],
-        )
-        .await;
+    let failure = store::Attempt {
+        view: &view.name,
+        mode: view.mode().as_str(),
+        reason: request.reason.as_str(),
+        keys: Some(request.keys.len() as i32),
+        duration: started.elapsed(),
+        replica: &settings.replica,
+    };
+    let result = store::record_failure(client, &failure, error).await;
     if let Err(e) = result {
         tracing::warn!(view = %view.name, error = %e, "could not record the failed refresh in mvrefresh.refresh_history");
     }

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use tokio_postgres::{Client, GenericClient};
 
-use crate::config::ViewConfig;
+use crate::config::{Config, ViewConfig};
 use crate::debounce::ALL;
 
 /// A key as stored: text that may not be UTF-8 (a `SQL_ASCII` database). Such a key cannot be
@@ -394,6 +394,195 @@ pub async fn ensure_subscriptions(
         )
         .await?;
     Ok(row.get::<_, i64>(0) as u64)
+}
+
+/// Consumes `view`'s pending rows for `keys` (`None`: all) that the hand-over `horizon` (a
+/// `pg_snapshot` as text; `None`: only rows recorded without a writer's transaction) shows
+/// committed; how many, and the keys still pending (rows of writers
+/// the horizon does not cover yet; `*` when a whole refresh leaves any).
+pub async fn consume_pending(
+    client: &impl GenericClient,
+    view: &str,
+    keys: Option<&[String]>,
+    horizon: &Option<String>,
+) -> Result<(u64, Vec<String>), tokio_postgres::Error> {
+    let Some(keys) = keys else {
+        let consumed = client
+            .execute(
+                "DELETE FROM mvrefresh.pending
+                 WHERE view_name = $1
+                   AND (xact IS NULL OR pg_visible_in_snapshot(xact, $2::text::pg_snapshot))",
+                &[&view, &horizon],
+            )
+            .await?;
+        let left: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT FROM mvrefresh.pending WHERE view_name = $1)",
+                &[&view],
+            )
+            .await?
+            .get(0);
+        let leftover = if left {
+            vec![ALL.to_owned()]
+        } else {
+            Vec::new()
+        };
+        return Ok((consumed, leftover));
+    };
+    let consumed = client
+        .execute(
+            "DELETE FROM mvrefresh.pending
+             WHERE view_name = $1 AND key = ANY ($2)
+               AND (xact IS NULL OR pg_visible_in_snapshot(xact, $3::text::pg_snapshot))",
+            &[&view, &keys, &horizon],
+        )
+        .await?;
+    let left = client
+        .query(
+            "SELECT DISTINCT key FROM mvrefresh.pending WHERE view_name = $1 AND key = ANY ($2)",
+            &[&view, &keys],
+        )
+        .await?;
+    Ok((consumed, left.iter().map(|r| r.get(0)).collect()))
+}
+
+/// Makes `keys` pending for each of `views` (the dependents of a view just refreshed), as of
+/// when the refresh started.
+pub async fn pend_for(
+    client: &impl GenericClient,
+    views: &[String],
+    keys: &[&str],
+) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO mvrefresh.pending (view_name, key, since)
+             SELECT d, k, current_setting('mvrefresh.started_at')::timestamptz
+             FROM unnest($1::text[]) AS d, unnest($2::text[]) AS k",
+            &[&views, &keys],
+        )
+        .await
+}
+
+/// One refresh attempt, for its history row.
+#[derive(Debug, Clone)]
+pub struct Attempt<'a> {
+    pub view: &'a str,
+    pub mode: &'a str,
+    pub reason: &'a str,
+    /// How many keys; `None` for a whole refresh.
+    pub keys: Option<i32>,
+    pub duration: Duration,
+    pub replica: &'a str,
+}
+
+/// Records a successful refresh, inside its transaction (started when it took the view's lock).
+pub async fn record_success(
+    client: &impl GenericClient,
+    a: &Attempt<'_>,
+) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO mvrefresh.refresh_history
+                 (view_name, mode, reason, keys, started_at, duration_ms, outcome, replica)
+             VALUES ($1, $2, $3, $4, current_setting('mvrefresh.started_at')::timestamptz, $5,
+                     'success', $6)",
+            &[
+                &a.view,
+                &a.mode,
+                &a.reason,
+                &a.keys,
+                &(a.duration.as_secs_f64() * 1000.0),
+                &a.replica,
+            ],
+        )
+        .await
+}
+
+/// Records a failed refresh (`error`: what went wrong), which started `a.duration` ago.
+pub async fn record_failure(
+    client: &impl GenericClient,
+    a: &Attempt<'_>,
+    error: &str,
+) -> Result<u64, tokio_postgres::Error> {
+    let age = a.duration.as_secs_f64();
+    client
+        .execute(
+            "INSERT INTO mvrefresh.refresh_history
+                 (view_name, mode, reason, keys, started_at, duration_ms, outcome, error, replica)
+             VALUES ($1, $2, $3, $4, clock_timestamp() - make_interval(secs => $5), $6,
+                     'failure', $7, $8)",
+            &[
+                &a.view,
+                &a.mode,
+                &a.reason,
+                &a.keys,
+                &age,
+                &(age * 1000.0),
+                &error,
+                &a.replica,
+            ],
+        )
+        .await
+}
+
+/// The privileges on mvrefresh's tables the daemon needs and this role lacks (`table (privs)`).
+pub async fn missing_privileges(
+    client: &impl GenericClient,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT t.name || ' (' || t.privs || ')' FROM (VALUES
+                 ('mvrefresh.dirty', 'SELECT,UPDATE,DELETE'),
+                 ('mvrefresh.pending', 'SELECT,INSERT,UPDATE,DELETE'),
+                 ('mvrefresh.refresh_history', 'SELECT,INSERT,DELETE'),
+                 ('mvrefresh.subscription', 'SELECT,INSERT'),
+                 ('mvrefresh.capture', 'SELECT')) AS t(name, privs)
+             WHERE NOT has_table_privilege(t.name, t.privs)
+             UNION ALL
+             SELECT 'mvrefresh.generation (UPDATE)'
+             WHERE NOT has_sequence_privilege('mvrefresh.generation', 'UPDATE')",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Whether capture `name` was installed from the configuration whose fingerprint is
+/// `fingerprint`.
+pub async fn capture_is_current(
+    client: &impl GenericClient,
+    name: &str,
+    fingerprint: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT coalesce((SELECT fingerprint = $2 FROM mvrefresh.capture WHERE name = $1), false)",
+            &[&name, &fingerprint],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Captures and subscribed views installed in this database that `config` does not name
+/// (`capture <name>`, `view <name>`), sorted.
+pub async fn not_configured(
+    client: &impl GenericClient,
+    config: &Config,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let captures: Vec<&str> = config.captures.iter().map(|c| c.name.as_str()).collect();
+    let views: Vec<String> = config.views.iter().map(|v| v.name.to_string()).collect();
+    let rows = client
+        .query(
+            "SELECT 'capture ' || name FROM mvrefresh.capture
+             WHERE name <> ALL ($1) AND name <> 'bout_results'
+             UNION ALL
+             SELECT DISTINCT 'view ' || view_name FROM mvrefresh.subscription
+             WHERE view_name <> ALL ($2)
+             ORDER BY 1",
+            &[&captures, &views],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// Deletes at most `batch` history rows older than `retention` (the oldest first); how many.

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use tokio_postgres::GenericClient;
 
-use crate::config::Config;
+use crate::config::{CaptureConfig, Config};
 use crate::db::Db;
 use crate::plan::{Plan, PlanError};
 use crate::tls::SslMode;
@@ -217,74 +217,67 @@ pub struct CheckLine {
     pub text: String,
 }
 
+/// The lines of the report so far.
+#[derive(Default)]
+struct Report(Vec<CheckLine>);
+
+impl Report {
+    fn say(&mut self, ok: bool, text: impl Into<String>) {
+        self.0.push(CheckLine {
+            ok,
+            text: text.into(),
+        });
+    }
+}
+
 /// Validates the database against the config. Every problem is one line with its fix.
 pub async fn check(
     client: &impl GenericClient,
     config: &Config,
     target: &str,
 ) -> Result<Vec<CheckLine>, tokio_postgres::Error> {
-    let mut lines = Vec::new();
-    let mut say = |ok: bool, text: String| lines.push(CheckLine { ok, text });
-    say(true, format!("database reachable: {target}"));
+    let mut report = Report::default();
+    report.say(true, format!("database reachable: {target}"));
+    check_server(client, &mut report).await?;
+    let installed = check_schema(client, &mut report).await?;
+    match Plan::load(client, config).await {
+        Ok(plan) => {
+            let n = plan.views.len();
+            report.say(true, format!("{n} views resolved and refreshable"));
+            report.say(true, format!("refresh order: {}", plan.describe_order()));
+        }
+        Err(PlanError::Problems(problems)) => {
+            for p in problems {
+                report.say(false, p.to_string());
+            }
+        }
+        Err(PlanError::Db(e)) => return Err(e),
+        Err(e) => report.say(false, e.to_string()),
+    }
+    for c in &config.captures {
+        check_capture(client, c, installed, &mut report).await?;
+    }
+    if installed {
+        check_leftovers(client, config, &mut report).await?;
+    }
+    Ok(report.0)
+}
+
+/// A primary, and whether pg_cron is there.
+async fn check_server(
+    client: &impl GenericClient,
+    report: &mut Report,
+) -> Result<(), tokio_postgres::Error> {
     let standby: bool = client
         .query_one("SELECT pg_is_in_recovery()", &[])
         .await?
         .get(0);
     if standby {
-        say(
-            false,
-            "the server is a standby; fix: point database.url at the primary".into(),
-        );
+        let text = "the server is a standby; fix: point database.url at the primary";
+        report.say(false, text);
     } else {
-        say(true, "the server is a primary".into());
+        report.say(true, "the server is a primary");
     }
-    let installed = crate::store::installed_version(client).await?;
-    let installed = match installed {
-        Some(v) if v == crate::install::SCHEMA_VERSION => {
-            say(true, format!("mvrefresh schema installed (version {v})"));
-            let privileges: Vec<String> = client
-                .query(
-                    "SELECT t.name || ' (' || t.privs || ')' FROM (VALUES
-                         ('mvrefresh.dirty', 'SELECT,UPDATE,DELETE'),
-                         ('mvrefresh.pending', 'SELECT,INSERT,UPDATE,DELETE'),
-                         ('mvrefresh.refresh_history', 'SELECT,INSERT,DELETE'),
-                         ('mvrefresh.subscription', 'SELECT,INSERT'),
-                         ('mvrefresh.capture', 'SELECT')) AS t(name, privs)
-                     WHERE NOT has_table_privilege(t.name, t.privs)
-                     UNION ALL
-                     SELECT 'mvrefresh.generation (UPDATE)'
-                     WHERE NOT has_sequence_privilege('mvrefresh.generation', 'UPDATE')",
-                    &[],
-                )
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            if privileges.is_empty() {
-                say(true, "privileges on the mvrefresh schema suffice".into());
-            } else {
-                say(
-                    false,
-                    format!(
-                        "missing privileges on {}; fix: GRANT them to this role, or connect as the role that ran `mvrefresh install`",
-                        privileges.join(", ")
-                    ),
-                );
-            }
-            true
-        }
-        Some(v) => {
-            say(
-                false,
-                format!(
-                    "mvrefresh schema version {v} installed, this binary expects {}; fix: run `mvrefresh install`",
-                    crate::install::SCHEMA_VERSION
-                ),
-            );
-            true
-        }
-        None => false,
-    };
     let cron: Option<String> = client
         .query_opt(
             "SELECT extversion FROM pg_extension WHERE extname = 'pg_cron'",
@@ -293,107 +286,113 @@ pub async fn check(
         .await?
         .map(|r| r.get(0));
     match cron {
-        Some(v) => say(true, format!("pg_cron {v} installed in this database")),
-        None => say(
+        Some(v) => report.say(true, format!("pg_cron {v} installed in this database")),
+        None => report.say(
             true,
-            "pg_cron not installed in this database (optional: failed-job alerts and database-side backstops)".into(),
+            "pg_cron not installed in this database (optional: failed-job alerts and database-side backstops)",
         ),
     }
-    match Plan::load(client, config).await {
-        Ok(plan) => {
-            say(
-                true,
-                format!("{} views resolved and refreshable", plan.views.len()),
-            );
-            say(true, format!("refresh order: {}", plan.describe_order()));
-        }
-        Err(PlanError::Problems(problems)) => {
-            for p in problems {
-                say(false, p.to_string());
+    Ok(())
+}
+
+/// The schema's version and this role's privileges on it; whether it is installed.
+async fn check_schema(
+    client: &impl GenericClient,
+    report: &mut Report,
+) -> Result<bool, tokio_postgres::Error> {
+    match crate::store::installed_version(client).await? {
+        Some(v) if v == crate::install::SCHEMA_VERSION => {
+            report.say(true, format!("mvrefresh schema installed (version {v})"));
+            let missing = crate::store::missing_privileges(client).await?;
+            if missing.is_empty() {
+                report.say(true, "privileges on the mvrefresh schema suffice");
+            } else {
+                report.say(
+                    false,
+                    format!(
+                        "missing privileges on {}; fix: GRANT them to this role, or connect as the role that ran `mvrefresh install`",
+                        missing.join(", ")
+                    ),
+                );
             }
+            Ok(true)
         }
-        Err(PlanError::Db(e)) => return Err(e),
-        Err(e) => say(false, e.to_string()),
-    }
-    for c in &config.captures {
-        let row = crate::install::trigger_name(c);
-        let names = vec![format!("{row}_truncate"), row];
-        let table = c.table.quoted();
-        let found: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_trigger
-                 WHERE tgrelid = to_regclass($1) AND tgname = ANY($2) AND tgenabled <> 'D'",
-                &[&table, &names],
-            )
-            .await?
-            .get(0);
-        let current: bool = if installed {
-            client
-                .query_one(
-                    "SELECT coalesce((SELECT fingerprint = $2 FROM mvrefresh.capture WHERE name = $1), false)",
-                    &[&c.name, &crate::install::fingerprint(c)],
-                )
-                .await?
-                .get(0)
-        } else {
-            false
-        };
-        if found == names.len() as i64 && current {
-            say(
-                true,
-                format!("capture {} on {} installed and current", c.name, c.table),
-            );
-        } else if found == names.len() as i64 {
-            say(
+        Some(v) => {
+            report.say(
                 false,
                 format!(
-                    "capture {} on {}: installed from a different configuration; fix: run `mvrefresh install`",
-                    c.name, c.table
+                    "mvrefresh schema version {v} installed, this binary expects {}; fix: run `mvrefresh install`",
+                    crate::install::SCHEMA_VERSION
                 ),
             );
-        } else {
-            say(
-                false,
-                format!(
-                    "capture {} on {}: {found} of {} triggers installed and enabled; fix: run `mvrefresh install`",
-                    c.name, c.table, names.len()
-                ),
-            );
+            Ok(true)
         }
+        None => Ok(false),
     }
-    if installed {
-        // Captures and subscriptions another config installed (or this one no longer names).
-        let configured: Vec<&str> = config.captures.iter().map(|c| c.name.as_str()).collect();
-        let views: Vec<String> = config
-            .views
-            .iter()
-            .map(|v| v.relation().to_string())
-            .collect();
-        let others: Vec<String> = client
-            .query(
-                "SELECT 'capture ' || name FROM mvrefresh.capture
-                 WHERE name <> ALL ($1) AND name <> 'bout_results'
-                 UNION ALL
-                 SELECT DISTINCT 'view ' || view_name FROM mvrefresh.subscription
-                 WHERE view_name <> ALL ($2)
-                 ORDER BY 1",
-                &[&configured, &views],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        if !others.is_empty() {
-            say(
-                true,
-                format!(
-                    "installed but not in this config: {}. Another config's daemon runs them, \
-                     or they are left over: then `mvrefresh install --prune` removes them (with \
-                     their pending keys); captured writes keep marking their keys until then",
-                    others.join(", ")
-                ),
-            );
-        }
+}
+
+/// A capture's triggers are there, enabled, and generated from this configuration.
+async fn check_capture(
+    client: &impl GenericClient,
+    c: &CaptureConfig,
+    installed: bool,
+    report: &mut Report,
+) -> Result<(), tokio_postgres::Error> {
+    let row = crate::install::trigger_name(c);
+    let names = vec![format!("{row}_truncate"), row];
+    let found: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_trigger
+             WHERE tgrelid = to_regclass($1) AND tgname = ANY($2) AND tgenabled <> 'D'",
+            &[&c.table.quoted(), &names],
+        )
+        .await?
+        .get(0);
+    let current = installed
+        && crate::store::capture_is_current(client, &c.name, &crate::install::fingerprint(c))
+            .await?;
+    let (name, table) = (&c.name, &c.table);
+    if found == names.len() as i64 && current {
+        report.say(
+            true,
+            format!("capture {name} on {table} installed and current"),
+        );
+    } else if found == names.len() as i64 {
+        report.say(
+            false,
+            format!(
+                "capture {name} on {table}: installed from a different configuration; fix: run `mvrefresh install`"
+            ),
+        );
+    } else {
+        report.say(
+            false,
+            format!(
+                "capture {name} on {table}: {found} of {} triggers installed and enabled; fix: run `mvrefresh install`",
+                names.len()
+            ),
+        );
     }
-    Ok(lines)
+    Ok(())
+}
+
+/// Captures and subscriptions another config installed (or this one no longer names).
+async fn check_leftovers(
+    client: &impl GenericClient,
+    config: &Config,
+    report: &mut Report,
+) -> Result<(), tokio_postgres::Error> {
+    let others = crate::store::not_configured(client, config).await?;
+    if !others.is_empty() {
+        report.say(
+            true,
+            format!(
+                "installed but not in this config: {}. Another config's daemon runs them, \
+                 or they are left over: then `mvrefresh install --prune` removes them (with \
+                 their pending keys); captured writes keep marking their keys until then",
+                others.join(", ")
+            ),
+        );
+    }
+    Ok(())
 }
