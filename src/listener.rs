@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::future::poll_fn;
 use tokio::sync::{mpsc, Notify};
-use tokio_postgres::AsyncMessage;
+use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
 
 use crate::changelog::{self, ALL_KEYS_CAP};
@@ -252,76 +252,19 @@ async fn session(
     intake: &Intake,
     out: &Outputs,
     cancel: &CancellationToken,
-    report: Session<'_>,
+    mut report: Session<'_>,
 ) -> Ended {
-    let (client, mut connection) = tokio::select! {
+    let (client, connection) = tokio::select! {
         _ = cancel.cancelled() => return Ended::Stopped,
         r = db.connect(APPLICATION_NAME) => match r {
             Ok(pair) => pair,
             Err(e) => return Ended::Failed(e.to_string()),
         },
     };
-    // Drive the connection: coalesce notifications into the inbox; report how it ended.
-    let (ended_tx, mut ended) = tokio::sync::oneshot::channel::<String>();
-    let driver = {
-        let inbox = out.inbox.clone();
-        let metrics = out.metrics.clone();
-        let intake = intake.clone();
-        tokio::spawn(async move {
-            let reason = loop {
-                match poll_fn(|cx| connection.poll_message(cx)).await {
-                    Some(Ok(AsyncMessage::Notification(n))) => {
-                        inbox.add(n.channel(), n.payload(), &intake, &metrics);
-                    }
-                    Some(Ok(AsyncMessage::Notice(n))) => {
-                        tracing::debug!(notice = %n.message(), "server notice on the listener");
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => break crate::db::error_text(&e),
-                    None => break "the server closed the connection".to_owned(),
-                }
-            };
-            let _ = ended_tx.send(reason);
-        })
-    };
     // Abort the driver however this function ends (a frozen socket never ends on its own).
-    struct AbortOnDrop(tokio::task::JoinHandle<()>);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-    let _driver = AbortOnDrop(driver);
-
+    let (_driver, mut ended) = drive(connection, out, intake);
     let timeout = config.heartbeat_timeout;
-    let setup = async {
-        db.ensure_primary(&client).await?;
-        *report.backend = Some(
-            client
-                .query_one("SELECT pg_backend_pid()", &[])
-                .await?
-                .get(0),
-        );
-        if let Some(old) = report.stalled_backend {
-            let ended: bool = client
-                .query_one(
-                    "SELECT coalesce(bool_or(pg_terminate_backend(pid)), false)
-                     FROM pg_stat_activity WHERE pid = $1 AND application_name = $2",
-                    &[&old, &APPLICATION_NAME],
-                )
-                .await?
-                .get(0);
-            if ended {
-                tracing::info!(pid = old, "ended the stalled listener's backend");
-            }
-        }
-        let listen: String = channels
-            .iter()
-            .map(|c| format!("LISTEN {};", ident(c)))
-            .collect();
-        client.batch_execute(&listen).await?;
-        Ok::<_, DbError>(())
-    };
+    let setup = set_up(db, &client, channels, &mut report);
     match tokio::time::timeout(timeout.max(Duration::from_secs(5)), setup).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Ended::Failed(e.to_string()),
@@ -354,6 +297,81 @@ async fn session(
             }
         }
     }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Drives `connection` in a task of its own: coalesces notifications into the inbox, and says
+/// how the connection ended on the returned channel.
+fn drive(
+    mut connection: crate::db::DbConnection,
+    out: &Outputs,
+    intake: &Intake,
+) -> (AbortOnDrop, tokio::sync::oneshot::Receiver<String>) {
+    let (ended_tx, ended) = tokio::sync::oneshot::channel::<String>();
+    let inbox = out.inbox.clone();
+    let metrics = out.metrics.clone();
+    let intake = intake.clone();
+    let driver = tokio::spawn(async move {
+        let reason = loop {
+            match poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    inbox.add(n.channel(), n.payload(), &intake, &metrics);
+                }
+                Some(Ok(AsyncMessage::Notice(n))) => {
+                    tracing::debug!(notice = %n.message(), "server notice on the listener");
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break crate::db::error_text(&e),
+                None => break "the server closed the connection".to_owned(),
+            }
+        };
+        let _ = ended_tx.send(reason);
+    });
+    (AbortOnDrop(driver), ended)
+}
+
+/// A new connection's set-up: a primary, its backend (reported), the stalled previous backend
+/// ended, LISTEN on every channel.
+async fn set_up(
+    db: &Db,
+    client: &Client,
+    channels: &[String],
+    report: &mut Session<'_>,
+) -> Result<(), DbError> {
+    db.ensure_primary(client).await?;
+    *report.backend = Some(
+        client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await?
+            .get(0),
+    );
+    if let Some(old) = report.stalled_backend {
+        let ended: bool = client
+            .query_one(
+                "SELECT coalesce(bool_or(pg_terminate_backend(pid)), false)
+                 FROM pg_stat_activity WHERE pid = $1 AND application_name = $2",
+                &[&old, &APPLICATION_NAME],
+            )
+            .await?
+            .get(0);
+        if ended {
+            tracing::info!(pid = old, "ended the stalled listener's backend");
+        }
+    }
+    let listen: String = channels
+        .iter()
+        .map(|c| format!("LISTEN {};", ident(c)))
+        .collect();
+    client.batch_execute(&listen).await?;
+    Ok(())
 }
 
 /// One heartbeat query. Its answer comes after every notification the server sent before it,

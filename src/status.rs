@@ -1,10 +1,13 @@
 //! The status report (`mvrefresh status`, the admin server's `/status`): read from the database
 //! alone, so it works without a running daemon.
 
+use std::time::Duration;
+
 use serde::Serialize;
 use tokio_postgres::GenericClient;
 
 use crate::config::Config;
+use crate::store;
 
 /// One view's state, as `status --json` prints it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -31,91 +34,42 @@ pub struct Status {
 /// backlog it reports).
 pub const PENDING_COUNT_LIMIT: i64 = 100_000;
 
+/// Every configured view's state, in configuration order.
 pub async fn status(
     client: &impl GenericClient,
     config: &Config,
 ) -> Result<Status, tokio_postgres::Error> {
-    let installed: bool = client
-        .query_one(
-            "SELECT to_regprocedure('mvrefresh.view_name(text)') IS NOT NULL",
-            &[],
-        )
-        .await?
-        .get(0);
+    let installed = store::names_views(client).await?;
     // The names the views are recorded under (see `mvrefresh.view_name`).
     let names: Vec<String> = if installed {
-        crate::store::recorded_names(client, &config.views).await?
+        store::recorded_names(client, &config.views).await?
     } else {
-        config
-            .views
-            .iter()
-            .map(|v| v.relation().to_string())
-            .collect()
+        config.views.iter().map(|v| v.name.to_string()).collect()
     };
-    let mut views: Vec<ViewStatus> = config
+    let schedules: Vec<Option<Duration>> = config.views.iter().map(|v| v.schedule).collect();
+    let mut recorded = if installed {
+        store::recorded_states(client, &names, &schedules, PENDING_COUNT_LIMIT).await?
+    } else {
+        Vec::new()
+    };
+    recorded.resize_with(names.len(), Default::default);
+    let views = config
         .views
         .iter()
-        .zip(&names)
-        .map(|(v, name)| ViewStatus {
-            name: name.clone(),
+        .zip(names)
+        .zip(recorded)
+        .map(|((v, name), r)| ViewStatus {
+            name,
             mode: v.mode.as_str().to_owned(),
-            last_success: None,
-            last_duration_ms: None,
-            last_error: None,
-            consecutive_failures: 0,
-            pending_keys: 0,
-            oldest_pending_age_seconds: None,
-            next_scheduled_refresh: None,
+            last_success: r.last_success,
+            last_duration_ms: r.last_duration_ms,
+            last_error: r.last_error,
+            consecutive_failures: r.consecutive_failures,
+            pending_keys: r.pending_keys,
+            oldest_pending_age_seconds: r.oldest_pending_age_seconds,
+            next_scheduled_refresh: r.next_scheduled_refresh,
         })
         .collect();
-    if installed {
-        // Every view in one round trip, in configuration order.
-        let schedules: Vec<Option<f64>> = config
-            .views
-            .iter()
-            .map(|v| v.schedule.map(|d| d.as_secs_f64()))
-            .collect();
-        let rows = client
-            .query(
-                "SELECT to_char(ok.finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-                        ok.duration_ms,
-                        f.last_error,
-                        f.n,
-                        p.keys,
-                        p.oldest_age,
-                        to_char((coalesce(ok.finished_at, clock_timestamp())
-                                 + make_interval(secs => v.schedule_s)) AT TIME ZONE 'UTC',
-                                'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
-                 FROM unnest($1::text[], $2::float8[]) WITH ORDINALITY AS v(name, schedule_s, ord)
-                 LEFT JOIN LATERAL (
-                     SELECT finished_at, duration_ms FROM mvrefresh.refresh_history
-                     WHERE view_name = v.name AND outcome = 'success'
-                     ORDER BY finished_at DESC LIMIT 1) AS ok ON true
-                 CROSS JOIN LATERAL (
-                     SELECT count(*) AS n,
-                            (array_agg(error ORDER BY finished_at DESC))[1] AS last_error
-                     FROM mvrefresh.refresh_history
-                     WHERE view_name = v.name AND outcome = 'failure'
-                       AND finished_at > coalesce(ok.finished_at, '-infinity')) AS f
-                 CROSS JOIN LATERAL (
-                     SELECT (SELECT count(*) FROM (SELECT DISTINCT key FROM mvrefresh.pending
-                                                   WHERE view_name = v.name LIMIT $3) AS k) AS keys,
-                            (SELECT extract(epoch FROM clock_timestamp() - min(since))::float8
-                             FROM mvrefresh.pending WHERE view_name = v.name) AS oldest_age) AS p
-                 ORDER BY v.ord",
-                &[&names, &schedules, &PENDING_COUNT_LIMIT],
-            )
-            .await?;
-        for (s, row) in views.iter_mut().zip(rows) {
-            s.last_success = row.get(0);
-            s.last_duration_ms = row.get(1);
-            s.last_error = row.get(2);
-            s.consecutive_failures = row.get(3);
-            s.pending_keys = row.get(4);
-            s.oldest_pending_age_seconds = row.get(5);
-            s.next_scheduled_refresh = row.get(6);
-        }
-    }
     Ok(Status { views })
 }
 

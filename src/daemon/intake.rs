@@ -218,7 +218,7 @@ impl Daemon {
         let pool = self.pool.clone();
         let done = self.internal_tx.clone();
         self.spawn_step(async move {
-            let result = async {
+            let result = bounded(async {
                 let mut client = pool.get().await.map_err(|e| e.to_string())?;
                 let rows = store::collect(&mut client, &channels, COLLECT_CHUNK)
                     .await
@@ -229,7 +229,7 @@ impl Daemon {
                         .map_err(|e| crate::db::error_text(&e))?;
                 }
                 Ok(rows)
-            }
+            })
             .await;
             let _ = done.send(Internal::Collected(result));
         });
@@ -293,7 +293,7 @@ impl Daemon {
         let pool = self.pool.clone();
         let done = self.internal_tx.clone();
         self.spawn_step(async move {
-            let result = async {
+            let result = bounded(async {
                 let client = pool.get().await.map_err(|e| e.to_string())?;
                 let refs: Vec<(i64, &Guard)> = waiting.iter().map(|(id, g)| (*id, g)).collect();
                 // Taken only now: every collect reported before this instant has committed.
@@ -302,7 +302,7 @@ impl Daemon {
                     .await
                     .map(|(guard, cleared)| (sent, guard, cleared))
                     .map_err(|e| crate::db::error_text(&e))
-            }
+            })
             .await;
             let _ = done.send(Internal::Guarded(result));
         });
@@ -362,7 +362,7 @@ impl Daemon {
         let limit = self.config.refresh.max_pending_keys as i64;
         let stats = self.stats.clone();
         self.spawn_step(async move {
-            let result = async {
+            let result = bounded(async {
                 let client = pool.get().await.map_err(|e| e.to_string())?;
                 for (i, (name, whole)) in views.iter().enumerate() {
                     let keys = store::read_pending(&**client, name, *whole, limit)
@@ -381,7 +381,7 @@ impl Daemon {
                     }
                 }
                 Ok(())
-            }
+            })
             .await;
             stats.catch_ups.inc();
             let _ = done.send(Internal::CatchUpDone(result));
@@ -417,7 +417,7 @@ impl Daemon {
         let done = self.internal_tx.clone();
         let retention = self.config.refresh.history_retention;
         self.spawn_step(async move {
-            let result = async {
+            let result = bounded(async {
                 let client = pool.get().await.map_err(|e| e.to_string())?;
                 let mut total = 0;
                 loop {
@@ -430,7 +430,7 @@ impl Daemon {
                     }
                     tokio::task::yield_now().await;
                 }
-            }
+            })
             .await;
             let _ = done.send(Internal::Pruned(result));
         });
@@ -507,4 +507,16 @@ impl Daemon {
             },
         }
     }
+}
+
+/// How long a database step may take before the daemon gives up on it: the server ends its
+/// statement at `BOOKKEEPING_TIMEOUT`, but a frozen connection never delivers that answer.
+const STEP_PATIENCE: Duration = Duration::from_secs(crate::db::BOOKKEEPING_TIMEOUT.as_secs() + 5);
+
+/// `step`, or an error once [`STEP_PATIENCE`] has passed (its pooled connection is then dropped
+/// with it, and the pool's check before reuse discards a connection that does not answer).
+async fn bounded<T>(step: impl Future<Output = Result<T, String>>) -> Result<T, String> {
+    tokio::time::timeout(STEP_PATIENCE, step)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {STEP_PATIENCE:?}")))
 }

@@ -107,6 +107,45 @@ async fn frozen_connection_is_detected_by_the_heartbeat() {
     daemon.stop().await;
 }
 
+/// A collect whose connection freezes while its statement runs is given up after a while (its
+/// answer never comes), and the next collects run: changes keep being reflected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collect_whose_connection_freezes_is_given_up() {
+    let (db, c, _) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
+    let proxy = Proxy::start(db.port).await;
+    let daemon = Daemon::start(harness::counts_config(&db.url_via(proxy.port)));
+    daemon.wait_listening().await;
+    harness::score(&c, 1, 1).await;
+    harness::wait_for("the first change", || harness::counts_fresh(&c)).await;
+
+    // Hold the next collect server-side (writers do not touch mvrefresh.pending).
+    let blocker = db.client().await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE mvrefresh.pending IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    harness::score(&c, 2, 1).await;
+    harness::wait_for("a collect waiting for the lock", || async {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%DELETE FROM mvrefresh.dirty%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n > 0
+    })
+    .await;
+    // Its answer will never arrive.
+    proxy.freeze();
+    blocker.batch_execute("COMMIT").await.unwrap();
+    harness::score(&c, 3, 1).await;
+    harness::wait_for("every change to be reflected", || harness::counts_fresh(&c)).await;
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_whose_connection_freezes_is_abandoned_and_redone() {
     let db = Cluster::shared().create_db().await;

@@ -1,6 +1,8 @@
-//! The statements the daemon runs on its own tables (`sql/mvrefresh.sql`): collecting dirty
-//! keys into per-view pending keys, reading what is pending, the hand-over guards, and
-//! subscriptions. Every read is bounded: a collect takes at most `limit` dirty rows, a read of
+//! Every statement on mvrefresh's own tables (`sql/mvrefresh.sql`). Here: collecting dirty
+//! keys into per-view pending keys, reading what is pending, the hand-over guards, consuming
+//! pending keys in a refresh; `store/history.rs`: the refresh history (records, last
+//! successes, the status report's rows, pruning); `store/schema.rs`: the installed schema,
+//! captures, subscriptions and privileges. Every read is bounded: a collect takes at most `limit` dirty rows, a read of
 //! a view's pending keys at most `limit + 1` keys.
 //!
 //! # The hand-over
@@ -32,8 +34,13 @@ use std::time::Duration;
 
 use tokio_postgres::{Client, GenericClient};
 
-use crate::config::{Config, ViewConfig};
 use crate::debounce::ALL;
+
+mod history;
+mod schema;
+
+pub use history::*;
+pub use schema::*;
 
 /// A key as stored: text that may not be UTF-8 (a `SQL_ASCII` database). Such a key cannot be
 /// named in a statement, so it stands for everything ([`ALL`]): a whole refresh covers it.
@@ -156,76 +163,6 @@ async fn new_generation(
 /// stops collecting on its own.
 pub async fn announce_idle(client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
     new_generation(client, true).await
-}
-
-/// The version of mvrefresh's schema installed in this database (`mvrefresh.meta`): `None` when
-/// it is not installed, `"?"` when its version row is missing.
-pub async fn installed_version(
-    client: &impl GenericClient,
-) -> Result<Option<String>, tokio_postgres::Error> {
-    let row = client
-        .query_one("SELECT to_regclass('mvrefresh.meta') IS NOT NULL", &[])
-        .await?;
-    if !row.get::<_, bool>(0) {
-        return Ok(None);
-    }
-    let version = client
-        .query_opt(
-            "SELECT value FROM mvrefresh.meta WHERE key = 'schema_version'",
-            &[],
-        )
-        .await?;
-    Ok(Some(version.map_or_else(|| "?".to_owned(), |r| r.get(0))))
-}
-
-/// The names `views` are recorded under (subscriptions, pending keys, history; see
-/// `mvrefresh.view_name`), in their order; a view the catalog does not know keeps its configured
-/// spelling.
-pub async fn recorded_names(
-    client: &impl GenericClient,
-    views: &[ViewConfig],
-) -> Result<Vec<String>, tokio_postgres::Error> {
-    let quoted: Vec<String> = views.iter().map(|v| v.relation().quoted()).collect();
-    let rows = client
-        .query(
-            "SELECT mvrefresh.view_name(q) FROM unnest($1::text[]) WITH ORDINALITY AS u(q, i)
-             ORDER BY i",
-            &[&quoted],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .zip(views)
-        .map(|(r, v)| {
-            r.get::<_, Option<String>>(0)
-                .unwrap_or_else(|| v.relation().to_string())
-        })
-        .collect())
-}
-
-/// How long ago each of `views` (recorded names) was last refreshed successfully, from the
-/// history; `None` for a view with no success in it.
-pub async fn last_success_ages(
-    client: &impl GenericClient,
-    views: &[&str],
-) -> Result<Vec<Option<Duration>>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT (SELECT extract(epoch FROM clock_timestamp() - max(h.finished_at))::float8
-                     FROM mvrefresh.refresh_history h
-                     WHERE h.view_name = n.name AND h.outcome = 'success')
-             FROM unnest($1::text[]) WITH ORDINALITY AS n(name, i)
-             ORDER BY n.i",
-            &[&views],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            r.get::<_, Option<f64>>(0)
-                .map(|s| Duration::from_secs_f64(s.max(0.0)))
-        })
-        .collect())
 }
 
 /// What is pending for one view.
@@ -366,36 +303,6 @@ pub async fn settled_horizon(
     Ok(cleared.then_some(g.snapshot))
 }
 
-/// The channels whose keys a capture records in `dirty` (their notifications are wake-ups).
-pub async fn captured_channels(
-    client: &impl GenericClient,
-) -> Result<Vec<String>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT DISTINCT channel FROM mvrefresh.capture ORDER BY channel",
-            &[],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-/// Adds the (channel, view) subscriptions that are missing. A newly subscribed view gets a
-/// pending `*`: it may have missed changes, so it is refreshed whole once.
-pub async fn ensure_subscriptions(
-    client: &impl GenericClient,
-    pairs: &[(String, String)],
-) -> Result<u64, tokio_postgres::Error> {
-    let channels: Vec<&str> = pairs.iter().map(|(c, _)| c.as_str()).collect();
-    let views: Vec<&str> = pairs.iter().map(|(_, v)| v.as_str()).collect();
-    let row = client
-        .query_one(
-            "SELECT mvrefresh.subscribe($1::text[], $2::text[])",
-            &[&channels, &views],
-        )
-        .await?;
-    Ok(row.get::<_, i64>(0) as u64)
-}
-
 /// Consumes `view`'s pending rows for `keys` (`None`: all) that the hand-over `horizon` (a
 /// `pg_snapshot` as text; `None`: only rows recorded without a writer's transaction) shows
 /// committed; how many, and the keys still pending (rows of writers
@@ -459,147 +366,6 @@ pub async fn pend_for(
              SELECT d, k, current_setting('mvrefresh.started_at')::timestamptz
              FROM unnest($1::text[]) AS d, unnest($2::text[]) AS k",
             &[&views, &keys],
-        )
-        .await
-}
-
-/// One refresh attempt, for its history row.
-#[derive(Debug, Clone)]
-pub struct Attempt<'a> {
-    pub view: &'a str,
-    pub mode: &'a str,
-    pub reason: &'a str,
-    /// How many keys; `None` for a whole refresh.
-    pub keys: Option<i32>,
-    pub duration: Duration,
-    pub replica: &'a str,
-}
-
-/// Records a successful refresh, inside its transaction (started when it took the view's lock).
-pub async fn record_success(
-    client: &impl GenericClient,
-    a: &Attempt<'_>,
-) -> Result<u64, tokio_postgres::Error> {
-    client
-        .execute(
-            "INSERT INTO mvrefresh.refresh_history
-                 (view_name, mode, reason, keys, started_at, duration_ms, outcome, replica)
-             VALUES ($1, $2, $3, $4, current_setting('mvrefresh.started_at')::timestamptz, $5,
-                     'success', $6)",
-            &[
-                &a.view,
-                &a.mode,
-                &a.reason,
-                &a.keys,
-                &(a.duration.as_secs_f64() * 1000.0),
-                &a.replica,
-            ],
-        )
-        .await
-}
-
-/// Records a failed refresh (`error`: what went wrong), which started `a.duration` ago.
-pub async fn record_failure(
-    client: &impl GenericClient,
-    a: &Attempt<'_>,
-    error: &str,
-) -> Result<u64, tokio_postgres::Error> {
-    let age = a.duration.as_secs_f64();
-    client
-        .execute(
-            "INSERT INTO mvrefresh.refresh_history
-                 (view_name, mode, reason, keys, started_at, duration_ms, outcome, error, replica)
-             VALUES ($1, $2, $3, $4, clock_timestamp() - make_interval(secs => $5), $6,
-                     'failure', $7, $8)",
-            &[
-                &a.view,
-                &a.mode,
-                &a.reason,
-                &a.keys,
-                &age,
-                &(age * 1000.0),
-                &error,
-                &a.replica,
-            ],
-        )
-        .await
-}
-
-/// The privileges on mvrefresh's tables the daemon needs and this role lacks (`table (privs)`).
-pub async fn missing_privileges(
-    client: &impl GenericClient,
-) -> Result<Vec<String>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT t.name || ' (' || t.privs || ')' FROM (VALUES
-                 ('mvrefresh.dirty', 'SELECT,UPDATE,DELETE'),
-                 ('mvrefresh.pending', 'SELECT,INSERT,UPDATE,DELETE'),
-                 ('mvrefresh.refresh_history', 'SELECT,INSERT,DELETE'),
-                 ('mvrefresh.subscription', 'SELECT,INSERT'),
-                 ('mvrefresh.capture', 'SELECT')) AS t(name, privs)
-             WHERE NOT has_table_privilege(t.name, t.privs)
-             UNION ALL
-             SELECT 'mvrefresh.generation (UPDATE)'
-             WHERE NOT has_sequence_privilege('mvrefresh.generation', 'UPDATE')",
-            &[],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-/// Whether capture `name` was installed from the configuration whose fingerprint is
-/// `fingerprint`.
-pub async fn capture_is_current(
-    client: &impl GenericClient,
-    name: &str,
-    fingerprint: &str,
-) -> Result<bool, tokio_postgres::Error> {
-    let row = client
-        .query_one(
-            "SELECT coalesce((SELECT fingerprint = $2 FROM mvrefresh.capture WHERE name = $1), false)",
-            &[&name, &fingerprint],
-        )
-        .await?;
-    Ok(row.get(0))
-}
-
-/// Captures and subscribed views installed in this database that `config` does not name
-/// (`capture <name>`, `view <name>`), sorted.
-pub async fn not_configured(
-    client: &impl GenericClient,
-    config: &Config,
-) -> Result<Vec<String>, tokio_postgres::Error> {
-    let captures: Vec<&str> = config.captures.iter().map(|c| c.name.as_str()).collect();
-    let views: Vec<String> = config.views.iter().map(|v| v.name.to_string()).collect();
-    let rows = client
-        .query(
-            "SELECT 'capture ' || name FROM mvrefresh.capture
-             WHERE name <> ALL ($1) AND name <> 'bout_results'
-             UNION ALL
-             SELECT DISTINCT 'view ' || view_name FROM mvrefresh.subscription
-             WHERE view_name <> ALL ($2)
-             ORDER BY 1",
-            &[&captures, &views],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-/// Deletes at most `batch` history rows older than `retention` (the oldest first); how many.
-pub async fn prune_history(
-    client: &impl GenericClient,
-    retention: Duration,
-    batch: i64,
-) -> Result<u64, tokio_postgres::Error> {
-    client
-        .execute(
-            "DELETE FROM mvrefresh.refresh_history
-             WHERE id = ANY (ARRAY(
-                 SELECT id FROM mvrefresh.refresh_history
-                 WHERE finished_at < clock_timestamp() - make_interval(secs => $1)
-                 ORDER BY finished_at
-                 LIMIT $2))",
-            &[&retention.as_secs_f64(), &batch],
         )
         .await
 }
