@@ -165,6 +165,16 @@ impl Plan {
         })
     }
 
+    /// The names of the views that read view `i` directly: a refresh of `i` makes its keys
+    /// pending for them.
+    pub fn dependent_names(&self, i: usize) -> Vec<String> {
+        self.views[i]
+            .dependents
+            .iter()
+            .map(|&d| self.views[d].name.clone())
+            .collect()
+    }
+
     /// The view `name` designates: its recorded name, or as configured.
     pub fn index(&self, name: &str) -> Option<usize> {
         let want = Relation::parse(name).ok()?;
@@ -274,22 +284,12 @@ async fn check_view(
                 problems.push(problem("mode `incremental` needs `function`".into(), fix));
                 return Ok((None, problems));
             };
-            let row = client
-                .query_opt(
-                    "SELECT n.nspname, p.proname FROM pg_proc p
-                     JOIN pg_namespace n ON n.oid = p.pronamespace
-                     WHERE p.oid = to_regprocedure($1)",
-                    &[&format!("{}(text[])", rel.quoted())],
-                )
-                .await?;
-            match row {
-                Some(row) => {
-                    function = Some(format!("{}.{}", ident(row.get(0)), ident(row.get(1))))
-                }
-                None => problems.push(problem(
+            function = resolve_function(client, rel).await?;
+            if function.is_none() {
+                problems.push(problem(
                     format!("refresh function {rel}(text[]) does not exist"),
                     "create it (`mvrefresh install --analytics` for the bundled ones) or fix `function`".into(),
-                )),
+                ));
             }
         }
     }
@@ -303,6 +303,22 @@ async fn check_view(
         ));
     }
     Ok((Some((r, function)), problems))
+}
+
+/// The quoted, schema-qualified name of the function `rel(text[])`, when it exists.
+async fn resolve_function(
+    client: &impl GenericClient,
+    rel: &Relation,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT n.nspname, p.proname FROM pg_proc p
+             JOIN pg_namespace n ON n.oid = p.pronamespace
+             WHERE p.oid = to_regprocedure($1)",
+            &[&format!("{}(text[])", rel.quoted())],
+        )
+        .await?;
+    Ok(row.map(|row| format!("{}.{}", ident(row.get(0)), ident(row.get(1)))))
 }
 
 /// Which of the relations `oids` each one reads, through plain views (`pg_depend` over the

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, Transaction};
 
-use crate::config::Mode;
+use crate::config::{Mode, RefreshConfig};
 use crate::db::LOCK_NAMESPACE;
 use crate::debounce::ALL;
 use crate::plan::View;
@@ -104,6 +104,17 @@ pub struct Settings {
     pub lock_timeout: Duration,
     /// Identifies this process in the history (`host:pid`).
     pub replica: String,
+}
+
+impl Settings {
+    /// `view`'s settings: its own `timeout` over `[refresh] timeout`.
+    pub fn new(view: &View, config: &RefreshConfig, replica: String) -> Settings {
+        Settings {
+            timeout: view.config.timeout.unwrap_or(config.timeout),
+            lock_timeout: config.lock_timeout,
+            replica,
+        }
+    }
 }
 
 /// Refreshes `view` as `request` asks. `dependents` are the names of the views that read it.

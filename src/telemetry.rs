@@ -224,6 +224,8 @@ fn metrics_endpoint(endpoint: &str) -> String {
     }
 }
 
+/// Every instrument, registered once. Long on purpose: a flat list, one entry per metric with its
+/// name and description, so the exported names can be read (and grepped) in one place.
 fn instruments(meter: &Meter, stats: Arc<Stats>) -> Metrics {
     let metrics = Metrics {
         stats: stats.clone(),

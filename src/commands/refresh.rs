@@ -39,11 +39,7 @@ pub async fn execute(config: Config, names: Vec<String>, all: bool) -> anyhow::R
             failed[i] = true;
             continue;
         }
-        let dependents: Vec<String> = view
-            .dependents
-            .iter()
-            .map(|&d| plan.views[d].name.clone())
-            .collect();
+        let dependents = plan.dependent_names(i);
         let request = Request {
             keys: vec![ALL.to_owned()],
             forced: vec![ALL.to_owned()],
@@ -51,11 +47,7 @@ pub async fn execute(config: Config, names: Vec<String>, all: bool) -> anyhow::R
             wait_for_lock: true,
             horizon: horizon.clone(),
         };
-        let settings = Settings {
-            timeout: view.config.timeout.unwrap_or(config.refresh.timeout),
-            lock_timeout: config.refresh.lock_timeout,
-            replica: replica.clone(),
-        };
+        let settings = Settings::new(view, &config.refresh, replica.clone());
         match refresh::refresh(&mut client, view, &dependents, &request, &settings).await {
             Ok(Outcome::Refreshed { duration, .. }) => {
                 println!("{}: refreshed in {} ms", view.name, duration.as_millis())

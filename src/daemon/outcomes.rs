@@ -42,16 +42,8 @@ impl Daemon {
             wait_for_lock: false,
             horizon: self.intake.horizon_snapshot(),
         };
-        let settings = Settings {
-            timeout: view.config.timeout.unwrap_or(self.config.refresh.timeout),
-            lock_timeout: self.config.refresh.lock_timeout,
-            replica: self.replica.clone(),
-        };
-        let dependents: Vec<String> = view
-            .dependents
-            .iter()
-            .map(|&d| self.plan.views[d].name.clone())
-            .collect();
+        let settings = Settings::new(view, &self.config.refresh, self.replica.clone());
+        let dependents = self.plan.dependent_names(i);
         let cancel: Arc<Mutex<Option<Canceller>>> = Arc::default();
         let task = {
             let pool = self.pool.clone();

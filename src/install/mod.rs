@@ -191,6 +191,10 @@ fn seen_setting(c: &CaptureConfig) -> String {
 /// read back from the catalog (a temporary view over the table aliased `n`, then `o`) so that
 /// its column references can be qualified by the row they belong to; the columns it reads come
 /// from the same view's dependencies.
+///
+/// Long on purpose: it is one SQL document (the row trigger's function, the TRUNCATE trigger,
+/// the bookkeeping row) with its parameters quoted once at the top; split, the generated
+/// trigger could no longer be read in one place.
 pub fn capture_sql(c: &CaptureConfig) -> String {
     let table = c.table.quoted();
     let table_lit = literal(&table);

@@ -12,6 +12,7 @@ use crate::alert::{Alerts, Event, Kind, Subject, Tracker};
 use crate::config::Config;
 use crate::db::{Db, DbError};
 use crate::stats::Stats;
+use crate::store;
 
 /// At most this many runs are read per poll.
 const BATCH: i64 = 1000;
@@ -163,33 +164,7 @@ impl Watcher {
         let key = self.cron.target();
         let main = self.pool.get().await.map_err(DbError::from)?;
         let (cursor, alerted, version) = load_cursor(&**main, cron, &key).await?;
-        let rows = cron
-            .query(
-                "SELECT d.runid, d.jobid, j.jobname, d.database, d.command, d.status,
-                        d.return_message,
-                        to_char(d.start_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
-                        to_char(d.end_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
-                        extract(epoch FROM now() - coalesce(d.start_time, now()))::float8
-                 FROM cron.job_run_details d LEFT JOIN cron.job j ON j.jobid = d.jobid
-                 WHERE d.runid > $1 ORDER BY d.runid LIMIT $2",
-                &[&cursor, &BATCH],
-            )
-            .await?;
-        let runs: Vec<Run> = rows
-            .iter()
-            .map(|r| Run {
-                runid: r.get(0),
-                jobid: r.get(1),
-                jobname: r.get(2),
-                database: r.get(3),
-                command: r.get(4),
-                status: r.get::<_, Option<String>>(5).unwrap_or_default(),
-                message: r.get(6),
-                start: r.get(7),
-                end: r.get(8),
-                age: Duration::from_secs_f64(r.get::<_, f64>(9).max(0.0)),
-            })
-            .collect();
+        let runs = read_runs(cron, cursor).await?;
         let mut next = cursor;
         let mut prefix = true;
         let mut seen = alerted.clone();
@@ -210,16 +185,8 @@ impl Watcher {
         seen.retain(|&r| r > next);
         seen.sort_unstable();
         if next != cursor || seen != alerted {
-            let moved = main
-                .execute(
-                    "UPDATE mvrefresh.pg_cron_cursor
-                     SET last_runid = $2, alerted = $3, version = version + 1,
-                         updated_at = clock_timestamp()
-                     WHERE cron_database = $1 AND version = $4",
-                    &[&key, &next, &seen, &version],
-                )
-                .await?;
-            if moved == 0 {
+            let moved = store::move_cursor(&**main, &key, next, &seen, version).await?;
+            if !moved {
                 // Another replica moved the cursor since we read it: it reports these runs.
                 return Ok(());
             }
@@ -298,15 +265,8 @@ async fn load_cursor(
     cron: &Client,
     key: &str,
 ) -> Result<(i64, Vec<i64>, i64), PgCronError> {
-    if let Some(row) = main
-        .query_opt(
-            "SELECT last_runid, alerted, version FROM mvrefresh.pg_cron_cursor
-             WHERE cron_database = $1",
-            &[&key],
-        )
-        .await?
-    {
-        return Ok((row.get(0), row.get(1), row.get(2)));
+    if let Some(cursor) = store::read_cursor(main, key).await? {
+        return Ok(cursor);
     }
     let start: i64 = cron
         .query_one(
@@ -319,21 +279,41 @@ async fn load_cursor(
         )
         .await?
         .get(0);
-    main.execute(
-        "INSERT INTO mvrefresh.pg_cron_cursor (cron_database, last_runid) VALUES ($1, $2)
-         ON CONFLICT (cron_database) DO NOTHING",
-        &[&key, &start],
-    )
-    .await?;
+    store::create_cursor(main, key, start).await?;
     tracing::info!(database = %key, from_runid = start, "pg_cron watch: cursor created");
-    let row = main
-        .query_one(
-            "SELECT last_runid, alerted, version FROM mvrefresh.pg_cron_cursor
-             WHERE cron_database = $1",
-            &[&key],
+    let cursor = store::read_cursor(main, key).await?;
+    Ok(cursor.unwrap_or((start, Vec::new(), 0)))
+}
+
+/// At most `BATCH` runs after `cursor`, oldest first.
+async fn read_runs(cron: &Client, cursor: i64) -> Result<Vec<Run>, PgCronError> {
+    let rows = cron
+        .query(
+            "SELECT d.runid, d.jobid, j.jobname, d.database, d.command, d.status,
+                    d.return_message,
+                    to_char(d.start_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
+                    to_char(d.end_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
+                    extract(epoch FROM now() - coalesce(d.start_time, now()))::float8
+             FROM cron.job_run_details d LEFT JOIN cron.job j ON j.jobid = d.jobid
+             WHERE d.runid > $1 ORDER BY d.runid LIMIT $2",
+            &[&cursor, &BATCH],
         )
         .await?;
-    Ok((row.get(0), row.get(1), row.get(2)))
+    Ok(rows
+        .iter()
+        .map(|r| Run {
+            runid: r.get(0),
+            jobid: r.get(1),
+            jobname: r.get(2),
+            database: r.get(3),
+            command: r.get(4),
+            status: r.get::<_, Option<String>>(5).unwrap_or_default(),
+            message: r.get(6),
+            start: r.get(7),
+            end: r.get(8),
+            age: Duration::from_secs_f64(r.get::<_, f64>(9).max(0.0)),
+        })
+        .collect())
 }
 
 fn failed_run_alert(run: &Run, source: &str) -> crate::alert::Alert {

@@ -2,8 +2,9 @@
 //! keys into per-view pending keys, reading what is pending, the hand-over guards, consuming
 //! pending keys in a refresh; `store/history.rs`: the refresh history (records, last
 //! successes, the status report's rows, pruning); `store/schema.rs`: the installed schema,
-//! captures, subscriptions and privileges. Every read is bounded: a collect takes at most `limit` dirty rows, a read of
-//! a view's pending keys at most `limit + 1` keys.
+//! captures, subscriptions and privileges; `store/cursor.rs`: the pg_cron watch's cursor.
+//! Every read is bounded: a collect takes at most `limit` dirty rows, a read of a view's
+//! pending keys at most `limit + 1` keys.
 //!
 //! # The hand-over
 //!
@@ -36,9 +37,11 @@ use tokio_postgres::{Client, GenericClient};
 
 use crate::debounce::ALL;
 
+mod cursor;
 mod history;
 mod schema;
 
+pub use cursor::*;
 pub use history::*;
 pub use schema::*;
 
