@@ -51,6 +51,7 @@ pub mod debounce;
 pub mod http;
 pub mod install;
 pub mod listener;
+pub mod partition;
 pub mod pgcron;
 pub mod plan;
 pub mod ratelimit;

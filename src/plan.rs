@@ -57,6 +57,8 @@ pub struct View {
     pub target: String,
     /// The quoted, schema-qualified refresh function (`incremental` only).
     pub function: Option<String>,
+    /// The source, key and unique columns (`partitioned` only).
+    pub partition: Option<crate::partition::Partition>,
     pub populated: bool,
     /// Indexes (into [`Plan::views`]) of the views this one reads.
     pub depends_on: Vec<usize>,
@@ -78,6 +80,13 @@ pub struct Plan {
     pub views: Vec<View>,
     /// Indexes into `views`, dependencies first.
     pub order: Vec<usize>,
+}
+
+/// A view as [`check_view`] found it.
+struct Checked {
+    resolved: Resolved,
+    function: Option<String>,
+    partition: Option<crate::partition::Partition>,
 }
 
 struct Resolved {
@@ -108,8 +117,8 @@ impl Plan {
         if !problems.is_empty() {
             return Err(PlanError::Problems(problems));
         }
-        let resolved: Vec<(Resolved, Option<String>)> = resolved.into_iter().flatten().collect();
-        let oids: Vec<u32> = resolved.iter().map(|(r, _)| r.oid).collect();
+        let resolved: Vec<Checked> = resolved.into_iter().flatten().collect();
+        let oids: Vec<u32> = resolved.iter().map(|c| c.resolved.oid).collect();
         let mut depends_on = catalog_dependencies(client, &oids).await?;
         let canonical: Vec<String> = config
             .views
@@ -148,12 +157,13 @@ impl Plan {
             .iter()
             .zip(resolved)
             .enumerate()
-            .map(|(i, (cfg, (r, function)))| View {
+            .map(|(i, (cfg, c))| View {
                 name: names[i].clone(),
                 config: cfg.clone(),
-                target: r.target,
-                function,
-                populated: r.populated,
+                target: c.resolved.target,
+                function: c.function,
+                partition: c.partition,
+                populated: c.resolved.populated,
                 depends_on: depends_on[i].iter().copied().collect(),
                 ancestors: BTreeSet::new(),
                 dependents: Vec::new(),
@@ -232,15 +242,17 @@ async fn resolve(
 async fn check_view(
     client: &impl GenericClient,
     v: &ViewConfig,
-) -> Result<(Option<(Resolved, Option<String>)>, Vec<Problem>), PlanError> {
+) -> Result<(Option<Checked>, Vec<Problem>), PlanError> {
     let name = v.relation().to_string();
     let problem = |message: String, fix: String| Problem {
         view: name.clone(),
         message,
         fix,
     };
-    let Some(r) = resolve(client, v.relation()).await? else {
-        let fix = if v.mode == Mode::Incremental {
+    let Some(mut r) = resolve(client, v.relation()).await? else {
+        let fix = if v.mode == Mode::Partitioned {
+            "run `mvrefresh install` (it creates the table from the source)"
+        } else if v.mode == Mode::Incremental {
             "create the table (`mvrefresh install --analytics` for the bundled ones)"
         } else {
             "create the materialized view (`mvrefresh install --analytics` for the bundled ones) or fix `name`"
@@ -249,6 +261,7 @@ async fn check_view(
     };
     let mut problems = Vec::new();
     let mut function = None;
+    let mut partition = None;
     match v.mode {
         Mode::Concurrently | Mode::Blocking if r.relkind != b'm' as i8 => {
             problems.push(problem(
@@ -277,6 +290,26 @@ async fn check_view(
             }
         }
         Mode::Blocking => {}
+        Mode::Partitioned if !matches!(r.relkind as u8, b'r' | b'p') => {
+            problems.push(problem(
+                "is not a table: mode `partitioned` keeps a table equal to its source".into(),
+                "drop it and run `mvrefresh install` (it creates the table), or fix `name`".into(),
+            ));
+        }
+        Mode::Partitioned => match crate::partition::resolve(client, v, r.oid, &r.target).await? {
+            Ok(p) => {
+                // Empty: never filled (or an empty source); everything is recomputed at start.
+                let filled: bool = client
+                    .query_one(&format!("SELECT EXISTS (SELECT FROM {})", r.target), &[])
+                    .await?
+                    .get(0);
+                r.populated = filled;
+                partition = Some(p);
+            }
+            Err(unfit) => {
+                problems.extend(unfit.into_iter().map(|u| problem(u.message, u.fix)));
+            }
+        },
         Mode::Incremental => {
             // Validated at load: an incremental view names its function.
             let Some(rel) = &v.function else {
@@ -293,7 +326,8 @@ async fn check_view(
             }
         }
     }
-    if !r.owner {
+    // A partitioned view's table needs privileges, not ownership (checked with them).
+    if !r.owner && v.mode != Mode::Partitioned {
         problems.push(problem(
             "is not owned by the connecting role, and only its owner may refresh it".into(),
             format!(
@@ -302,7 +336,14 @@ async fn check_view(
             ),
         ));
     }
-    Ok((Some((r, function)), problems))
+    Ok((
+        Some(Checked {
+            resolved: r,
+            function,
+            partition,
+        }),
+        problems,
+    ))
 }
 
 /// The quoted, schema-qualified name of the function `rel(text[])`, when it exists.

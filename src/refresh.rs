@@ -253,6 +253,19 @@ async fn apply(
             ))
             .await?;
         }
+        Mode::Partitioned => {
+            // Resolved by the plan: a partitioned view has its partition.
+            let Some(p) = &view.partition else {
+                return Ok(());
+            };
+            let sql = crate::partition::refresh_sql(p, &view.target, keys.is_some());
+            let row = match keys {
+                Some(keys) => tx.query_one(&sql, &[&keys]).await?,
+                None => tx.query_one(&sql, &[]).await?,
+            };
+            let (deleted, inserted): (i64, i64) = (row.get(0), row.get(1));
+            tracing::debug!(view = %view.name, deleted, inserted, "partitioned refresh applied");
+        }
         Mode::Incremental => {
             let function = view.function.as_deref().unwrap_or_default();
             tx.execute(&format!("SELECT {function}($1::text[])"), &[&keys])

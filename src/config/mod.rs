@@ -292,6 +292,10 @@ pub enum Mode {
     Blocking,
     /// Calls `function(keys text[])`, which recomputes only those keys (NULL = all).
     Incremental,
+    /// A table kept equal to `source` (a view of any SQL) by recomputing only the dirty values
+    /// of its `key` column and applying the difference: rows of key `k` depend only on the
+    /// source rows of key `k`.
+    Partitioned,
 }
 
 impl Mode {
@@ -300,12 +304,13 @@ impl Mode {
             Mode::Concurrently => "concurrently",
             Mode::Blocking => "blocking",
             Mode::Incremental => "incremental",
+            Mode::Partitioned => "partitioned",
         }
     }
 
     /// Whole-view modes refresh everything whenever any key is due.
     pub fn is_whole_view(self) -> bool {
-        !matches!(self, Mode::Incremental)
+        !matches!(self, Mode::Incremental | Mode::Partitioned)
     }
 }
 
@@ -319,6 +324,16 @@ pub struct ViewConfig {
     /// Incremental mode: the function called with the batch's keys.
     #[serde(default)]
     pub function: Option<Relation>,
+    /// Partitioned mode: the view (or table) the table is kept equal to.
+    #[serde(default)]
+    pub source: Option<Relation>,
+    /// Partitioned mode: the column of `source` and of the table whose value the keys are.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Partitioned mode: the columns that identify a row, for the unique index `install`
+    /// creates (when the table has no usable unique index of its own).
+    #[serde(default)]
+    pub unique: Option<Vec<String>>,
     /// Replaces the dependencies discovered from the catalog.
     #[serde(default)]
     pub depends_on: Option<Vec<Relation>>,

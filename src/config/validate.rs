@@ -170,6 +170,39 @@ impl Config {
                 (Mode::Incremental, Some(_)) | (_, None) => {}
                 (_, Some(_)) => return err(&at("function"), "is only used in mode `incremental`"),
             }
+            if v.mode == Mode::Partitioned {
+                if v.source.is_none() {
+                    return err(
+                        &at("source"),
+                        "is required in mode `partitioned` (the view the table is kept equal to)",
+                    );
+                }
+                match v.key.as_deref() {
+                    None => return err(&at("key"), "is required in mode `partitioned`"),
+                    Some(k) if k.is_empty() || k.contains('\0') => {
+                        return err(&at("key"), "must name a column")
+                    }
+                    Some(_) => {}
+                }
+                if let Some(cols) = &v.unique {
+                    if cols.is_empty() || cols.iter().any(|c| c.is_empty() || c.contains('\0')) {
+                        return err(&at("unique"), "must name one or more columns");
+                    }
+                }
+                if v.source.as_ref() == Some(&v.name) {
+                    return err(&at("source"), "must not be the view itself");
+                }
+            } else {
+                for (field, set) in [
+                    ("source", v.source.is_some()),
+                    ("key", v.key.is_some()),
+                    ("unique", v.unique.is_some()),
+                ] {
+                    if set {
+                        return err(&at(field), "is only used in mode `partitioned`");
+                    }
+                }
+            }
             if let Some(deps) = &v.depends_on {
                 for (j, d) in deps.iter().enumerate() {
                     let key = format!("view[{i}].depends_on[{j}]");

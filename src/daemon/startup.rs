@@ -8,7 +8,7 @@ use deadpool_postgres::Pool;
 
 use super::scheduler::ViewState;
 use super::{DaemonError, HORIZON_PATIENCE};
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::db::{Db, DbError};
 use crate::debounce::{Debouncer, Limits, ALL};
 use crate::plan::Plan;
@@ -81,7 +81,7 @@ pub(super) fn view_states(plan: &Plan, config: &Config, now: Instant) -> Vec<Vie
         .map(|v| {
             let mut debouncer = Debouncer::new(v.config.debounce(config.debounce), limits);
             let mut reason = None;
-            if v.mode().is_whole_view() && !v.populated {
+            if (v.mode().is_whole_view() || v.mode() == Mode::Partitioned) && !v.populated {
                 debouncer.note_due(ALL, now, now, true);
                 reason = Some(Reason::Startup);
             }

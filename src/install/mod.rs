@@ -121,6 +121,14 @@ pub fn script(config: &Config, options: Options) -> Vec<Step> {
             sql: prune_captures_sql(config),
         });
     }
+    for (i, v) in config.views.iter().enumerate() {
+        if let Some(sql) = crate::partition::install_sql(v) {
+            steps.push(Step {
+                name: format!("view[{i}] ({}): the partitioned table", v.name),
+                sql,
+            });
+        }
+    }
     steps.push(Step {
         name: "subscriptions".into(),
         sql: subscriptions_sql(config, options.prune),

@@ -52,6 +52,11 @@ pub fn job_command(view: &ViewConfig) -> String {
     match view.mode {
         Mode::Concurrently => format!("REFRESH MATERIALIZED VIEW CONCURRENTLY {target}"),
         Mode::Blocking => format!("REFRESH MATERIALIZED VIEW {target}"),
+        Mode::Partitioned => {
+            // The whole table recomputed (readers see the old rows until commit).
+            let source = view.source.as_ref().map(|s| s.quoted()).unwrap_or_default();
+            format!("DELETE FROM {target}; INSERT INTO {target} SELECT * FROM {source}")
+        }
         Mode::Incremental => {
             let function = view
                 .function

@@ -15,6 +15,7 @@ mod handover;
 mod harness;
 mod hostile;
 mod observe;
+mod partitioned;
 mod proxy;
 mod replicas;
 mod tls;

@@ -1,0 +1,299 @@
+//! Mode `partitioned`: tables kept equal to their source views by recomputing only the dirty
+//! keys, whatever SQL the source runs.
+
+use mvrefresh::plan::Plan;
+use tokio_postgres::Client;
+
+use crate::harness::{self, Cluster, Daemon};
+
+/// Sources over `submissions` (plus `teams`, `created_at`): a percentile with HAVING over a
+/// CTE and a join, a window function partitioned by the key, and a UTC day (the same in every
+/// session time zone).
+const SOURCES: &str = "
+ALTER TABLE submissions ADD COLUMN team_id int, ADD COLUMN created_at timestamptz NOT NULL DEFAULT now();
+CREATE TABLE teams (id int PRIMARY KEY, name text NOT NULL);
+INSERT INTO teams VALUES (1, 'red'), (2, 'blue'), (3, 'green');
+CREATE VIEW stats_v AS
+    WITH s AS (SELECT challenge_id, team_id, score FROM submissions WHERE status = 'scored')
+    SELECT s.challenge_id, coalesce(t.name, '-') AS team, count(*) AS n,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY s.score) AS median,
+           jsonb_build_object('max', max(s.score), 'min', min(s.score)) AS extremes
+    FROM s LEFT JOIN teams AS t ON t.id = s.team_id
+    GROUP BY s.challenge_id, coalesce(t.name, '-')
+    HAVING count(*) >= 1;
+CREATE VIEW ranks_v AS
+    SELECT id, challenge_id, score,
+           rank() OVER (PARTITION BY challenge_id ORDER BY score DESC NULLS LAST, id) AS rk,
+           (created_at AT TIME ZONE 'UTC')::date AS day
+    FROM submissions WHERE status = 'scored';
+";
+
+const CONFIG: &str = r#"
+[[capture]]
+name = "submissions"
+table = "submissions"
+channel = "submission_scored"
+key = "challenge_id"
+when = "status = 'scored'"
+columns = ["score", "team_id", "created_at"]
+
+[[view]]
+name = "p_stats"
+mode = "partitioned"
+source = "stats_v"
+key = "challenge_id"
+unique = ["challenge_id", "team"]
+channels = ["submission_scored"]
+
+[[view]]
+name = "p_ranks"
+mode = "partitioned"
+source = "ranks_v"
+key = "challenge_id"
+unique = ["id"]
+channels = ["submission_scored"]
+"#;
+
+/// Whether `table` holds exactly the rows of `source` (as multisets).
+async fn equal(c: &Client, table: &str, source: &str) -> bool {
+    let sql = format!(
+        "SELECT NOT EXISTS (TABLE {table} EXCEPT ALL TABLE {source})
+            AND NOT EXISTS (TABLE {source} EXCEPT ALL TABLE {table})"
+    );
+    c.query_one(&sql, &[]).await.unwrap().get(0)
+}
+
+async fn both_equal(c: &Client) -> bool {
+    equal(c, "p_stats", "stats_v").await && equal(c, "p_ranks", "ranks_v").await
+}
+
+/// A small deterministic generator (no dependency for ten lines).
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// One random change: insert (a NULL key now and then), re-score, move to another key,
+/// un-score, delete, change team or day.
+async fn random_change(c: &Client, rng: &mut Lcg) {
+    let challenge = |r: &mut Lcg| match r.below(10) {
+        0 => None,
+        k => Some(k as i32),
+    };
+    let id = 1 + rng.below(60) as i32;
+    match rng.below(7) {
+        0 | 1 => {
+            let ch = challenge(rng);
+            let team = rng.below(4) as i32;
+            let score = rng.below(100) as f64;
+            c.execute(
+                "INSERT INTO submissions (challenge_id, status, score, team_id)
+                 VALUES ($1, 'scored', $2, nullif($3, 0))",
+                &[&ch, &score, &team],
+            )
+            .await
+            .unwrap();
+        }
+        2 => {
+            let score = rng.below(100) as f64;
+            c.execute(
+                "UPDATE submissions SET score = $2 WHERE id = $1",
+                &[&id, &score],
+            )
+            .await
+            .unwrap();
+        }
+        3 => {
+            let ch = challenge(rng);
+            c.execute(
+                "UPDATE submissions SET challenge_id = $2 WHERE id = $1",
+                &[&id, &ch],
+            )
+            .await
+            .unwrap();
+        }
+        4 => {
+            let status = if rng.below(2) == 0 {
+                "pending"
+            } else {
+                "scored"
+            };
+            c.execute(
+                "UPDATE submissions SET status = $2 WHERE id = $1",
+                &[&id, &status],
+            )
+            .await
+            .unwrap();
+        }
+        5 => {
+            c.execute("DELETE FROM submissions WHERE id = $1", &[&id])
+                .await
+                .unwrap();
+        }
+        _ => {
+            let team = 1 + rng.below(3) as i32;
+            let days = rng.below(3) as f64;
+            c.execute(
+                "UPDATE submissions SET team_id = $2,
+                        created_at = created_at - make_interval(days => $3::float8::int)
+                 WHERE id = $1",
+                &[&id, &team, &days],
+            )
+            .await
+            .unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_tables_stay_equal_to_their_sources_under_random_changes() {
+    let db = Cluster::shared().create_db().await;
+    let c = db.client().await;
+    c.batch_execute(harness::SCHEMA).await.unwrap();
+    c.batch_execute(SOURCES).await.unwrap();
+    // Rows before the tables exist: the first refresh fills them.
+    for ch in 1..=5 {
+        harness::score(&c, ch, 8).await;
+    }
+    let config = harness::config(&db.url, CONFIG);
+    harness::install(&config).await;
+    // The daemon's sessions and this one are in different time zones.
+    c.batch_execute("SET TIME ZONE 'Pacific/Auckland'")
+        .await
+        .unwrap();
+    let daemon = Daemon::start(config);
+    daemon.wait_listening().await;
+    harness::wait_for("the tables filled", || both_equal(&c)).await;
+
+    let mut rng = Lcg(42);
+    for _round in 0..6 {
+        for _ in 0..25 {
+            random_change(&c, &mut rng).await;
+        }
+        harness::wait_for("the tables equal to their sources", || both_equal(&c)).await;
+    }
+    // Refreshes were per key, not whole.
+    let keyed: i64 = c
+        .query_one(
+            "SELECT count(*) FROM mvrefresh.refresh_history
+             WHERE view_name = 'p_stats' AND outcome = 'success' AND keys IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(keyed > 0, "no per-key refresh of p_stats");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_that_did_not_change_are_not_rewritten() {
+    let db = Cluster::shared().create_db().await;
+    let c = db.client().await;
+    c.batch_execute(harness::SCHEMA).await.unwrap();
+    c.batch_execute(SOURCES).await.unwrap();
+    c.execute(
+        "INSERT INTO submissions (challenge_id, status, score, team_id)
+         VALUES (7, 'scored', 10, 1), (7, 'scored', 20, 2)",
+        &[],
+    )
+    .await
+    .unwrap();
+    let config = harness::config(&db.url, CONFIG);
+    harness::install(&config).await;
+    let daemon = Daemon::start(config);
+    daemon.wait_listening().await;
+    harness::wait_for("the tables filled", || both_equal(&c)).await;
+    let version = |team: &'static str| {
+        let c = &c;
+        async move {
+            let row = c
+                .query_one(
+                    "SELECT xmin::text FROM p_stats WHERE challenge_id = 7 AND team = $1",
+                    &[&team],
+                )
+                .await
+                .unwrap();
+            row.get::<_, String>(0)
+        }
+    };
+    let (red, blue) = (version("red").await, version("blue").await);
+    // Key 7 is refreshed; only red's row changes.
+    c.execute(
+        "UPDATE submissions SET score = 15 WHERE challenge_id = 7 AND team_id = 1",
+        &[],
+    )
+    .await
+    .unwrap();
+    harness::wait_for("the change reflected", || both_equal(&c)).await;
+    assert_ne!(version("red").await, red, "the changed row was rewritten");
+    assert_eq!(
+        version("blue").await,
+        blue,
+        "the unchanged row was left alone"
+    );
+    daemon.stop().await;
+}
+
+/// Plan problems, as `check` and the daemon report them.
+async fn problems(c: &Client, url: &str, body: &str) -> String {
+    let config = harness::config(url, &format!("{}{body}", harness::CAPTURE));
+    match Plan::load(c, &config).await {
+        Ok(_) => String::new(),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfit_sources_are_refused_naming_the_view_and_the_reason() {
+    let (db, c, _) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
+    c.batch_execute(
+        "CREATE VIEW total_v AS
+             SELECT challenge_id, count(*) OVER () AS everyone FROM submissions;
+         CREATE TABLE p_total AS SELECT * FROM total_v WITH NO DATA;
+         CREATE UNIQUE INDEX ON p_total (challenge_id, everyone);
+         CREATE VIEW counts_v AS
+             SELECT challenge_id, count(*) AS n FROM submissions GROUP BY challenge_id;
+         CREATE TABLE p_counts AS SELECT * FROM counts_v WITH NO DATA;
+         CREATE UNIQUE INDEX ON p_counts (challenge_id);
+         CREATE TABLE p_other (challenge_id int PRIMARY KEY, n text);
+         CREATE TABLE p_bare AS SELECT * FROM counts_v WITH NO DATA;",
+    )
+    .await
+    .unwrap();
+    let view = |name: &str, source: &str, key: &str| {
+        format!(
+            "[[view]]\nname = \"{name}\"\nmode = \"partitioned\"\nsource = \"{source}\"\nkey = \"{key}\"\n"
+        )
+    };
+    // A window over everything: the key cannot be pushed below it.
+    let p = problems(&c, &db.url, &view("p_total", "total_v", "challenge_id")).await;
+    assert!(p.contains("view p_total"), "{p}");
+    assert!(
+        p.contains("cannot push `challenge_id = …` into the source"),
+        "{p}"
+    );
+    // A missing key column, a missing source, columns that differ, no unique index.
+    let p = problems(&c, &db.url, &view("p_counts", "counts_v", "team")).await;
+    assert!(
+        p.contains("key column `team` is not a column of source counts_v"),
+        "{p}"
+    );
+    let p = problems(&c, &db.url, &view("p_counts", "nowhere_v", "challenge_id")).await;
+    assert!(p.contains("source nowhere_v does not exist"), "{p}");
+    let p = problems(&c, &db.url, &view("p_other", "counts_v", "challenge_id")).await;
+    assert!(p.contains("view p_other: its columns (challenge_id integer, n text) are not those of its source counts_v (challenge_id integer, n bigint)"), "{p}");
+    let p = problems(&c, &db.url, &view("p_bare", "counts_v", "challenge_id")).await;
+    assert!(p.contains("view p_bare: has no usable unique index"), "{p}");
+    assert!(p.contains("unique = [...]"), "{p}");
+    // And a fit one passes.
+    let p = problems(&c, &db.url, &view("p_counts", "counts_v", "challenge_id")).await;
+    assert_eq!(p, "");
+}
