@@ -29,6 +29,8 @@ use crate::sql::{ident, Relation};
 pub struct Partition {
     /// The source, quoted and schema-qualified.
     pub source: String,
+    /// The source's oid (the views it reads are the ones this view waits for).
+    pub source_oid: u32,
     /// The key column's name.
     pub key: String,
     /// The key column's type (`format_type`), to cast the keys to.
@@ -127,6 +129,7 @@ pub async fn resolve(
     }
     Ok(Ok(Partition {
         source: source_q,
+        source_oid,
         key: key.clone(),
         key_type,
         unique: unique.unwrap_or_default(),
@@ -363,6 +366,7 @@ mod tests {
     fn the_refresh_statement_matches_on_the_unique_columns_then_the_whole_row() {
         let p = Partition {
             source: "\"public\".\"src\"".into(),
+            source_oid: 1,
             key: "challenge_id".into(),
             key_type: "integer".into(),
             unique: vec!["challenge_id".into(), "lane".into()],

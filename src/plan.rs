@@ -119,7 +119,16 @@ impl Plan {
         }
         let resolved: Vec<Checked> = resolved.into_iter().flatten().collect();
         let oids: Vec<u32> = resolved.iter().map(|c| c.resolved.oid).collect();
-        let mut depends_on = catalog_dependencies(client, &oids).await?;
+        // A partitioned view reads what its source reads.
+        let roots: Vec<u32> = resolved
+            .iter()
+            .map(|c| {
+                c.partition
+                    .as_ref()
+                    .map_or(c.resolved.oid, |p| p.source_oid)
+            })
+            .collect();
+        let mut depends_on = catalog_dependencies(client, &roots, &oids).await?;
         let canonical: Vec<String> = config
             .views
             .iter()
@@ -363,9 +372,11 @@ async fn resolve_function(
 }
 
 /// Which of the relations `oids` each one reads, through plain views (`pg_depend` over the
-/// rewrite rules); indexes into `oids`.
+/// rewrite rules), starting from `roots[i]` for `oids[i]` (itself, or a partitioned view's
+/// source); indexes into `oids`.
 async fn catalog_dependencies(
     client: &impl GenericClient,
+    roots: &[u32],
     oids: &[u32],
 ) -> Result<Vec<BTreeSet<usize>>, PlanError> {
     let rows = client
@@ -382,15 +393,20 @@ async fn catalog_dependencies(
                       AND dep.refclassid = 'pg_class'::regclass
                       AND dep.refobjid <> d.rel
                  WHERE d.rel = d.root OR c.relkind = 'v')
-             SELECT root, rel FROM deps WHERE rel <> root AND rel = ANY($1)",
-            &[&oids],
+             SELECT root, rel FROM deps WHERE rel <> root AND rel = ANY($2)",
+            &[&roots, &oids],
         )
         .await?;
-    let index_of = |oid: u32| oids.iter().position(|o| *o == oid);
     let mut depends_on: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); oids.len()];
     for row in rows {
-        if let (Some(a), Some(b)) = (index_of(row.get(0)), index_of(row.get(1))) {
-            depends_on[a].insert(b);
+        let (root, rel): (u32, u32) = (row.get(0), row.get(1));
+        let Some(b) = oids.iter().position(|o| *o == rel) else {
+            continue;
+        };
+        for (a, _) in roots.iter().enumerate().filter(|(_, r)| **r == root) {
+            if a != b {
+                depends_on[a].insert(b);
+            }
         }
     }
     Ok(depends_on)

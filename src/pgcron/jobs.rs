@@ -53,9 +53,16 @@ pub fn job_command(view: &ViewConfig) -> String {
         Mode::Concurrently => format!("REFRESH MATERIALIZED VIEW CONCURRENTLY {target}"),
         Mode::Blocking => format!("REFRESH MATERIALIZED VIEW {target}"),
         Mode::Partitioned => {
-            // The whole table recomputed (readers see the old rows until commit).
+            // The whole table recomputed (readers see the old rows until commit), under the
+            // view's lock: never at the same time as a daemon's refresh of it.
             let source = view.source.as_ref().map(|s| s.quoted()).unwrap_or_default();
-            format!("DELETE FROM {target}; INSERT INTO {target} SELECT * FROM {source}")
+            format!(
+                "SELECT pg_advisory_xact_lock({LOCK_NAMESPACE}, \
+                 hashtext(coalesce(mvrefresh.view_name({name}), {shown}))); \
+                 DELETE FROM {target}; INSERT INTO {target} SELECT * FROM {source}",
+                name = literal(&target),
+                shown = literal(&view.relation().to_string()),
+            )
         }
         Mode::Incremental => {
             let function = view

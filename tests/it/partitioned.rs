@@ -297,3 +297,43 @@ async fn unfit_sources_are_refused_naming_the_view_and_the_reason() {
     let p = problems(&c, &db.url, &view("p_counts", "counts_v", "challenge_id")).await;
     assert_eq!(p, "");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_view_waits_for_the_views_its_source_reads() {
+    let (db, c, _) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
+    c.batch_execute(
+        "CREATE VIEW big_v AS SELECT challenge_id, n FROM mv_counts WHERE n > 1;
+         CREATE TABLE p_big AS SELECT * FROM big_v WITH NO DATA;
+         CREATE UNIQUE INDEX ON p_big (challenge_id);",
+    )
+    .await
+    .unwrap();
+    let body = format!(
+        "{}{}[[view]]\nname = \"p_big\"\nmode = \"partitioned\"\nsource = \"big_v\"\nkey = \"challenge_id\"\n",
+        harness::CAPTURE,
+        harness::VIEW_COUNTS
+    );
+    let config = harness::config(&db.url, &body);
+    let plan = Plan::load(&c, &config).await.unwrap();
+    assert_eq!(plan.describe_order(), "mv_counts → p_big (after mv_counts)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pg_cron_backstop_job_recomputes_the_whole_table() {
+    let db = Cluster::shared().create_db().await;
+    let c = db.client().await;
+    c.batch_execute(harness::SCHEMA).await.unwrap();
+    c.batch_execute(SOURCES).await.unwrap();
+    for ch in 1..=3 {
+        harness::score(&c, ch, 4).await;
+    }
+    let config = harness::config(&db.url, CONFIG);
+    harness::install(&config).await;
+    assert!(!both_equal(&c).await, "install leaves the tables empty");
+    for v in &config.views {
+        c.batch_execute(&mvrefresh::pgcron::job_command(v))
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", v.name));
+    }
+    assert!(both_equal(&c).await);
+}
