@@ -1,4 +1,5 @@
 -- The discovery service's five materialized views (design document, "Query-Optimized Views"),
+-- and one of them as a plain view for a table mvrefresh keeps per run (mode "partitioned"),
 -- written from its description. Load it after schema.sql; idempotent (IF NOT EXISTS
 -- everywhere), so loading it twice changes nothing. To change a view's definition, drop it and
 -- load this file again (CREATE MATERIALIZED VIEW has no OR REPLACE), then run
@@ -71,8 +72,10 @@ WHERE r.is_complete;
 CREATE UNIQUE INDEX IF NOT EXISTS mv_discovery_run_stats_key
     ON mv_discovery_run_stats (run_id);
 
--- 2. Per complete run and cluster (noise excluded): its size and members.
-CREATE MATERIALIZED VIEW IF NOT EXISTS mv_cluster_size_distribution AS
+-- 2. Per complete run and cluster (noise excluded): its size and members. Written once, as a
+--    plain view, read by the materialized view and by the table `discovery_cluster_sizes` that
+--    mvrefresh keeps per run (mode "partitioned": a completed run recomputes only its own rows).
+CREATE OR REPLACE VIEW discovery_cluster_sizes_v AS
 SELECT res.run_id,
        r.run_type,
        res.cluster_id,
@@ -83,6 +86,8 @@ JOIN discovery_runs r ON r.run_id = res.run_id
 WHERE r.is_complete
   AND res.cluster_id IS NOT NULL
 GROUP BY res.run_id, r.run_type, res.cluster_id;
+CREATE MATERIALIZED VIEW IF NOT EXISTS mv_cluster_size_distribution AS
+SELECT * FROM discovery_cluster_sizes_v;
 CREATE UNIQUE INDEX IF NOT EXISTS mv_cluster_size_distribution_key
     ON mv_cluster_size_distribution (run_id, cluster_id);
 

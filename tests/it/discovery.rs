@@ -34,7 +34,9 @@ const CLUSTERS: &str = "mv_cluster_size_distribution";
 const FREQUENCY: &str = "mv_star_anomaly_frequency";
 const OVERLAP: &str = "mv_anomaly_overlap_matrix";
 const TIMELINE: &str = "mv_discovery_timeline";
-const ALL_VIEWS: [&str; 5] = [RUN_STATS, CLUSTERS, FREQUENCY, OVERLAP, TIMELINE];
+/// The cluster size distribution as a table kept per run (mode `partitioned`).
+const CLUSTER_TABLE: &str = "discovery_cluster_sizes";
+const ALL_VIEWS: [&str; 6] = [RUN_STATS, CLUSTERS, FREQUENCY, OVERLAP, TIMELINE, CLUSTER_TABLE];
 
 // Each view's contents computed directly from the base tables, written independently of
 // views.sql (correlated subqueries and arrays instead of joins and grouping sets), with the
@@ -216,7 +218,7 @@ async fn mismatches(c: &Client, view: &str, live: &str) -> i64 {
 fn live_query(view: &str) -> &'static str {
     match view {
         RUN_STATS => LIVE_RUN_STATS,
-        CLUSTERS => LIVE_CLUSTERS,
+        CLUSTERS | CLUSTER_TABLE => LIVE_CLUSTERS,
         FREQUENCY => LIVE_FREQUENCY,
         OVERLAP => LIVE_OVERLAP,
         TIMELINE => LIVE_TIMELINE,
@@ -258,7 +260,7 @@ async fn wait_refreshed(c: &Client, views: &[&str], at_least: &[i64]) {
 async fn start(config: Config, c: &Client) -> Daemon {
     let daemon = Daemon::start(config);
     daemon.wait_listening().await;
-    wait_refreshed(c, &ALL_VIEWS, &[1; 5]).await;
+    wait_refreshed(c, &ALL_VIEWS, &[1; 6]).await;
     daemon
 }
 
@@ -279,7 +281,12 @@ fn the_example_config_is_valid_and_subscribes_as_documented() {
     let names: Vec<String> = config.views.iter().map(|v| v.name.to_string()).collect();
     assert_eq!(names, ALL_VIEWS);
     for v in &config.views {
-        assert_eq!(v.mode, Mode::Concurrently, "{}", v.name);
+        let mode = if v.name.to_string() == CLUSTER_TABLE {
+            Mode::Partitioned
+        } else {
+            Mode::Concurrently
+        };
+        assert_eq!(v.mode, mode, "{}", v.name);
         assert!(
             v.depends_on.is_none(),
             "{}: order comes from the catalog",
@@ -477,7 +484,7 @@ async fn completing_a_run_refreshes_every_view_in_dependency_order() {
     )
     .await
     .unwrap();
-    wait_refreshed(&c, &ALL_VIEWS, &[1; 5]).await;
+    wait_refreshed(&c, &ALL_VIEWS, &[1; 6]).await;
 
     // Every view reflects B, and equals its direct query.
     for (view, sql) in [
