@@ -57,6 +57,10 @@ pub enum Command {
         /// Refresh every configured view.
         #[arg(long, conflicts_with = "views")]
         all: bool,
+        /// Refresh only these keys (`incremental` and `partitioned` views; repeatable);
+        /// default: everything.
+        #[arg(long = "key", value_name = "KEY")]
+        keys: Vec<String>,
     },
     /// Validate the configuration and the database; print a report.
     Check {
@@ -82,7 +86,9 @@ pub async fn execute(command: Command, config: Config) -> ExitCode {
             dry_run,
             prune,
         } => commands::install::execute(config, analytics, pg_cron, dry_run, prune).await,
-        Command::Refresh { views, all } => commands::refresh::execute(config, views, all).await,
+        Command::Refresh { views, all, keys } => {
+            commands::refresh::execute(config, views, all, keys).await
+        }
         Command::Check { test_alert } => commands::check::execute(config, test_alert).await,
         Command::Status { json } => commands::status::execute(config, json).await,
     };

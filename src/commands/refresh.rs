@@ -8,10 +8,21 @@ use crate::debounce::ALL;
 use crate::plan::Plan;
 use crate::refresh::{self, Outcome, Reason, Request, Settings};
 
-pub async fn execute(config: Config, names: Vec<String>, all: bool) -> anyhow::Result<ExitCode> {
+pub async fn execute(
+    config: Config,
+    names: Vec<String>,
+    all: bool,
+    keys: Vec<String>,
+) -> anyhow::Result<ExitCode> {
     if names.is_empty() && !all {
         anyhow::bail!("name the views to refresh, or pass --all");
     }
+    // Given keys: only those (and their pending rows); none: everything.
+    let keys = if keys.is_empty() {
+        vec![ALL.to_owned()]
+    } else {
+        keys
+    };
     let db = Db::new(&config.database)?;
     let mut client = db.connect_simple("mvrefresh-refresh").await?;
     db.ensure_primary(&client).await?;
@@ -21,6 +32,20 @@ pub async fn execute(config: Config, names: Vec<String>, all: bool) -> anyhow::R
         match plan.index(n) {
             Some(i) => selected[i] = true,
             None => anyhow::bail!("`{n}` is not a configured [[view]]"),
+        }
+    }
+    if keys[0] != ALL {
+        if let Some(v) = (0..plan.views.len())
+            .filter(|&i| selected[i])
+            .map(|i| &plan.views[i])
+            .find(|v| v.mode().is_whole_view())
+        {
+            anyhow::bail!(
+                "{}: --key applies to `incremental` and `partitioned` views; a `{}` view is \
+                 refreshed whole",
+                v.name,
+                v.mode().as_str()
+            );
         }
     }
     let replica = format!("cli:{}", std::process::id());
@@ -41,8 +66,8 @@ pub async fn execute(config: Config, names: Vec<String>, all: bool) -> anyhow::R
         }
         let dependents = plan.dependent_names(i);
         let request = Request {
-            keys: vec![ALL.to_owned()],
-            forced: vec![ALL.to_owned()],
+            keys: keys.clone(),
+            forced: keys.clone(),
             reason: Reason::Manual,
             wait_for_lock: true,
             horizon: horizon.clone(),

@@ -36,7 +36,14 @@ const OVERLAP: &str = "mv_anomaly_overlap_matrix";
 const TIMELINE: &str = "mv_discovery_timeline";
 /// The cluster size distribution as a table kept per run (mode `partitioned`).
 const CLUSTER_TABLE: &str = "discovery_cluster_sizes";
-const ALL_VIEWS: [&str; 6] = [RUN_STATS, CLUSTERS, FREQUENCY, OVERLAP, TIMELINE, CLUSTER_TABLE];
+const ALL_VIEWS: [&str; 6] = [
+    RUN_STATS,
+    CLUSTERS,
+    FREQUENCY,
+    OVERLAP,
+    TIMELINE,
+    CLUSTER_TABLE,
+];
 
 // Each view's contents computed directly from the base tables, written independently of
 // views.sql (correlated subqueries and arrays instead of joins and grouping sets), with the

@@ -57,8 +57,8 @@ channels = ["submission_scored"]
 /// Whether `table` holds exactly the rows of `source` (as multisets).
 async fn equal(c: &Client, table: &str, source: &str) -> bool {
     let sql = format!(
-        "SELECT NOT EXISTS (TABLE {table} EXCEPT ALL TABLE {source})
-            AND NOT EXISTS (TABLE {source} EXCEPT ALL TABLE {table})"
+        "SELECT NOT EXISTS (SELECT * FROM {table} EXCEPT ALL SELECT * FROM {source})
+            AND NOT EXISTS (SELECT * FROM {source} EXCEPT ALL SELECT * FROM {table})"
     );
     c.query_one(&sql, &[]).await.unwrap().get(0)
 }
@@ -336,4 +336,40 @@ async fn the_pg_cron_backstop_job_recomputes_the_whole_table() {
             .unwrap_or_else(|e| panic!("{}: {e}", v.name));
     }
     assert!(both_equal(&c).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_refreshes_only_the_keys_it_is_given() {
+    let db = Cluster::shared().create_db().await;
+    let c = db.client().await;
+    c.batch_execute(harness::SCHEMA).await.unwrap();
+    c.batch_execute(SOURCES).await.unwrap();
+    for ch in 1..=3 {
+        harness::score(&c, ch, 4).await;
+    }
+    let config = harness::config(&db.url, CONFIG);
+    harness::install(&config).await;
+    let text = format!(
+        "[database]\nurl = \"{}\"\n{CONFIG}\n[[view]]\nname = \"mv_counts\"\nmode = \"concurrently\"\n",
+        db.url
+    );
+    let path = crate::cli::write_config("partitioned-keys.toml", &text);
+    let out = crate::cli::mvrefresh(&path, &["refresh", "p_stats", "--key", "2"]);
+    assert!(out.status.success(), "{}", crate::cli::text(&out));
+    let only_two = equal(
+        &c,
+        "p_stats",
+        "(SELECT * FROM stats_v WHERE challenge_id = 2) AS s",
+    )
+    .await;
+    assert!(only_two, "p_stats holds exactly challenge 2");
+    // A whole-view mode has no keys to refresh.
+    let out = crate::cli::mvrefresh(&path, &["refresh", "mv_counts", "--key", "2"]);
+    assert!(!out.status.success());
+    assert!(
+        crate::cli::text(&out)
+            .contains("mv_counts: --key applies to `incremental` and `partitioned` views"),
+        "{}",
+        crate::cli::text(&out)
+    );
 }
