@@ -6,12 +6,14 @@
 //! by the key, HAVING, joins, CTEs), is exactly the part of the whole result with keys K.
 //!
 //! A refresh of keys K computes `source WHERE key = ANY(K) OR key IS NULL` once (a
-//! `MATERIALIZED` CTE), deletes the table's rows of those keys that no computed row equals, and
-//! inserts the computed rows that no table row equals, in one statement of the refresh's
-//! transaction: rows that did not change are not rewritten (no WAL, no bloat), readers see the
-//! old rows until commit. Rows are matched on the table's unique columns (a hash anti-join) and
-//! then compared whole by binary image (`*=`, the comparison `REFRESH … CONCURRENTLY` uses; it
-//! works for every type, `json` included). Everything (`*`) is the same without the restriction.
+//! `MATERIALIZED` CTE), deletes the table's rows of those keys whose unique columns no computed
+//! row has, and upserts the computed rows that no table row equals (`ON CONFLICT` on the unique
+//! columns: a changed row is updated in place, HOT when no indexed column changed), in one
+//! statement of the refresh's transaction: rows that did not change are not rewritten (no WAL,
+//! no bloat), readers see the old rows until commit. Rows are matched on the table's unique
+//! columns (hash joins) and compared whole by binary image (`*=`, the comparison
+//! `REFRESH … CONCURRENTLY` uses; it works for every type, `json` included). A source that
+//! yields two rows with the same unique columns makes the refresh fail, saying so. Everything (`*`) is the same without the restriction.
 //! Rows whose key is NULL are recomputed with every refresh (the capture marks no key for them).
 //!
 //! [`resolve`] checks what this needs, each problem with its fix: a table, a source whose
@@ -37,6 +39,8 @@ pub struct Partition {
     pub key_type: String,
     /// The columns of the table's unique index.
     pub unique: Vec<String>,
+    /// Every column of the table, in order.
+    pub columns: Vec<String>,
 }
 
 /// A problem with a partitioned view, and its fix.
@@ -133,6 +137,7 @@ pub async fn resolve(
         key: key.clone(),
         key_type,
         unique: unique.unwrap_or_default(),
+        columns: table_cols.into_iter().map(|(n, _)| n).collect(),
     }))
 }
 
@@ -270,7 +275,7 @@ pub fn pushdown_problem(node: &serde_json::Value, key: &str) -> Option<Unfit> {
 }
 
 /// The refresh statement of keys `$1` (`text[]`), or of everything when `keyed` is false. It
-/// returns the rows deleted and inserted.
+/// returns the rows deleted and the rows inserted or updated.
 pub fn refresh_sql(p: &Partition, target: &str, keyed: bool) -> String {
     let key = ident(&p.key);
     let restrict = |alias: &str| {
@@ -283,15 +288,30 @@ pub fn refresh_sql(p: &Partition, target: &str, keyed: bool) -> String {
             "true".to_owned()
         }
     };
-    let same = |a: &str, b: &str| {
-        let cols: String = p
-            .unique
+    let same_key = |a: &str, b: &str| {
+        p.unique
             .iter()
-            .map(|c| format!("{a}.{c} = {b}.{c} AND ", c = ident(c)))
-            .collect();
-        // Whole-row references: `ROW(a.*) op ROW(b.*)` would be compared column by column.
-        format!("{cols}{a} OPERATOR(pg_catalog.*=) {b}")
+            .map(|c| format!("{a}.{c} = {b}.{c}", c = ident(c)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
     };
+    let conflict: Vec<String> = p.unique.iter().map(|c| ident(c)).collect();
+    let set: Vec<String> = p
+        .columns
+        .iter()
+        .filter(|c| !p.unique.contains(c))
+        .map(|c| format!("{c} = EXCLUDED.{c}", c = ident(c)))
+        .collect();
+    let on_conflict = if set.is_empty() {
+        format!("ON CONFLICT ({}) DO NOTHING", conflict.join(", "))
+    } else {
+        format!(
+            "ON CONFLICT ({}) DO UPDATE SET {}",
+            conflict.join(", "),
+            set.join(", ")
+        )
+    };
+    // Whole-row references: `ROW(a.*) op ROW(b.*)` would be compared column by column.
     format!(
         "WITH fresh AS MATERIALIZED (
              SELECT * FROM {source} AS s WHERE {rs}
@@ -299,18 +319,21 @@ pub fn refresh_sql(p: &Partition, target: &str, keyed: bool) -> String {
              DELETE FROM {target} AS t
              WHERE {rt} AND NOT EXISTS (SELECT FROM fresh AS f WHERE {ft})
              RETURNING 1
-         ), added AS (
-             INSERT INTO {target}
+         ), merged AS (
+             INSERT INTO {target} AS t
              SELECT f.* FROM fresh AS f
-             WHERE NOT EXISTS (SELECT FROM {target} AS t WHERE {rt} AND {tf})
+             WHERE NOT EXISTS (SELECT FROM {target} AS o
+                               WHERE {ro} AND {of} AND o OPERATOR(pg_catalog.*=) f)
+             {on_conflict}
              RETURNING 1
          )
-         SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM added)",
+         SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM merged)",
         source = p.source,
         rs = restrict("s"),
         rt = restrict("t"),
-        ft = same("f", "t"),
-        tf = same("t", "f"),
+        ro = restrict("o"),
+        ft = same_key("f", "t"),
+        of = same_key("o", "f"),
     )
 }
 
@@ -363,13 +386,14 @@ mod tests {
     }
 
     #[test]
-    fn the_refresh_statement_matches_on_the_unique_columns_then_the_whole_row() {
+    fn the_refresh_statement_matches_on_the_unique_columns_and_upserts_what_differs() {
         let p = Partition {
             source: "\"public\".\"src\"".into(),
             source_oid: 1,
             key: "challenge_id".into(),
             key_type: "integer".into(),
             unique: vec!["challenge_id".into(), "lane".into()],
+            columns: vec!["challenge_id".into(), "lane".into(), "n".into()],
         };
         let sql = refresh_sql(&p, "\"public\".\"t\"", true);
         assert!(
@@ -379,7 +403,13 @@ mod tests {
             "{sql}"
         );
         assert!(
-            sql.contains("f.\"lane\" = t.\"lane\" AND f OPERATOR(pg_catalog.*=) t"),
+            sql.contains("o.\"lane\" = f.\"lane\" AND o OPERATOR(pg_catalog.*=) f"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains(
+                "ON CONFLICT (\"challenge_id\", \"lane\") DO UPDATE SET \"n\" = EXCLUDED.\"n\""
+            ),
             "{sql}"
         );
         let all = refresh_sql(&p, "\"public\".\"t\"", false);
