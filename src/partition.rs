@@ -5,8 +5,8 @@
 //! source restricted to keys K, whatever SQL it runs (percentiles, window functions partitioned
 //! by the key, HAVING, joins, CTEs), is exactly the part of the whole result with keys K.
 //!
-//! A refresh of keys K computes `source WHERE key = ANY(K) OR key IS NULL` once (a
-//! `MATERIALIZED` CTE), deletes the table's rows of those keys whose unique columns no computed
+//! A refresh of keys K computes `source WHERE key = ANY(K)` and `source WHERE key IS NULL` once
+//! (a `MATERIALIZED` CTE), deletes the table's rows of those keys whose unique columns no computed
 //! row has, and upserts the computed rows that no table row equals (`ON CONFLICT` on the unique
 //! columns: a changed row is updated in place, HOT when no indexed column changed), in one
 //! statement of the refresh's transaction: rows that did not change are not rewritten (no WAL,
@@ -312,9 +312,22 @@ pub fn refresh_sql(p: &Partition, target: &str, keyed: bool) -> String {
         )
     };
     // Whole-row references: `ROW(a.*) op ROW(b.*)` would be compared column by column.
+    // Two branches, each pushed into the source on its own: `key = ANY(…) OR key IS NULL` in
+    // one would keep an index on the key from being used.
+    let fresh = if keyed {
+        format!(
+            "SELECT * FROM {source} AS s WHERE s.{key} = ANY ($1::text[]::{kt}[])
+             UNION ALL
+             SELECT * FROM {source} AS s WHERE s.{key} IS NULL",
+            source = p.source,
+            kt = p.key_type
+        )
+    } else {
+        format!("SELECT * FROM {}", p.source)
+    };
     format!(
         "WITH fresh AS MATERIALIZED (
-             SELECT * FROM {source} AS s WHERE {rs}
+             {fresh}
          ), gone AS (
              DELETE FROM {target} AS t
              WHERE {rt} AND NOT EXISTS (SELECT FROM fresh AS f WHERE {ft})
@@ -328,8 +341,6 @@ pub fn refresh_sql(p: &Partition, target: &str, keyed: bool) -> String {
              RETURNING 1
          )
          SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM merged)",
-        source = p.source,
-        rs = restrict("s"),
         rt = restrict("t"),
         ro = restrict("o"),
         ft = same_key("f", "t"),
@@ -398,7 +409,7 @@ mod tests {
         let sql = refresh_sql(&p, "\"public\".\"t\"", true);
         assert!(
             sql.contains(
-                "s.\"challenge_id\" = ANY ($1::text[]::integer[]) OR s.\"challenge_id\" IS NULL"
+                "WHERE s.\"challenge_id\" = ANY ($1::text[]::integer[])\n             UNION ALL\n             SELECT * FROM \"public\".\"src\" AS s WHERE s.\"challenge_id\" IS NULL"
             ),
             "{sql}"
         );

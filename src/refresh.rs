@@ -258,6 +258,9 @@ async fn apply(
             let Some(p) = &view.partition else {
                 return Ok(());
             };
+            // JIT-compiling this statement costs more than running it (seconds at scale), and
+            // it is compiled again on every refresh.
+            tx.batch_execute("SET LOCAL jit = off").await?;
             let sql = crate::partition::refresh_sql(p, &view.target, keys.is_some());
             let row = match keys {
                 Some(keys) => tx.query_one(&sql, &[&keys]).await?,

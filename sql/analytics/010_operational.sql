@@ -1,4 +1,4 @@
--- mvrefresh bundled analytics, step 1 of 6: the operational tables and the indexes the analytics
+-- mvrefresh bundled analytics, step 1 of 7: the operational tables and the indexes the analytics
 -- need.
 --
 -- The operational tables belong to the application. They are created here only when missing (so

@@ -1,4 +1,4 @@
--- mvrefresh bundled analytics, step 2 of 6: the computations, written once.
+-- mvrefresh bundled analytics, step 2 of 7: the computations, written once.
 --
 -- Each analytic is a set-returning SQL function parameterised by an array of challenge ids
 -- (NULL = every challenge). The materialized views of step 3 are `SELECT * FROM f(NULL)`; the

@@ -1,4 +1,4 @@
--- mvrefresh bundled analytics, step 3 of 6: the materialized views (mode `concurrently` or
+-- mvrefresh bundled analytics, step 3 of 7: the materialized views (mode `concurrently` or
 -- `blocking`), each over a computation of step 2, each with the unique index REFRESH ...
 -- CONCURRENTLY needs.
 --

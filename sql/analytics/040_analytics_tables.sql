@@ -1,4 +1,4 @@
--- mvrefresh bundled analytics, step 4 of 6: the analytics tables (mode `incremental`) and their
+-- mvrefresh bundled analytics, step 4 of 7: the analytics tables (mode `incremental`) and their
 -- per-challenge refresh functions.
 --
 -- Each analytics_* table has exactly the columns (names, order, types) of its mv_* twin, and a

@@ -1,4 +1,4 @@
--- mvrefresh bundled analytics, step 5 of 6: change capture on bout_results.
+-- mvrefresh bundled analytics, step 6 of 7: change capture on bout_results.
 --
 -- A bout's winner feeds mv_time_to_first_win / analytics_time_to_first_win. When a statement on
 -- bout_results gives a bout a winner, changes or removes it, or deletes a bout that had one, the

@@ -1,4 +1,4 @@
--- mvrefresh bundled analytics, step 6 of 6: a sample-data generator for tests, demos and
+-- mvrefresh bundled analytics, step 7 of 7: a sample-data generator for tests, demos and
 -- benchmarks. It only defines functions; nothing runs at install.
 --
 --   SELECT analytics_generate_sample(1000000, 200, 5000);        -- about a minute on 2 cores

@@ -62,6 +62,10 @@ pub const ANALYTICS_SQL: &[(&str, &str)] = &[
         include_str!("../../sql/analytics/040_analytics_tables.sql"),
     ),
     (
+        "sql/analytics/045_analytics_sources.sql",
+        include_str!("../../sql/analytics/045_analytics_sources.sql"),
+    ),
+    (
         "sql/analytics/050_capture_bout_results.sql",
         ANALYTICS_CAPTURE_SQL,
     ),
