@@ -13,10 +13,11 @@ NAMES = {
     "mvrefresh_seedlike": "mvrefresh concurrently, seed settings",
     "mvrefresh_tuned": "mvrefresh concurrently, tuned",
     "mvrefresh_incremental": "mvrefresh incremental",
+    "mvrefresh_partitioned": "mvrefresh partitioned",
 }
 SCEN = {"burst": "bursts 50/20 s", "steady2": "steady 2/s", "steady20": "steady 20/s"}
 COLORS = {"pg_cron": "#c0392b", "mvrefresh_seedlike": "#e67e22", "mvrefresh_tuned": "#2980b9",
-          "mvrefresh_incremental": "#27ae60"}
+          "mvrefresh_incremental": "#27ae60", "mvrefresh_partitioned": "#8e44ad"}
 
 
 def main(path):
