@@ -86,7 +86,11 @@ fn incremental(mut config: mvrefresh::config::Config) -> mvrefresh::config::Conf
     for v in &mut config.views {
         if v.name.name.starts_with("analytics_") {
             v.mode = mvrefresh::config::Mode::Incremental;
-            v.function = Some(rel(v.name.name.replacen("analytics_", "analytics_refresh_", 1)));
+            v.function = Some(rel(v.name.name.replacen(
+                "analytics_",
+                "analytics_refresh_",
+                1,
+            )));
             v.source = None;
             v.key = None;
             if v.name.name == "analytics_weakness_patterns" {
