@@ -259,14 +259,8 @@ async fn check_view(
         fix,
     };
     let Some(mut r) = resolve(client, v.relation()).await? else {
-        let fix = if v.mode == Mode::Partitioned {
-            "run `mvrefresh install` (it creates the table from the source)"
-        } else if v.mode == Mode::Incremental {
-            "create the table (`mvrefresh install --analytics` for the bundled ones)"
-        } else {
-            "create the materialized view (`mvrefresh install --analytics` for the bundled ones) or fix `name`"
-        };
-        return Ok((None, vec![problem("does not exist".into(), fix.into())]));
+        let fix = missing_fix(v.mode).to_owned();
+        return Ok((None, vec![problem("does not exist".into(), fix)]));
     };
     let mut problems = Vec::new();
     let mut function = None;
@@ -279,16 +273,7 @@ async fn check_view(
             ));
         }
         Mode::Concurrently => {
-            let ok: bool = client
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM pg_index
-                      WHERE indrelid = $1 AND indisunique AND indisvalid
-                        AND indpred IS NULL AND indexprs IS NULL)",
-                    &[&r.oid],
-                )
-                .await?
-                .get(0);
-            if !ok {
+            if !has_unique_index(client, r.oid).await? {
                 problems.push(problem(
                     "has no usable unique index, which REFRESH MATERIALIZED VIEW CONCURRENTLY needs (a UNIQUE index on plain columns, without WHERE)".into(),
                     format!(
@@ -308,16 +293,10 @@ async fn check_view(
         Mode::Partitioned => match crate::partition::resolve(client, v, r.oid, &r.target).await? {
             Ok(p) => {
                 // Empty: never filled (or an empty source); everything is recomputed at start.
-                let filled: bool = client
-                    .query_one(&format!("SELECT EXISTS (SELECT FROM {})", r.target), &[])
-                    .await?
-                    .get(0);
-                r.populated = filled;
+                r.populated = has_rows(client, &r.target).await?;
                 partition = Some(p);
             }
-            Err(unfit) => {
-                problems.extend(unfit.into_iter().map(|u| problem(u.message, u.fix)));
-            }
+            Err(unfit) => problems.extend(unfit.into_iter().map(|u| problem(u.message, u.fix))),
         },
         Mode::Incremental => {
             // Validated at load: an incremental view names its function.
@@ -353,6 +332,44 @@ async fn check_view(
         }),
         problems,
     ))
+}
+
+/// What to do about a view of `mode` that does not exist.
+fn missing_fix(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Partitioned => "run `mvrefresh install` (it creates the table from the source)",
+        Mode::Incremental => {
+            "create the table (`mvrefresh install --analytics` for the bundled ones)"
+        }
+        Mode::Concurrently | Mode::Blocking => {
+            "create the materialized view (`mvrefresh install --analytics` for the bundled ones) or fix `name`"
+        }
+    }
+}
+
+/// Whether relation `oid` has a unique index on plain columns, without WHERE.
+async fn has_unique_index(
+    client: &impl GenericClient,
+    oid: u32,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_index
+              WHERE indrelid = $1 AND indisunique AND indisvalid
+                AND indpred IS NULL AND indexprs IS NULL)",
+            &[&oid],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Whether the relation `target` (quoted) has a row.
+async fn has_rows(
+    client: &impl GenericClient,
+    target: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let sql = format!("SELECT EXISTS (SELECT FROM {target})");
+    Ok(client.query_one(&sql, &[]).await?.get(0))
 }
 
 /// The quoted, schema-qualified name of the function `rel(text[])`, when it exists.
