@@ -16,9 +16,10 @@
 //! | [`tls`] | `sslmode`/`sslrootcert`/`sslcert`/`sslkey` → the one rustls connector (`tls/certs.rs`: PEM files, the weaker modes' verifiers) |
 //! | [`listener`] | the LISTEN connection: reconnect with backoff, heartbeat, a bounded inbox |
 //! | [`changelog`] | what a notification means (payloads of channels without capture) |
-//! | [`store`] | statements on mvrefresh's tables: collect, bounded reads, the hand-over guards, subscriptions, schema version, last successes |
+//! | [`store`] | every statement on mvrefresh's tables: collect, bounded reads, the hand-over guards, what a refresh consumes (`store/mod.rs`); history, last successes, the status rows (`store/history.rs`); schema version, captures, subscriptions, privileges (`store/schema.rs`); the pg_cron cursor (`store/cursor.rs`) |
 //! | [`debounce`] | per-key `quiet` / `max_wait` debouncing, bounded, aware of the hand-over horizon |
 //! | [`plan`] | resolving views in the catalog, dependency order |
+//! | [`partition`] | mode `partitioned`: a table kept equal to a source view per key (checks, the difference statement, the table `install` creates) |
 //! | [`refresh`] | one refresh transaction: lock, consume the guarded pending keys, refresh, record |
 //! | [`daemon`] | the main loop tying them together (`daemon/mod.rs`: wiring; `daemon/startup.rs`: what it reads before the loop; `daemon/supervisor.rs`: the background tasks, one token tree, ordered stop; `daemon/scheduler.rs`: each view's scheduling state, dispatch, next wake-up, waiting for the views it reads, propagation to the views that read it; `daemon/breaker.rs`: retry backoff, busy replica, the circuit breaker; `daemon/outcomes.rs`: starting a refresh and what its outcome does; `daemon/events.rs`: the alerts' wording; `daemon/intake.rs`: collects, catch-ups, guards, pruning, the inbox; `daemon/task.rs`: one refresh and its liveness watch; `daemon/isolate.rs`: splitting failed batches, quarantining a failing key; `daemon/health.rs`: staleness and listener alerts) |
 //! | [`alert`] | alert lifecycle per subject, typed subjects (`alert/mod.rs`); webhook delivery: queue, retries, signature (`alert/delivery.rs`) |
