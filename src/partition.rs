@@ -243,7 +243,7 @@ async fn pushdown(
     Ok(pushdown_problem(&plan[0]["Plan"], key))
 }
 
-/// The problem when the restriction (recognised by [`MARKER`]) is applied above a node that
+/// The problem when the restriction (recognised by its marker array) is applied above a node that
 /// reads rows, in an `EXPLAIN (FORMAT JSON)` plan.
 pub fn pushdown_problem(node: &serde_json::Value, key: &str) -> Option<Unfit> {
     let kind = node["Node Type"].as_str().unwrap_or("?");

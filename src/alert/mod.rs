@@ -33,7 +33,7 @@
 //!
 //! [`Alerts::send`] logs the alert and puts it on a bounded in-memory queue; it never waits.
 //! When the queue is full the oldest alert is dropped and counted
-//! ([`Stats::alerts_dropped`]). One background task (`deliver`) posts the queue in order:
+//! ([`crate::stats::Stats::alerts_dropped`]). One background task (`deliver`) posts the queue in order:
 //! each POST has `[alert] timeout`, failures (connection errors, timeouts, 429 and 5xx) are
 //! retried with jittered exponential backoff (`retry_min`..`retry_max`, `max_attempts` in all),
 //! then the alert is counted as failed and the next one is tried. Refreshes never wait for it.
