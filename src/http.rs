@@ -292,7 +292,7 @@ async fn status_json(State(s): State<AppState>, headers: HeaderMap) -> Response 
         Ok(Ok(Ok(mut st))) => {
             if authorised(&s.config, &headers) != Some(true) {
                 for v in &mut st.views {
-                    if let Some(e) = &mut v.last_error {
+                    if let Some(e) = &mut v.recorded.last_error {
                         *e = db::without_detail(e).into_owned();
                     }
                 }

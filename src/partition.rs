@@ -179,9 +179,9 @@ fn describe(cols: &[(String, String)]) -> String {
         .join(", ")
 }
 
-/// The columns of the table's unique index on plain columns (its primary key first, else the
-/// narrowest).
-async fn unique_columns(
+/// The columns of the relation's unique index on plain columns, without WHERE (its primary key
+/// first, else the narrowest); `None` when it has none.
+pub(crate) async fn unique_columns(
     client: &impl GenericClient,
     oid: u32,
 ) -> Result<Option<Vec<String>>, tokio_postgres::Error> {

@@ -273,7 +273,10 @@ async fn check_view(
             ));
         }
         Mode::Concurrently => {
-            if !has_unique_index(client, r.oid).await? {
+            if crate::partition::unique_columns(client, r.oid)
+                .await?
+                .is_none()
+            {
                 problems.push(problem(
                     "has no usable unique index, which REFRESH MATERIALIZED VIEW CONCURRENTLY needs (a UNIQUE index on plain columns, without WHERE)".into(),
                     format!(
@@ -345,22 +348,6 @@ fn missing_fix(mode: Mode) -> &'static str {
             "create the materialized view (`mvrefresh install --analytics` for the bundled ones) or fix `name`"
         }
     }
-}
-
-/// Whether relation `oid` has a unique index on plain columns, without WHERE.
-async fn has_unique_index(
-    client: &impl GenericClient,
-    oid: u32,
-) -> Result<bool, tokio_postgres::Error> {
-    let row = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_index
-              WHERE indrelid = $1 AND indisunique AND indisvalid
-                AND indpred IS NULL AND indexprs IS NULL)",
-            &[&oid],
-        )
-        .await?;
-    Ok(row.get(0))
 }
 
 /// Whether the relation `target` (quoted) has a row.

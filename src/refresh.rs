@@ -190,8 +190,8 @@ async fn run_transaction(
     })
 }
 
-/// Sets the transaction's timeouts and takes the view's lock (waiting for it when `request`
-/// says so); `false` when another session holds it. Remembers, server-side, when the refresh
+/// Sets the transaction's timeouts (and JIT off for a partitioned view) and takes the view's
+/// lock (waiting for it when `request` says so); `false` when another session holds it. Remembers, server-side, when the refresh
 /// started (once it holds the lock) for the history row.
 async fn lock(
     tx: &Transaction<'_>,
@@ -199,8 +199,15 @@ async fn lock(
     request: &Request,
     settings: &Settings,
 ) -> Result<bool, tokio_postgres::Error> {
+    // A partitioned refresh's statement: JIT-compiling it costs more than running it (seconds at
+    // scale), and it would be compiled again on every refresh.
+    let jit = if view.mode() == Mode::Partitioned {
+        "; SET LOCAL jit = off"
+    } else {
+        ""
+    };
     tx.batch_execute(&format!(
-        "SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
+        "SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}{jit}",
         settings.timeout.as_millis().max(1),
         settings.lock_timeout.as_millis().max(1)
     ))
@@ -258,9 +265,6 @@ async fn apply(
             let Some(p) = &view.partition else {
                 return Ok(());
             };
-            // JIT-compiling this statement costs more than running it (seconds at scale), and
-            // it is compiled again on every refresh.
-            tx.batch_execute("SET LOCAL jit = off").await?;
             let sql = crate::partition::refresh_sql(p, &view.target, keys.is_some());
             let row = match keys {
                 Some(keys) => tx.query_one(&sql, &[&keys]).await?,

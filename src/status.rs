@@ -14,15 +14,9 @@ use crate::store;
 pub struct ViewStatus {
     pub name: String,
     pub mode: String,
-    /// RFC 3339, UTC.
-    pub last_success: Option<String>,
-    pub last_duration_ms: Option<f64>,
-    pub last_error: Option<String>,
-    pub consecutive_failures: i64,
-    pub pending_keys: i64,
-    pub oldest_pending_age_seconds: Option<f64>,
-    /// RFC 3339, UTC: when the `schedule` backstop refreshes next (last success + schedule).
-    pub next_scheduled_refresh: Option<String>,
+    /// What the history and the pending keys say (its fields print at this level).
+    #[serde(flatten)]
+    pub recorded: store::RecordedState,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -58,16 +52,10 @@ pub async fn status(
         .iter()
         .zip(names)
         .zip(recorded)
-        .map(|((v, name), r)| ViewStatus {
+        .map(|((v, name), recorded)| ViewStatus {
             name,
             mode: v.mode.as_str().to_owned(),
-            last_success: r.last_success,
-            last_duration_ms: r.last_duration_ms,
-            last_error: r.last_error,
-            consecutive_failures: r.consecutive_failures,
-            pending_keys: r.pending_keys,
-            oldest_pending_age_seconds: r.oldest_pending_age_seconds,
-            next_scheduled_refresh: r.next_scheduled_refresh,
+            recorded,
         })
         .collect();
     Ok(Status { views })
@@ -88,19 +76,20 @@ pub fn render_table(status: &Status) -> String {
         "LAST ERROR"
     );
     for v in &status.views {
+        let r = &v.recorded;
         out.push_str(&format!(
             "{:<36} {:<13} {:<28} {:>10} {:>6} {:>8} {:>10} {:<28} {}\n",
             v.name,
             v.mode,
-            v.last_success.as_deref().unwrap_or("never"),
-            v.last_duration_ms
+            r.last_success.as_deref().unwrap_or("never"),
+            r.last_duration_ms
                 .map_or("-".into(), |d| format!("{d:.0}ms")),
-            v.consecutive_failures,
-            v.pending_keys,
-            v.oldest_pending_age_seconds
+            r.consecutive_failures,
+            r.pending_keys,
+            r.oldest_pending_age_seconds
                 .map_or("-".into(), |a| format!("{a:.1}s")),
-            v.next_scheduled_refresh.as_deref().unwrap_or("-"),
-            v.last_error.as_deref().unwrap_or("")
+            r.next_scheduled_refresh.as_deref().unwrap_or("-"),
+            r.last_error.as_deref().unwrap_or("")
         ));
     }
     out

@@ -152,23 +152,10 @@ BEGIN
     END IF;
     LOCK TABLE analytics_weakness_patterns IN SHARE ROW EXCLUSIVE MODE;
     WITH fresh AS MATERIALIZED (
-        -- The same projection as mv_weakness_patterns, over the analytics distribution.
-        SELECT st.agent_id,
-               st.challenge_id,
-               st.lane_key,
-               st.attempt_count,
-               st.avg_score,
-               st.min_score,
-               st.max_score,
-               st.score_trend_slope,
-               analytics_performance_category(st.avg_score, d.p25, d.p50, d.p75) AS performance_category,
-               d.p25 AS challenge_p25,
-               d.p50 AS challenge_p50,
-               d.p75 AS challenge_p75
-        FROM analytics_compute_agent_lane_stats(ids) AS st
-        JOIN analytics_lane_score_distribution AS d
-          ON d.challenge_id = st.challenge_id AND d.lane_key = st.lane_key
-        WHERE (ids IS NULL OR d.challenge_id = ANY (ids))
+        -- The same projection as mv_weakness_patterns, over the analytics distribution: the
+        -- source of mode `partitioned` (045_analytics_sources.sql, installed with this file).
+        SELECT * FROM analytics_weakness_patterns_v AS w
+        WHERE ids IS NULL OR w.challenge_id = ANY (ids)
     ), gone AS (
         DELETE FROM analytics_weakness_patterns AS t
         WHERE (ids IS NULL OR t.challenge_id = ANY (ids))

@@ -92,7 +92,7 @@ pub async fn record_failure(
 }
 
 /// What the history and the pending keys say of one view (see [`recorded_states`]).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct RecordedState {
     /// RFC 3339, UTC.
     pub last_success: Option<String>,

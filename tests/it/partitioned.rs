@@ -54,6 +54,27 @@ unique = ["id"]
 channels = ["submission_scored"]
 "#;
 
+/// `per` scored rows (scores 1 to `per`) in each of the challenges 1 to `challenges`.
+fn scored(challenges: i32, per: i32) -> String {
+    format!(
+        "INSERT INTO submissions (challenge_id, status, score)
+         SELECT ch, 'scored', g FROM generate_series(1, {challenges}) ch, generate_series(1, {per}) g"
+    )
+}
+
+/// A database with the sources, rows written by `seed`, and mvrefresh installed with [`CONFIG`]
+/// (the partitioned tables created, empty).
+async fn setup(seed: &str) -> (harness::TestDb, Client, mvrefresh::config::Config) {
+    let db = Cluster::shared().create_db().await;
+    let c = db.client().await;
+    c.batch_execute(harness::SCHEMA).await.unwrap();
+    c.batch_execute(SOURCES).await.unwrap();
+    c.batch_execute(seed).await.unwrap();
+    let config = harness::config(&db.url, CONFIG);
+    harness::install(&config).await;
+    (db, c, config)
+}
+
 /// Whether `table` holds exactly the rows of `source` (as multisets).
 async fn equal(c: &Client, table: &str, source: &str) -> bool {
     let sql = format!(
@@ -154,16 +175,8 @@ async fn random_change(c: &Client, rng: &mut Lcg) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_tables_stay_equal_to_their_sources_under_random_changes() {
-    let db = Cluster::shared().create_db().await;
-    let c = db.client().await;
-    c.batch_execute(harness::SCHEMA).await.unwrap();
-    c.batch_execute(SOURCES).await.unwrap();
     // Rows before the tables exist: the first refresh fills them.
-    for ch in 1..=5 {
-        harness::score(&c, ch, 8).await;
-    }
-    let config = harness::config(&db.url, CONFIG);
-    harness::install(&config).await;
+    let (_db, c, config) = setup(&scored(5, 8)).await;
     // The daemon's sessions and this one are in different time zones.
     c.batch_execute("SET TIME ZONE 'Pacific/Auckland'")
         .await
@@ -195,19 +208,11 @@ async fn partitioned_tables_stay_equal_to_their_sources_under_random_changes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_that_did_not_change_are_not_rewritten() {
-    let db = Cluster::shared().create_db().await;
-    let c = db.client().await;
-    c.batch_execute(harness::SCHEMA).await.unwrap();
-    c.batch_execute(SOURCES).await.unwrap();
-    c.execute(
+    let (_db, c, config) = setup(
         "INSERT INTO submissions (challenge_id, status, score, team_id)
          VALUES (7, 'scored', 10, 1), (7, 'scored', 20, 2)",
-        &[],
     )
-    .await
-    .unwrap();
-    let config = harness::config(&db.url, CONFIG);
-    harness::install(&config).await;
+    .await;
     let daemon = Daemon::start(config);
     daemon.wait_listening().await;
     harness::wait_for("the tables filled", || both_equal(&c)).await;
@@ -320,15 +325,7 @@ async fn a_partitioned_view_waits_for_the_views_its_source_reads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pg_cron_backstop_job_recomputes_the_whole_table() {
-    let db = Cluster::shared().create_db().await;
-    let c = db.client().await;
-    c.batch_execute(harness::SCHEMA).await.unwrap();
-    c.batch_execute(SOURCES).await.unwrap();
-    for ch in 1..=3 {
-        harness::score(&c, ch, 4).await;
-    }
-    let config = harness::config(&db.url, CONFIG);
-    harness::install(&config).await;
+    let (_db, c, config) = setup(&scored(3, 4)).await;
     assert!(!both_equal(&c).await, "install leaves the tables empty");
     for v in &config.views {
         c.batch_execute(&mvrefresh::pgcron::job_command(v))
@@ -340,15 +337,7 @@ async fn the_pg_cron_backstop_job_recomputes_the_whole_table() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_refreshes_only_the_keys_it_is_given() {
-    let db = Cluster::shared().create_db().await;
-    let c = db.client().await;
-    c.batch_execute(harness::SCHEMA).await.unwrap();
-    c.batch_execute(SOURCES).await.unwrap();
-    for ch in 1..=3 {
-        harness::score(&c, ch, 4).await;
-    }
-    let config = harness::config(&db.url, CONFIG);
-    harness::install(&config).await;
+    let (db, c, _) = setup(&scored(3, 4)).await;
     let text = format!(
         "[database]\nurl = \"{}\"\n{CONFIG}\n[[view]]\nname = \"mv_counts\"\nmode = \"concurrently\"\n",
         db.url
