@@ -221,6 +221,15 @@ def summarize(r):
             row["daemon_refreshes"] = refr
             row["daemon_failed_refreshes"] = sum(x["daemon"].get("failed_refreshes") or 0 for x in xs if x.get("daemon"))
             row["daemon_cpu_s"] = [x["daemon"].get("cpu_s") for x in xs if x.get("daemon")]
+            dec = [x["daemon"].get("decoder_cpu_s") for x in xs if x.get("daemon") and x["daemon"].get("decoder_cpu_s") is not None]
+            if dec:
+                row["decoder_cpu_s"] = dec
+                txns = [x["tps"] * r["settings"]["secs"] for x in xs if x.get("tps")]
+                if txns and sum(txns):
+                    row["decoder_us_per_txn"] = sum(dec) * 1e6 / sum(txns)
+        wal = [(x["wal_bytes"], x["tps"] * r["settings"]["secs"]) for x in xs if x.get("wal_bytes") is not None and x.get("tps")]
+        if wal and sum(t for _, t in wal):
+            row["wal_bytes_per_txn"] = sum(b for b, _ in wal) / sum(t for _, t in wal)
         rows.append(row)
     base = {(x["condition"], x["workload"]): x["median_tps"] for x in rows if x["contender"] == "none"}
     for x in rows:
@@ -289,6 +298,8 @@ def report(path, update=False):
       f"{m['memory_gib']} GiB, kernel {m['kernel']}, PostgreSQL {m['postgresql']}; load average at start "
       f"{m['loadavg_start']}, at the end {m['loadavg_end']}.")
     p("")
+    p(f"Cluster: `wal_level = {s.get('wal_level', 'replica')}` for every contender.")
+    p("")
     p(f"pgbench `-M prepared -c {s['clients']} -j {s['threads']} -T {s['secs']}`, {s['rounds']} rounds "
       f"interleaved per workload (each round: {', '.join(r['contenders'] + (['capture+daemon'] if r.get('daemon', {}).get('enabled') else []))}); "
       f"median TPS, ratio to `none`. Each contender has a database of its own, cloned from one template "
@@ -339,6 +350,10 @@ def report(path, update=False):
             if "daemon_refreshes_median" in x:
                 notes.append(f"daemon refreshes/run {', '.join(str(v) for v in x['daemon_refreshes'])}"
                              + (f" ({x['daemon_failed_refreshes']} failed)" if x["daemon_failed_refreshes"] else ""))
+            if x.get("wal_bytes_per_txn"):
+                notes.append(f"WAL {x['wal_bytes_per_txn']:,.0f} B/txn")
+            if x.get("decoder_us_per_txn"):
+                notes.append(f"decoder {x['decoder_us_per_txn']:.0f} µs/txn (CPU s/run {', '.join(f(v, 1) for v in x['decoder_cpu_s'])})")
             if x["failed"]:
                 notes.append(f"{x['failed']} failed transactions")
             if x["aborted"]:

@@ -12,6 +12,7 @@
 DO $uninstall$
 DECLARE
     t record;
+    p record;
 BEGIN
     FOR t IN
         SELECT tg.tgrelid::regclass AS rel, tg.tgname
@@ -23,6 +24,15 @@ BEGIN
     IF to_regprocedure('mvrefresh_capture_bout_results()') IS NOT NULL THEN
         DROP FUNCTION mvrefresh_capture_bout_results();
     END IF;
+    -- Logical captures: their publications, and their slots in this database (a capture
+    -- whose `slot` was named without the mvrefresh_ prefix: drop it by hand with
+    -- pg_drop_replication_slot).
+    FOR p IN SELECT pubname FROM pg_publication WHERE pubname LIKE 'mvrefresh\_%' LOOP
+        EXECUTE format('DROP PUBLICATION %I', p.pubname);
+    END LOOP;
+    PERFORM pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+    WHERE database = current_database() AND plugin = 'pgoutput'
+      AND slot_name LIKE 'mvrefresh\_%';
     IF to_regclass('cron.job') IS NOT NULL THEN
         PERFORM cron.unschedule(jobid) FROM cron.job
         WHERE jobname LIKE 'mvrefresh:%' AND database = current_database();

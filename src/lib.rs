@@ -15,6 +15,7 @@
 //! | [`db`] | reaching PostgreSQL: URL, timeouts, the refresh pool, primary check |
 //! | [`tls`] | `sslmode`/`sslrootcert`/`sslcert`/`sslkey` → the one rustls connector (`tls/certs.rs`: PEM files, the weaker modes' verifiers) |
 //! | [`listener`] | the LISTEN connection: reconnect with backoff, heartbeat, a bounded inbox |
+//! | [`logical`] | capture with no trigger: publication and slot (`logical/mod.rs`), the daemon's reader of the slot (`logical/reader.rs`), pgoutput's messages (`logical/pgoutput.rs`) |
 //! | [`changelog`] | what a notification means (payloads of channels without capture) |
 //! | [`store`] | every statement on mvrefresh's tables: collect, bounded reads, the hand-over guards, what a refresh consumes (`store/mod.rs`); history, last successes, the status rows (`store/history.rs`); schema version, captures, subscriptions, privileges (`store/schema.rs`); the pg_cron cursor (`store/cursor.rs`) |
 //! | [`debounce`] | per-key `quiet` / `max_wait` debouncing, bounded, aware of the hand-over horizon |
@@ -52,6 +53,7 @@ pub mod debounce;
 pub mod http;
 pub mod install;
 pub mod listener;
+pub mod logical;
 pub mod partition;
 pub mod pgcron;
 pub mod plan;

@@ -104,6 +104,10 @@ pub struct Stats {
     pub pg_cron_failed_runs: Counter,
     /// Polls of `cron.job_run_details` completed.
     pub pg_cron_polls: Counter,
+    /// Messages decoded from logical captures' slots.
+    pub logical_messages: Counter,
+    /// Write-ahead log each logical capture's slot holds back, in bytes, by slot.
+    pub slots_retained: Mutex<std::collections::BTreeMap<String, i64>>,
     /// Set once start-up is complete and the main loop runs; cleared at shutdown.
     pub ready: Flag,
     pub views: Mutex<Vec<ViewGauges>>,

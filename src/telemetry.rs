@@ -21,6 +21,8 @@
 //! | `mvrefresh_collected_keys_total` | counter | | dirty keys taken from the capture (one per key and collect, whatever the rows written) |
 //! | `mvrefresh_alerts_sent_total`, `_failed_total`, `_dropped_total` | counter | | alert deliveries |
 //! | `mvrefresh_pg_cron_failed_runs_total` | counter | | failed pg_cron runs seen |
+//! | `mvrefresh_logical_messages_total` | counter | | messages decoded from logical captures' slots |
+//! | `mvrefresh_slot_retained_bytes` | gauge | slot | write-ahead log a logical capture's slot holds back |
 //! | `mvrefresh_http_connections` | gauge | | connections open to the admin server |
 //! | `mvrefresh_http_refused_total` | counter | | admin connections refused (`[http] max_connections` open) |
 //! | `mvrefresh_build_info` | gauge | version | always 1 |
@@ -368,6 +370,24 @@ fn instruments(meter: &Meter, stats: Arc<Stats>) -> Metrics {
         "Failed pg_cron job runs seen",
         |s| s.pg_cron_failed_runs.get(),
     );
+    counter(
+        "mvrefresh.logical.messages",
+        "Messages decoded from logical captures' replication slots",
+        |s| s.logical_messages.get(),
+    );
+    let slots = stats.clone();
+    meter
+        .f64_observable_gauge("mvrefresh.slot.retained")
+        .with_description("Write-ahead log a logical capture's replication slot holds back")
+        .with_unit("By")
+        .with_callback(move |o| {
+            if let Ok(slots) = slots.slots_retained.lock() {
+                for (slot, bytes) in slots.iter() {
+                    o.observe(*bytes as f64, &[KeyValue::new("slot", slot.clone())]);
+                }
+            }
+        })
+        .build();
     meter
         .u64_observable_gauge("mvrefresh.build.info")
         .with_description("Build information (always 1)")

@@ -27,6 +27,8 @@
 //! | `listener` | `listener_down` | `listener_recovered` |
 //! | `pg_cron_job:<j>` | `pg_cron_job_late` | `pg_cron_job_recovered` |
 //! | `pg_cron_run:<runid>` | `pg_cron_job_failed` (event) | — |
+//! | `slot:<s>` | `slot_lost` (event) | — |
+//! | `slot_lag:<s>` | `slot_lagging` | `slot_recovered` |
 //! | `test` | `test` (`mvrefresh check --test-alert`) | — |
 //!
 //! # Delivery
@@ -100,6 +102,9 @@ pub enum Kind {
     PgCronJobFailed,
     PgCronJobLate,
     PgCronJobRecovered,
+    SlotLost,
+    SlotLagging,
+    SlotRecovered,
     Test,
 }
 
@@ -117,6 +122,9 @@ impl Kind {
             Kind::PgCronJobFailed => "pg_cron_job_failed",
             Kind::PgCronJobLate => "pg_cron_job_late",
             Kind::PgCronJobRecovered => "pg_cron_job_recovered",
+            Kind::SlotLost => "slot_lost",
+            Kind::SlotLagging => "slot_lagging",
+            Kind::SlotRecovered => "slot_recovered",
             Kind::Test => "test",
         }
     }
@@ -127,7 +135,8 @@ impl Kind {
             | Kind::CircuitClosed
             | Kind::ViewFresh
             | Kind::ListenerRecovered
-            | Kind::PgCronJobRecovered => AlertStatus::Resolved,
+            | Kind::PgCronJobRecovered
+            | Kind::SlotRecovered => AlertStatus::Resolved,
             Kind::Test => AlertStatus::Test,
             _ => AlertStatus::Firing,
         }
@@ -180,6 +189,10 @@ pub enum Subject {
     PgCronJob(String),
     /// One failed pg_cron run.
     PgCronRun(i64),
+    /// A logical capture's replication slot, lost and created again.
+    Slot(String),
+    /// The write-ahead log a logical capture's replication slot holds back.
+    SlotLag(String),
     /// `check --test-alert`.
     Test,
 }
@@ -194,6 +207,8 @@ impl std::fmt::Display for Subject {
             Subject::Listener => f.write_str("listener"),
             Subject::PgCronJob(j) => write!(f, "pg_cron_job:{j}"),
             Subject::PgCronRun(r) => write!(f, "pg_cron_run:{r}"),
+            Subject::Slot(s) => write!(f, "slot:{s}"),
+            Subject::SlotLag(s) => write!(f, "slot_lag:{s}"),
             Subject::Test => f.write_str("test"),
         }
     }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use tokio_postgres::GenericClient;
 
-use crate::config::{CaptureConfig, Config};
+use crate::config::{CaptureConfig, CaptureMethod, Config};
 use crate::db::Db;
 use crate::plan::{Plan, PlanError};
 use crate::tls::SslMode;
@@ -255,7 +255,12 @@ pub async fn check(
         Err(e) => report.say(false, e.to_string()),
     }
     for c in &config.captures {
-        check_capture(client, c, installed, &mut report).await?;
+        match c.method {
+            CaptureMethod::Trigger => check_capture(client, c, installed, &mut report).await?,
+            CaptureMethod::Logical => {
+                check_logical_capture(client, c, installed, &mut report).await?
+            }
+        }
     }
     if installed {
         check_leftovers(client, config, &mut report).await?;
@@ -371,6 +376,87 @@ async fn check_capture(
                 "capture {name} on {table}: {found} of {} triggers installed and enabled; fix: run `mvrefresh install`",
                 names.len()
             ),
+        );
+    }
+    Ok(())
+}
+
+/// A logical capture: the server decodes (`wal_level`), the daemon's role may read slots, and
+/// the publication, replica identity, slot and registration are there and current.
+async fn check_logical_capture(
+    client: &impl GenericClient,
+    c: &CaptureConfig,
+    installed: bool,
+    report: &mut Report,
+) -> Result<(), tokio_postgres::Error> {
+    let (name, table, slot) = (&c.name, &c.table, c.slot_name());
+    let row = client
+        .query_one(
+            "SELECT current_setting('wal_level'),
+                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
+                    (SELECT relreplident::text FROM pg_class WHERE oid = to_regclass($1)),
+                    EXISTS (SELECT FROM pg_publication_rel AS pr
+                            JOIN pg_publication AS p ON p.oid = pr.prpubid
+                            WHERE p.pubname = $2 AND pr.prrelid = to_regclass($1)),
+                    (SELECT coalesce(wal_status, 'unknown') FROM pg_replication_slots
+                     WHERE slot_name = $3 AND database = current_database())",
+            &[&table.quoted(), &c.publication_name(), &slot],
+        )
+        .await?;
+    let wal_level: String = row.get(0);
+    let can_read: Option<bool> = row.get(1);
+    let identity: Option<String> = row.get(2);
+    let published: bool = row.get(3);
+    let wal_status: Option<String> = row.get(4);
+    let mut ok = true;
+    let mut problem = |text: String| {
+        ok = false;
+        report.say(
+            false,
+            format!("capture {name} on {table} (logical): {text}"),
+        );
+    };
+    if wal_level != "logical" {
+        problem(format!(
+            "wal_level is {wal_level}; fix: ALTER SYSTEM SET wal_level = logical and restart              PostgreSQL (Amazon RDS/Aurora: rds.logical_replication = 1; Cloud SQL:              cloudsql.logical_decoding = on; Azure: wal_level = logical)"
+        ));
+    }
+    if can_read != Some(true) {
+        problem(
+            "the daemon's role may not read replication slots; fix: ALTER ROLE <role>              REPLICATION (Amazon RDS: GRANT rds_replication TO <role>)"
+                .to_owned(),
+        );
+    }
+    if identity.as_deref() != Some("f") {
+        problem(
+            "the table's replica identity is not FULL (old keys of moved and deleted rows              are unknown); fix: run `mvrefresh install`"
+                .to_owned(),
+        );
+    }
+    if !published {
+        problem(format!(
+            "publication {} does not hold the table; fix: run `mvrefresh install`",
+            c.publication_name()
+        ));
+    }
+    match wal_status.as_deref() {
+        None => problem(format!(
+            "replication slot {slot} is missing in this database; fix: run `mvrefresh install`              (the daemon also creates it, marking every key dirty)"
+        )),
+        Some("lost") => problem(format!(
+            "replication slot {slot} is lost (PostgreSQL removed write-ahead log it needed);              fix: run `mvrefresh install` or start the daemon: it is created again and every              key marked dirty"
+        )),
+        Some(_) => {}
+    }
+    let current = installed
+        && crate::store::capture_is_current(client, name, &crate::install::fingerprint(c)).await?;
+    if !current {
+        problem("not installed from this configuration; fix: run `mvrefresh install`".to_owned());
+    }
+    if ok {
+        report.say(
+            true,
+            format!("capture {name} on {table} (logical, slot {slot}) installed and current"),
         );
     }
     Ok(())

@@ -36,6 +36,10 @@ pub async fn execute(
     let mut client = db.connect_simple("mvrefresh-install").await?;
     db.ensure_primary(&client).await?;
     install::run(&mut client, &steps).await?;
+    // Slots are not transactional, and one cannot be created in a transaction that wrote.
+    for line in crate::logical::after_install(&client, &config, prune).await? {
+        println!("{line}");
+    }
     println!(
         "installed into {}: mvrefresh schema{}, {} capture(s), {} view subscription(s)",
         db.target(),

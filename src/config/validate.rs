@@ -118,6 +118,7 @@ impl Config {
     fn validate_captures(&self) -> Result<(), (String, String)> {
         let err = |key: &str, msg: &str| Err((key.to_owned(), msg.to_owned()));
         let mut capture_names = BTreeSet::new();
+        let mut slots = BTreeSet::new();
         for (i, c) in self.captures.iter().enumerate() {
             let at = |field: &str| format!("capture[{i}].{field}");
             if !is_simple_name(&c.name) {
@@ -138,6 +139,36 @@ impl Config {
             }
             if c.when.as_deref().is_some_and(|w| w.trim().is_empty()) {
                 return err(&at("when"), "is empty; leave it out to capture every row");
+            }
+            if c.method == CaptureMethod::Trigger {
+                if c.slot.is_some() {
+                    return err(&at("slot"), "is only used with method = \"logical\"");
+                }
+                continue;
+            }
+            let slot = c.slot_name();
+            if slot.is_empty()
+                || slot.len() > 63
+                || !slot
+                    .chars()
+                    .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_')
+            {
+                return err(
+                    &at("slot"),
+                    &format!(
+                        "`{slot}` is not a replication slot name (1 to 63 lower-case letters, \
+                         digits and underscores)"
+                    ),
+                );
+            }
+            if !slots.insert(slot.clone()) {
+                return err(&at("slot"), &format!("`{slot}` is used by two captures"));
+            }
+            if c.poll_interval < Duration::from_millis(10) {
+                return err(&at("poll_interval"), "must be at least 10ms");
+            }
+            if c.max_retained_wal_mb == 0 {
+                return err(&at("max_retained_wal_mb"), "must be at least 1");
             }
         }
         Ok(())

@@ -323,8 +323,8 @@ impl Daemon {
         self.drain_refreshes().await;
     }
 
-    /// Starts the listener and the pg_cron watch in the intake stage; returns the listener's
-    /// events.
+    /// Starts the listener, the logical captures' readers and the pg_cron watch in the intake
+    /// stage; returns the listener's events.
     fn start_intake(&mut self) -> mpsc::Receiver<ListenerEvent> {
         let (listener_tx, listener_rx) = mpsc::channel(16);
         let captured = self
@@ -349,6 +349,21 @@ impl Daemon {
             },
             self.tasks.intake.token(),
         ));
+        for capture in &self.config.captures {
+            if capture.method != crate::config::CaptureMethod::Logical {
+                continue;
+            }
+            self.tasks.intake.spawn(crate::logical::reader::run(
+                crate::logical::reader::Wiring {
+                    db: self.db.clone(),
+                    capture: capture.clone(),
+                    alerts: self.alerts.clone(),
+                    tracker: Tracker::new(self.config.alert.repeat_after, self.replica.clone()),
+                    stats: self.stats.clone(),
+                },
+                self.tasks.intake.token(),
+            ));
+        }
         if self.config.pg_cron.watch {
             self.tasks.intake.spawn(crate::pgcron::watch(
                 self.db.clone(),

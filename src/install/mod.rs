@@ -29,7 +29,7 @@
 
 use tokio_postgres::Client;
 
-use crate::config::{CaptureConfig, Config};
+use crate::config::{CaptureConfig, CaptureMethod, Config};
 use crate::db::LOCK_NAMESPACE;
 use crate::sql::{ident, literal};
 
@@ -116,7 +116,10 @@ pub fn script(config: &Config, options: Options) -> Vec<Step> {
     for (i, c) in config.captures.iter().enumerate() {
         steps.push(Step {
             name: format!("capture[{i}] ({})", c.name),
-            sql: capture_sql(c),
+            sql: match c.method {
+                CaptureMethod::Trigger => capture_sql(c),
+                CaptureMethod::Logical => crate::logical::install_sql(c),
+            },
         });
     }
     if options.prune {
@@ -372,6 +375,7 @@ BEGIN
     END IF;
 END
 $mvrefresh$;
+DROP PUBLICATION IF EXISTS {publication};
 COMMENT ON FUNCTION {f_row}() IS {comment};
 REVOKE ALL ON FUNCTION {f_row}(), {f_trunc}(), {f_clean}({table}, {table}),
     {f_clean_old}({table}, {table}), {f_keys}({table}, {table}) FROM PUBLIC;
@@ -383,6 +387,7 @@ ON CONFLICT (name) DO UPDATE
     WHERE (mvrefresh.capture.table_name, mvrefresh.capture.channel, mvrefresh.capture.fingerprint)
           IS DISTINCT FROM (EXCLUDED.table_name, EXCLUDED.channel, EXCLUDED.fingerprint);
 "#,
+        publication = ident(&c.publication_name()),
         t_row_lit = literal(&t_row),
         t_trunc_lit = literal(&t_trunc),
         f_row_lit = literal(&f_row),
@@ -406,6 +411,12 @@ pub fn fingerprint(c: &CaptureConfig) -> String {
         c.columns,
         TRIGGER_TEMPLATE_VERSION
     );
+    // A logical capture's differs from the trigger capture of the same definition (a trigger
+    // capture's is what it was before there were two methods).
+    let definition = match c.method {
+        CaptureMethod::Trigger => definition,
+        CaptureMethod::Logical => format!("{definition}\u{0}logical"),
+    };
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in definition.bytes() {
         hash ^= u64::from(byte);
@@ -440,6 +451,7 @@ BEGIN
         LOOP
             EXECUTE format('DROP FUNCTION %s', f.fn);
         END LOOP;
+        EXECUTE format('DROP PUBLICATION IF EXISTS %I', 'mvrefresh_' || c.name);
         DELETE FROM mvrefresh.capture WHERE name = c.name;
     END LOOP;
 END

@@ -15,11 +15,26 @@ fn fingerprint_changes_with_the_capture() {
         key: "k".into(),
         when: None,
         columns: vec!["a".into()],
+        ..trigger_defaults()
     };
     let mut d = c.clone();
     d.columns.push("b".into());
     assert_ne!(fingerprint(&c), fingerprint(&d));
     assert_eq!(fingerprint(&c), fingerprint(&c.clone()));
+    let mut logical = c.clone();
+    logical.method = CaptureMethod::Logical;
+    assert_ne!(fingerprint(&c), fingerprint(&logical));
+}
+
+/// What a `[[capture]]` that names only the required keys gets.
+fn trigger_defaults() -> CaptureConfig {
+    toml::from_str(
+        r#"name = "d"
+table = "t"
+channel = "c"
+key = "k""#,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -44,6 +59,7 @@ fn capture_sql_quotes_configured_names() {
         key: "k\"ey".into(),
         when: None,
         columns: vec!["a\"b".into()],
+        ..trigger_defaults()
     };
     assert!(trigger_name(&c).len() + "_truncate".len() <= 63);
     let sql = capture_sql(&c);
@@ -55,4 +71,34 @@ fn capture_sql_quotes_configured_names() {
     );
     assert!(sql.contains("n.\"k\"\"ey\"::text"), "{sql}");
     assert!(sql.contains("ARRAY['k\"ey', 'a\"b']"), "{sql}");
+}
+
+#[test]
+fn logical_capture_sql_quotes_configured_names() {
+    let c = CaptureConfig {
+        name: "Odd".into(),
+        table: Relation::parse("\"Odd\"\"Table\"").unwrap(),
+        channel: "it's".into(),
+        key: "k".into(),
+        when: Some("status = 'scored'".into()),
+        columns: vec![],
+        method: CaptureMethod::Logical,
+        ..trigger_defaults()
+    };
+    let sql = crate::logical::install_sql(&c);
+    assert!(
+        sql.contains("ALTER TABLE \"Odd\"\"Table\" REPLICA IDENTITY FULL"),
+        "{sql}"
+    );
+    assert!(
+        sql.contains(
+            "CREATE PUBLICATION \"mvrefresh_Odd\" FOR TABLE \"Odd\"\"Table\" WHERE (status = 'scored')"
+        ),
+        "{sql}"
+    );
+    assert!(
+        sql.contains("VALUES ('Odd', '\"Odd\"\"Table\"'::regclass, 'it''s',"),
+        "{sql}"
+    );
+    assert_eq!(c.slot_name(), "mvrefresh_odd");
 }

@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 
 static SHARED: OnceLock<Cluster> = OnceLock::new();
+static LOGICAL: OnceLock<Cluster> = OnceLock::new();
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// How long any wait may take before the test fails (a bound for failure, not a speed claim).
@@ -88,6 +89,12 @@ impl Cluster {
         SHARED.get_or_init(Cluster::new)
     }
 
+    /// The cluster shared by the logical capture's tests: creating a replication slot waits
+    /// for every transaction of the cluster to end, which the other tests hold open at will.
+    pub fn logical() -> &'static Cluster {
+        LOGICAL.get_or_init(Cluster::new)
+    }
+
     /// A new cluster of its own (for tests that stop or restart the server).
     pub fn new() -> Cluster {
         Cluster::create(None)
@@ -146,7 +153,8 @@ impl Cluster {
             "\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
              fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
              max_connections = 200\nshared_buffers = 64MB\nlog_min_messages = warning\n\
-             track_functions = all\nlog_line_prefix = '%m [%p] %a '\n",
+             track_functions = all\nlog_line_prefix = '%m [%p] %a '\n\
+             wal_level = logical\nmax_replication_slots = 20\n",
             cluster.dir.display()
         );
         if cron {
@@ -607,6 +615,9 @@ pub async fn install(config: &Config) {
     mvrefresh::install::run(&mut client, &steps)
         .await
         .unwrap_or_else(|e| panic!("install: {e}"));
+    mvrefresh::logical::after_install(&client, config, false)
+        .await
+        .unwrap_or_else(|e| panic!("install (slots): {e}"));
 }
 
 /// Daemon logs in test output (captured per test by the harness); `RUST_LOG` sets the level.

@@ -14,6 +14,7 @@ mod faults;
 mod handover;
 mod harness;
 mod hostile;
+mod logical;
 mod observe;
 mod partitioned;
 mod proxy;

@@ -1,0 +1,217 @@
+use super::pgoutput::{Message, Value};
+use super::*;
+
+fn t(s: &str) -> Value {
+    Value::Text(s.as_bytes().to_vec())
+}
+
+/// Columns: id, challenge_id (the key), score (compared), note (not compared).
+fn extractor() -> Extractor {
+    let mut x = Extractor::new(
+        "challenge_id",
+        Some(vec!["challenge_id".into(), "score".into()]),
+    );
+    let mut b = Batch::default();
+    x.apply(
+        Message::Relation {
+            oid: 1,
+            columns: ["id", "challenge_id", "score", "note"]
+                .map(String::from)
+                .to_vec(),
+        },
+        &mut b,
+    );
+    x
+}
+
+fn update(old: [Value; 4], new: [Value; 4]) -> Message {
+    Message::Update {
+        oid: 1,
+        old: Some(old.to_vec()),
+        key_only: false,
+        new: new.to_vec(),
+    }
+}
+
+#[test]
+fn inserts_deletes_and_updates_that_matter_mark_their_keys() {
+    let mut x = extractor();
+    let mut b = Batch::default();
+    x.apply(
+        Message::Insert {
+            oid: 1,
+            new: vec![t("1"), t("7"), t("10"), Value::Null],
+        },
+        &mut b,
+    );
+    x.apply(
+        Message::Delete {
+            oid: 1,
+            old: vec![t("2"), t("8"), t("10"), Value::Null],
+            key_only: false,
+        },
+        &mut b,
+    );
+    // Re-scored: its key.
+    x.apply(
+        update(
+            [t("3"), t("9"), t("1"), Value::Null],
+            [t("3"), t("9"), t("2"), Value::Null],
+        ),
+        &mut b,
+    );
+    // Moved to another key: both.
+    x.apply(
+        update(
+            [t("4"), t("11"), t("1"), Value::Null],
+            [t("4"), t("12"), t("1"), Value::Null],
+        ),
+        &mut b,
+    );
+    x.apply(Message::Commit { end: 42 }, &mut b);
+    assert_eq!(b.keys(), ["11", "12", "7", "8", "9"]);
+    assert_eq!(b.advance_to, Some(42));
+}
+
+#[test]
+fn an_update_of_columns_that_do_not_matter_marks_nothing() {
+    let mut x = extractor();
+    let mut b = Batch::default();
+    x.apply(
+        update(
+            [t("3"), t("9"), t("1"), t("a")],
+            [t("3"), t("9"), t("1"), t("b")],
+        ),
+        &mut b,
+    );
+    // A TOASTed value the update did not touch is unchanged.
+    x.apply(
+        update(
+            [t("3"), t("9"), t("1"), t("a")],
+            [t("3"), t("9"), Value::Unchanged, t("c")],
+        ),
+        &mut b,
+    );
+    assert!(b.is_empty(), "{:?}", b.keys());
+    // NULL keys mark nothing.
+    x.apply(
+        Message::Insert {
+            oid: 1,
+            new: vec![t("5"), Value::Null, t("1"), Value::Null],
+        },
+        &mut b,
+    );
+    assert!(b.is_empty());
+}
+
+#[test]
+fn what_cannot_be_read_key_by_key_marks_everything() {
+    // TRUNCATE.
+    let mut x = extractor();
+    let mut b = Batch::default();
+    x.apply(Message::Truncate { oids: vec![1] }, &mut b);
+    assert_eq!(b.keys(), [ALL]);
+
+    // An update without the old row (replica identity not FULL).
+    let mut b = Batch::default();
+    x.apply(
+        Message::Update {
+            oid: 1,
+            old: None,
+            key_only: false,
+            new: vec![t("3"), t("9"), t("2"), Value::Null],
+        },
+        &mut b,
+    );
+    assert_eq!(b.keys(), [ALL]);
+    assert_eq!(b.without_old_row, 1);
+
+    // A change of a relation never described.
+    let mut b = Batch::default();
+    x.apply(
+        Message::Insert {
+            oid: 99,
+            new: vec![t("1")],
+        },
+        &mut b,
+    );
+    assert_eq!(b.keys(), [ALL]);
+
+    // More keys than a batch keeps; and a key that is not UTF-8.
+    let mut b = Batch::default();
+    for i in 0..=MAX_BATCH_KEYS {
+        x.apply(
+            Message::Insert {
+                oid: 1,
+                new: vec![t("1"), t(&i.to_string()), t("1"), Value::Null],
+            },
+            &mut b,
+        );
+    }
+    assert_eq!(b.keys(), [ALL]);
+    let mut b = Batch::default();
+    x.apply(
+        Message::Insert {
+            oid: 1,
+            new: vec![t("1"), Value::Text(vec![0xff, 0xfe]), t("1"), Value::Null],
+        },
+        &mut b,
+    );
+    assert_eq!(b.keys(), [ALL]);
+}
+
+#[test]
+fn every_column_is_compared_when_the_predicate_reads_the_whole_row() {
+    let mut x = Extractor::new("challenge_id", None);
+    let mut b = Batch::default();
+    x.apply(
+        Message::Relation {
+            oid: 1,
+            columns: ["id", "challenge_id", "score", "note"]
+                .map(String::from)
+                .to_vec(),
+        },
+        &mut b,
+    );
+    x.apply(
+        update(
+            [t("3"), t("9"), t("1"), t("a")],
+            [t("3"), t("9"), t("1"), t("b")],
+        ),
+        &mut b,
+    );
+    assert_eq!(b.keys(), ["9"]);
+}
+
+#[test]
+fn non_transactional_messages_are_places_to_advance_to() {
+    let mut x = extractor();
+    let mut b = Batch::default();
+    x.apply(
+        Message::Message {
+            transactional: false,
+            lsn: 7,
+            prefix: "other".into(),
+        },
+        &mut b,
+    );
+    assert_eq!((b.advance_to, b.marker_seen), (Some(7), false));
+    x.apply(
+        Message::Message {
+            transactional: true,
+            lsn: 9,
+            prefix: MESSAGE_PREFIX.into(),
+        },
+        &mut b,
+    );
+    assert_eq!((b.advance_to, b.marker_seen), (Some(7), false));
+    x.apply(
+        Message::Message {
+            transactional: false,
+            lsn: 11,
+            prefix: MESSAGE_PREFIX.into(),
+        },
+        &mut b,
+    );
+    assert_eq!((b.advance_to, b.marker_seen), (Some(11), true));
+}

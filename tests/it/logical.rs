@@ -1,0 +1,379 @@
+//! `[[capture]] method = "logical"`: no trigger; the daemon reads the changes from a logical
+//! replication slot (the harness's clusters run `wal_level = logical`). Which writes mark which
+//! keys, a reader that died between recording and advancing, a dropped slot, two replicas, a
+//! server restart, a writer transaction that commits after later ones, uninstall.
+
+use std::sync::Arc;
+
+use mvrefresh::alert::{Alerts, Tracker};
+use mvrefresh::config::Config;
+use mvrefresh::logical::reader::{Reader, Wiring};
+use mvrefresh::stats::Stats;
+use tokio_postgres::Client;
+
+use crate::harness::{self, Cluster, Daemon, TestDb};
+
+/// The submissions capture of the other tests, read from a slot of its own (slot names are
+/// cluster-wide, the databases are not).
+fn capture() -> String {
+    harness::CAPTURE.replace(
+        "columns = [\"score\"]",
+        &format!(
+            "columns = [\"score\"]\nmethod = \"logical\"\nslot = \"mvrefresh_it_{}\"\npoll_interval = \"20ms\"",
+            harness::unique()
+        ),
+    )
+}
+
+async fn setup_on(cluster: &Cluster, extra: &str) -> (TestDb, Client, Config) {
+    let db = cluster.create_db().await;
+    let client = db.client().await;
+    client.batch_execute(harness::SCHEMA).await.unwrap();
+    let config = harness::config(
+        &db.url,
+        &format!("{extra}{}{}", capture(), harness::VIEW_COUNTS),
+    );
+    harness::install(&config).await;
+    (db, client, config)
+}
+
+async fn setup() -> (TestDb, Client, Config) {
+    setup_on(Cluster::logical(), "").await
+}
+
+fn reader(config: &Config) -> Reader {
+    let stats = Arc::new(Stats::default());
+    Reader::new(Wiring {
+        db: mvrefresh::db::Db::new(&config.database).unwrap(),
+        capture: config.captures[0].clone(),
+        alerts: Alerts::log_only(stats.clone()),
+        tracker: Tracker::new(std::time::Duration::from_secs(3600), "test"),
+        stats,
+    })
+}
+
+/// Where the slot confirmed it has everything up to.
+async fn confirmed(client: &Client, config: &Config) -> Option<String> {
+    client
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&config.captures[0].slot_name()],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+async fn drop_slot(client: &Client, config: &Config) {
+    let slot = config.captures[0].slot_name();
+    // The reader holds the slot only while it peeks: retry until it is free.
+    harness::wait_for("the slot to be dropped", || async {
+        client
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                 WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .is_ok()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slot_marks_exactly_the_changed_challenges_and_writers_carry_no_trigger() {
+    let (_db, c, config) = setup().await;
+    let triggers: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_trigger
+             WHERE tgrelid = 'submissions'::regclass AND NOT tgisinternal",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(triggers, 0);
+    // The writer's commits are flushed when it returns, so one peek sees each of them.
+    c.batch_execute("SET synchronous_commit = on")
+        .await
+        .unwrap();
+    let mut reader = reader(&config);
+    reader.step().await.unwrap();
+    harness::take_dirty(&c, None).await;
+
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "INSERT INTO submissions (id, challenge_id, status, score) VALUES (1, 1, 'scored', 5)",
+            &["1"],
+        ),
+        (
+            "INSERT INTO submissions (id, challenge_id, status) VALUES (2, 2, 'pending')",
+            &[],
+        ),
+        (
+            "UPDATE submissions SET status = 'scored', score = 3 WHERE id = 2",
+            &["2"],
+        ),
+        ("UPDATE submissions SET score = 4 WHERE id = 2", &["2"]),
+        // Values are compared: setting a captured column to the value it had changes nothing.
+        ("UPDATE submissions SET score = 4 WHERE id = 2", &[]),
+        (
+            "UPDATE submissions SET note = 'irrelevant' WHERE id = 1",
+            &[],
+        ),
+        (
+            "UPDATE submissions SET status = 'failed' WHERE id = 2",
+            &["2"],
+        ),
+        ("DELETE FROM submissions WHERE id = 2", &[]),
+        (
+            "UPDATE submissions SET challenge_id = 3 WHERE id = 1",
+            &["1", "3"],
+        ),
+        ("DELETE FROM submissions WHERE id = 1", &["3"]),
+        (
+            "INSERT INTO submissions (challenge_id, status, score) VALUES (NULL, 'scored', 1)",
+            &[],
+        ),
+        (
+            "INSERT INTO submissions (challenge_id, status, score)
+             SELECT g % 3 + 10, 'scored', g FROM generate_series(1, 5000) g",
+            &["10", "11", "12"],
+        ),
+        ("TRUNCATE submissions", &["*"]),
+    ];
+    for (sql, expected) in cases {
+        c.batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let before = confirmed(&c, &config).await;
+        reader.step().await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert!(reader.is_reading());
+        assert_eq!(
+            harness::take_dirty(&c, None).await,
+            *expected,
+            "dirty keys after: {sql}"
+        );
+        // Delivered, so the slot moved past it (an irrelevant transaction is not sent at
+        // all: the slot catches up with the next marker instead).
+        if !expected.is_empty() {
+            assert_ne!(confirmed(&c, &config).await, before, "slot after: {sql}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_refreshes_from_the_slot_and_a_second_replica_waits_its_turn() {
+    let (_db, c, config) = setup().await;
+    let a = Daemon::start(config.clone());
+    let b = Daemon::start(config.clone());
+    a.wait_listening().await;
+    b.wait_listening().await;
+    for round in 1..=3 {
+        harness::score(&c, round, 5).await;
+        harness::wait_for("mv_counts to follow the writes", || {
+            harness::counts_fresh(&c)
+        })
+        .await;
+    }
+    // One replica holds the slot's lock; the other's reader waits for it.
+    let holders = || async {
+        c.query_one(
+            "SELECT count(*) FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
+             WHERE l.locktype = 'advisory' AND a.application_name = 'mvrefresh-logical'
+               AND a.datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+    };
+    assert_eq!(holders().await, 1);
+    // Either one stopping, the other takes over.
+    a.stop().await;
+    harness::score(&c, 7, 3).await;
+    harness::wait_for("mv_counts to follow with one replica", || {
+        harness::counts_fresh(&c)
+    })
+    .await;
+    harness::wait_for("the remaining replica to hold the slot", || async {
+        holders().await == 1
+    })
+    .await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_peeked_but_not_advanced_past_are_delivered_again() {
+    let (_db, c, config) = setup().await;
+    c.batch_execute("SET synchronous_commit = on")
+        .await
+        .unwrap();
+    let before = confirmed(&c, &config).await;
+    harness::score(&c, 1, 4).await;
+    harness::score(&c, 2, 4).await;
+    // A reader that died after peeking (and even after recording key 1) and before advancing.
+    let peeked: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_logical_slot_peek_binary_changes($1, NULL, NULL,
+                 'proto_version', '1', 'publication_names', 'mvrefresh_submissions')",
+            &[&config.captures[0].slot_name()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(peeked >= 8, "{peeked} messages");
+    c.execute(
+        "INSERT INTO mvrefresh.dirty (channel, key) VALUES ('submission_scored', '1')",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(confirmed(&c, &config).await, before);
+    let daemon = Daemon::start(config.clone());
+    harness::wait_for("mv_counts to reflect both challenges", || {
+        harness::counts_fresh(&c)
+    })
+    .await;
+    harness::wait_for("the slot to move past them", || async {
+        confirmed(&c, &config).await != before
+    })
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_slot_is_created_again_with_a_full_resync_and_one_alert() {
+    let sink = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(wiremock::ResponseTemplate::new(200))
+        .mount(&sink)
+        .await;
+    let alert = format!(
+        "[alert]\nwebhook_url = \"{}/hook\"\nretry_min = \"20ms\"\nretry_max = \"200ms\"\n",
+        sink.uri()
+    );
+    let (_db, c, config) = setup_on(Cluster::logical(), &alert).await;
+    let subject = format!("slot:{}", config.captures[0].slot_name());
+    let daemon = Daemon::start(config.clone());
+    daemon.wait_listening().await;
+    harness::score(&c, 1, 3).await;
+    harness::wait_for("mv_counts to follow", || harness::counts_fresh(&c)).await;
+    daemon.stop().await;
+
+    // While no daemon runs, the slot goes, and with it the changes written meanwhile.
+    drop_slot(&c, &config).await;
+    harness::score(&c, 2, 3).await;
+    let lost = || async {
+        sink.received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
+            .filter(|a| a["kind"] == "slot_lost" && a["subject"] == subject.as_str())
+            .count()
+    };
+    assert_eq!(lost().await, 0);
+    let daemon = Daemon::start(config.clone());
+    harness::wait_for("a slot_lost alert", || async { lost().await > 0 }).await;
+    // Only the resync (every key dirty) can bring challenge 2 in: no slot saw it.
+    harness::wait_for("mv_counts to reflect what the lost slot missed", || {
+        harness::counts_fresh(&c)
+    })
+    .await;
+    // The new slot delivers.
+    harness::score(&c, 3, 3).await;
+    harness::wait_for("mv_counts to follow the new slot", || {
+        harness::counts_fresh(&c)
+    })
+    .await;
+    assert_eq!(lost().await, 1);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_commits_after_later_ones_is_reflected() {
+    let (db, c, config) = setup().await;
+    let daemon = Daemon::start(config.clone());
+    daemon.wait_listening().await;
+    let slow = db.client().await;
+    slow.batch_execute(
+        "BEGIN; INSERT INTO submissions (challenge_id, status, score) VALUES (1, 'scored', 100)",
+    )
+    .await
+    .unwrap();
+    harness::score(&c, 2, 3).await;
+    harness::wait_for("challenge 2 to be reflected", || async {
+        c.query_opt("SELECT 1 FROM mv_counts WHERE challenge_id = 2", &[])
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    slow.batch_execute("COMMIT").await.unwrap();
+    harness::wait_for("the late commit to be reflected", || {
+        harness::counts_fresh(&c)
+    })
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reader_survives_a_server_restart() {
+    let cluster = Cluster::new();
+    let (db, c, config) = setup_on(&cluster, "").await;
+    let daemon = Daemon::start(config.clone());
+    daemon.wait_listening().await;
+    harness::score(&c, 1, 2).await;
+    harness::wait_for("mv_counts to follow", || harness::counts_fresh(&c)).await;
+    let reconnects = daemon.stats.listener_reconnects.get();
+    cluster.restart();
+    daemon.wait_reconnected(reconnects).await;
+    let c = db.client().await;
+    harness::score(&c, 2, 2).await;
+    harness::wait_for("mv_counts to follow after the restart", || {
+        harness::counts_fresh(&c)
+    })
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_methods_and_uninstall_leave_nothing_behind() {
+    let (db, c, config) = setup().await;
+    let slot = config.captures[0].slot_name();
+    let objects = || async {
+        c.query_one(
+            "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1),
+                    (SELECT count(*) FROM pg_publication WHERE pubname = 'mvrefresh_submissions'),
+                    (SELECT count(*) FROM pg_trigger
+                     WHERE tgrelid = 'submissions'::regclass AND NOT tgisinternal)",
+            &[&slot],
+        )
+        .await
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1), r.get::<_, i64>(2)))
+        .unwrap()
+    };
+    assert_eq!(objects().await, (1, 1, 0));
+    // The same capture as a trigger: triggers, no publication, no slot.
+    let trigger = harness::config(
+        &db.url,
+        &format!("{}{}", harness::CAPTURE, harness::VIEW_COUNTS),
+    );
+    harness::install(&trigger).await;
+    assert_eq!(objects().await.1, 0);
+    assert_eq!(objects().await.2, 2);
+    // And back: the triggers go, the publication and slot are there.
+    harness::install(&config).await;
+    assert_eq!(objects().await, (1, 1, 0));
+    // Uninstall removes the publication and this database's mvrefresh_ slots.
+    c.batch_execute(&format!(
+        "BEGIN;\n{}\nCOMMIT;",
+        include_str!("../../sql/uninstall.sql")
+    ))
+    .await
+    .unwrap();
+    assert_eq!(objects().await, (0, 0, 0));
+    // Writers keep working.
+    harness::score(&c, 1, 1).await;
+}
