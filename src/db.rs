@@ -88,6 +88,25 @@ pub enum DbError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("{}", error_text(.0))]
     Query(#[from] tokio_postgres::Error),
+    #[error("cannot connect to {target} (sslmode={mode}): {message}")]
+    Raw {
+        target: String,
+        mode: SslMode,
+        message: String,
+    },
+}
+
+/// A byte stream to the server, for a protocol the driver does not speak (the replication
+/// protocol of [`crate::logical::stream`]).
+pub trait RawStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> RawStream for T {}
+
+/// What the startup message of a [`Db::connect_raw`] stream says, and the password to answer
+/// the server's challenge with.
+pub struct RawParams {
+    pub user: String,
+    pub dbname: String,
+    pub password: Option<Vec<u8>>,
 }
 
 impl DbError {
@@ -228,6 +247,102 @@ impl Db {
                 timeout,
             }),
         }
+    }
+
+    /// A byte stream to the first host that answers, before the startup message: over TLS as
+    /// `sslmode` says, with the connector every other connection uses (so `verify-full`
+    /// verifies the same way), or a Unix socket.
+    pub async fn connect_raw(&self) -> Result<(Box<dyn RawStream>, RawParams), DbError> {
+        let timeout = self.settings.connect_timeout;
+        let raw =
+            match tokio::time::timeout(timeout + Duration::from_secs(1), self.open_raw()).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(message)) => {
+                    return Err(DbError::Raw {
+                        target: self.target(),
+                        mode: self.mode,
+                        message,
+                    })
+                }
+                Err(_) => {
+                    return Err(DbError::ConnectTimeout {
+                        target: self.target(),
+                        timeout,
+                    })
+                }
+            };
+        let params = RawParams {
+            user: self.config.get_user().unwrap_or("postgres").to_owned(),
+            dbname: self.dbname(),
+            password: self.config.get_password().map(<[u8]>::to_vec),
+        };
+        Ok((raw, params))
+    }
+
+    async fn open_raw(&self) -> Result<Box<dyn RawStream>, String> {
+        use tokio_postgres::config::Host;
+        let ports = self.config.get_ports();
+        let mut last = "no host in database.url".to_owned();
+        for (i, host) in self.config.get_hosts().iter().enumerate() {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match host {
+                Host::Tcp(name) => {
+                    match tokio::net::TcpStream::connect((name.as_str(), port)).await {
+                        Ok(stream) => {
+                            let _ = stream.set_nodelay(true);
+                            return self.negotiate_tls(stream, name).await;
+                        }
+                        Err(e) => last = format!("{name}:{port}: {e}"),
+                    }
+                }
+                Host::Unix(dir) => {
+                    let path = dir.join(format!(".s.PGSQL.{port}"));
+                    match tokio::net::UnixStream::connect(&path).await {
+                        Ok(stream) => return Ok(Box::new(stream)),
+                        Err(e) => last = format!("{}: {e}", path.display()),
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// The SSLRequest exchange, then the handshake when the server agrees.
+    async fn negotiate_tls(
+        &self,
+        mut stream: tokio::net::TcpStream,
+        host: &str,
+    ) -> Result<Box<dyn RawStream>, String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio_postgres::config::SslMode as Driver;
+        use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+        let mode = self.config.get_ssl_mode();
+        if matches!(mode, Driver::Disable) {
+            return Ok(Box::new(stream));
+        }
+        let mut request = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::ssl_request(&mut request);
+        stream
+            .write_all(&request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut answer = [0u8; 1];
+        stream
+            .read_exact(&mut answer)
+            .await
+            .map_err(|e| e.to_string())?;
+        if answer[0] != b'S' {
+            return if matches!(mode, Driver::Require) {
+                Err("the server does not accept TLS".to_owned())
+            } else {
+                Ok(Box::new(stream))
+            };
+        }
+        let connect =
+            MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(&mut self.tls.clone(), host)
+                .map_err(|e| e.to_string())?;
+        let tls = connect.connect(stream).await.map_err(|e| e.to_string())?;
+        Ok(Box::new(tls))
     }
 
     /// A connection whose driver runs in the background, for one-shot commands.

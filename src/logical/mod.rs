@@ -7,30 +7,29 @@
 //! is whether a captured column changed), registers the capture like a trigger capture, and
 //! then, outside its transaction, creates the logical replication slot (`pgoutput`).
 //!
-//! The daemon's reader ([`reader::run`]), on a connection of its own, every `poll_interval`:
+//! The daemon's reader ([`reader::run`]):
 //!
-//! 1. holds a session advisory lock on the slot, so one replica reads at a time (the others
-//!    wait for the lock; a replica that dies releases it with its connection);
-//! 2. checks the slot: missing or `wal_status = 'lost'` → created again and every key of the
-//!    channel marked dirty (`*`, a full resync) with one alert; more retained write-ahead log
-//!    than `max_retained_wal_mb` → an alert, resolved once it drops below;
-//! 3. peeks at most [`BATCH_CHANGES`] changes (`pg_logical_slot_peek_binary_changes`: nothing is
-//!    consumed yet) and turns them into keys ([`Extractor`]): inserted and deleted rows' keys;
-//!    for an update, the old and the new key when the key, `columns` or a column of `when`
-//!    changed (the row filter turns an update into an insert or a delete when the row starts or
-//!    stops matching `when`); TRUNCATE → `*`;
-//! 4. writes those keys into `mvrefresh.dirty` and notifies the channel, in one transaction;
-//!    from there on they go the way a trigger's keys go (collect, hand-over, refresh). The
-//!    hand-over also covers a decoded commit that is not yet visible to other sessions: the
-//!    writer holds its table lock until it is, and a guard waits for it;
-//! 5. only then advances the slot, to the end of the last transaction it delivered. Killed
-//!    between 4 and 5, the next reader delivers those changes again: at least once, and
-//!    refreshes are idempotent.
-//!
-//! A slot that only sees other tables' changes would never advance and would hold the whole
-//! database's write-ahead log: when a peek delivers nothing and the slot lags, the reader writes
-//! a non-transactional logical message (a few bytes of WAL); once decoded, everything before it
-//! was, and the slot moves there.
+//! 1. holds a session advisory lock on the slot on a connection of its own, so one replica
+//!    reads at a time (the others try again every few seconds; a replica that dies releases
+//!    the lock with its connection);
+//! 2. checks the slot, then every few seconds: missing or `wal_status = 'lost'` → created again
+//!    and every key of the channel marked dirty (`*`, a full resync) with one alert; more
+//!    retained write-ahead log than `max_retained_wal_mb` → an alert, resolved once it drops;
+//! 3. streams the slot over a replication connection ([`stream`]: every record decoded once,
+//!    where `pg_logical_slot_peek_binary_changes` would decode from the slot's restart point
+//!    again at every call) and turns the messages into keys ([`Extractor`]): inserted and deleted
+//!    rows' keys; for an update, the old and the new key when the key, `columns` or a column of
+//!    `when` changed (the row filter turns an update into an insert or a delete when the row
+//!    starts or stops matching `when`); TRUNCATE → `*`;
+//! 4. every `poll_interval`, writes the keys received into `mvrefresh.dirty` and notifies the
+//!    channel, in one transaction; from there on they go the way a trigger's keys go (collect,
+//!    hand-over, refresh). The hand-over also covers a decoded commit not yet visible to other
+//!    sessions: the writer holds its table lock until it is, and a guard waits for it;
+//! 5. only then confirms to the server the position up to which everything was delivered (the
+//!    last commit, or a keepalive's position: the server sends one when it has caught up, also
+//!    past transactions that touched nothing captured), so the slot moves on. Killed between 4
+//!    and 5, the next reader receives those changes again: at least once, and refreshes are
+//!    idempotent.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -42,15 +41,12 @@ use crate::sql::{ident, literal};
 
 pub mod pgoutput;
 pub mod reader;
+pub mod stream;
 
 use pgoutput::{Lsn, Message, Value};
 
-/// Changes asked for per peek; PostgreSQL stops at the first transaction end after it.
-pub const BATCH_CHANGES: i32 = 10_000;
 /// Keys kept per batch; with more, the batch marks `*` (everything) instead.
 pub const MAX_BATCH_KEYS: usize = 10_000;
-/// The prefix of the reader's own logical messages.
-pub const MESSAGE_PREFIX: &str = "mvrefresh";
 
 /// The transaction part of a logical capture's install: replica identity, publication (created,
 /// or its table and row filter set again when the capture's definition changed), the trigger
@@ -360,8 +356,6 @@ pub struct Batch {
     pub all: bool,
     /// The end of the last delivered transaction, or the last non-transactional message.
     pub advance_to: Option<Lsn>,
-    /// One of the reader's own messages was decoded.
-    pub marker_seen: bool,
     pub messages: u64,
     /// Updates without the old row (the replica identity is not FULL): marked `*`.
     pub without_old_row: u64,
@@ -477,11 +471,8 @@ impl Extractor {
             Message::Message {
                 transactional: false,
                 lsn,
-                prefix,
-            } => {
-                batch.advance_to = Some(lsn);
-                batch.marker_seen |= prefix == MESSAGE_PREFIX;
-            }
+                ..
+            } => batch.advance_to = Some(lsn),
             Message::Begin | Message::Message { .. } | Message::Other => {}
         }
     }

@@ -55,6 +55,7 @@ pub enum Message {
         transactional: bool,
         lsn: Lsn,
         prefix: String,
+        content: Vec<u8>,
     },
     /// Types, origins: nothing the capture needs.
     Other,
@@ -230,10 +231,13 @@ pub fn parse(data: &[u8]) -> Result<Message, ParseError> {
             let transactional = r.u8()? & 1 == 1;
             let lsn = r.u64()?;
             let prefix = r.string()?;
+            let len = r.u32()? as usize;
+            let content = r.take(len)?.to_vec();
             Message::Message {
                 transactional,
                 lsn,
                 prefix,
+                content,
             }
         }
         b'Y' | b'O' => Message::Other,

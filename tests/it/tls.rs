@@ -437,3 +437,46 @@ async fn a_unix_socket_connects_without_tls_whatever_the_mode() {
         .expect("verify-full over the Unix socket");
     assert!(!encrypted(&client).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logical_capture_streams_over_verify_full() {
+    let tls = tls();
+    let db = tls.cluster.create_db().await;
+    let url = url(
+        &db,
+        "localhost",
+        &format!("sslmode=verify-full&sslrootcert={}", encode(&tls.ca)),
+    );
+    let admin = db.client().await;
+    admin.batch_execute(harness::SCHEMA).await.unwrap();
+    let capture = harness::CAPTURE.replace(
+        "columns = [\"score\"]",
+        &format!(
+            "columns = [\"score\"]\nmethod = \"logical\"\nslot = \"mvrefresh_tls_{}\"",
+            harness::unique()
+        ),
+    );
+    let config = harness::config(&url, &format!("{capture}{}", harness::VIEW_COUNTS));
+    harness::install(&config).await;
+    let daemon = Daemon::start(config);
+    daemon.wait_listening().await;
+    harness::score(&admin, 1, 3).await;
+    harness::wait_for("the view to follow the slot over TLS", || {
+        harness::counts_fresh(&admin)
+    })
+    .await;
+    // The replication connection (a walsender) is encrypted like every other.
+    let encrypted: Vec<bool> = admin
+        .query(
+            "SELECT s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+             WHERE a.backend_type = 'walsender' AND a.application_name = 'mvrefresh-logical'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(encrypted, [true]);
+    daemon.stop().await;
+}
