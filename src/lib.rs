@@ -15,7 +15,7 @@
 //! | [`db`] | reaching PostgreSQL: URL, timeouts, the refresh pool, primary check |
 //! | [`tls`] | `sslmode`/`sslrootcert`/`sslcert`/`sslkey` → the one rustls connector (`tls/certs.rs`: PEM files, the weaker modes' verifiers) |
 //! | [`listener`] | the LISTEN connection: reconnect with backoff, heartbeat, a bounded inbox |
-//! | [`logical`] | capture with no trigger: publication and slot (`logical/mod.rs`), the daemon's reader of the slot (`logical/reader.rs`), pgoutput's messages (`logical/pgoutput.rs`) |
+//! | [`logical`] | capture with no trigger: publication, slot, messages → keys (`logical/mod.rs`); the daemon's reader of the slot (`logical/reader.rs`); the replication protocol (`logical/stream.rs`); pgoutput's messages (`logical/pgoutput.rs`) |
 //! | [`changelog`] | what a notification means (payloads of channels without capture) |
 //! | [`store`] | every statement on mvrefresh's tables: collect, bounded reads, the hand-over guards, what a refresh consumes (`store/mod.rs`); history, last successes, the status rows (`store/history.rs`); schema version, captures, subscriptions, privileges (`store/schema.rs`); the pg_cron cursor (`store/cursor.rs`) |
 //! | [`debounce`] | per-key `quiet` / `max_wait` debouncing, bounded, aware of the hand-over horizon |
@@ -34,7 +34,8 @@
 //! | [`sql`] | quoting of identifiers and literals |
 //!
 //! An event's path: writer's transaction → capture trigger (key already dirty: nothing; else a
-//! `mvrefresh.dirty` row + `pg_notify`) → [`listener`] inbox → [`daemon`] collects the dirty
+//! `mvrefresh.dirty` row + `pg_notify`), or the write-ahead log → [`logical`] reader (the
+//! same, in the daemon's transaction) → [`listener`] inbox → [`daemon`] collects the dirty
 //! keys into per-view pending keys ([`store::collect`]) and notes them in the views'
 //! [`debounce::Debouncer`]s → when due, past the hand-over horizon ([`store`]) and not waiting on
 //! a dependency, a task runs [`refresh::refresh`] on a pooled connection → outcome back to

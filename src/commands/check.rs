@@ -399,7 +399,10 @@ async fn check_logical_capture(
                             JOIN pg_publication AS p ON p.oid = pr.prpubid
                             WHERE p.pubname = $2 AND pr.prrelid = to_regclass($1)),
                     (SELECT coalesce(wal_status, 'unknown') FROM pg_replication_slots
-                     WHERE slot_name = $3 AND database = current_database())",
+                     WHERE slot_name = $3 AND database = current_database()),
+                    (SELECT count(*) FROM pg_replication_slots)
+                        >= current_setting('max_replication_slots')::int,
+                    current_setting('max_replication_slots')",
             &[&table.quoted(), &c.publication_name(), &slot],
         )
         .await?;
@@ -408,6 +411,8 @@ async fn check_logical_capture(
     let identity: Option<String> = row.get(2);
     let published: bool = row.get(3);
     let wal_status: Option<String> = row.get(4);
+    let slots_full: bool = row.get(5);
+    let max_slots: String = row.get(6);
     let mut ok = true;
     let mut problem = |text: String| {
         ok = false;
@@ -440,6 +445,11 @@ async fn check_logical_capture(
         ));
     }
     match wal_status.as_deref() {
+        None if slots_full => problem(format!(
+            "replication slot {slot} is missing and all max_replication_slots ({max_slots}) are \
+             in use; fix: raise max_replication_slots (a restart) or drop an unused slot, then \
+             run `mvrefresh install`"
+        )),
         None => problem(format!(
             "replication slot {slot} is missing in this database; fix: run `mvrefresh install`              (the daemon also creates it, marking every key dirty)"
         )),

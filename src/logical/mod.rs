@@ -9,9 +9,9 @@
 //!
 //! The daemon's reader ([`reader::run`]):
 //!
-//! 1. holds a session advisory lock on the slot on a connection of its own, so one replica
-//!    reads at a time (the others try again every few seconds; a replica that dies releases
-//!    the lock with its connection);
+//! 1. streams the slot, which PostgreSQL gives to one connection at a time: one replica reads
+//!    it, the others try again every few seconds (a replica that dies frees the slot with its
+//!    connection; one cut off by the network, once the server's `wal_sender_timeout` passes);
 //! 2. checks the slot, then every few seconds: missing or `wal_status = 'lost'` → created again
 //!    and every key of the channel marked dirty (`*`, a full resync) with one alert; more
 //!    retained write-ahead log than `max_retained_wal_mb` → an alert, resolved once it drops;
@@ -195,13 +195,19 @@ pub async fn ensure_slot(
         }
         Some(_) => return Ok(SlotOutcome::Present),
     };
-    client
-        .execute(
-            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&slot],
-        )
+    // PostgreSQL 17+: a failover slot, which standbys with `sync_replication_slots` keep in
+    // step, so a failover does not cost a full resync.
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await
-        .map_err(db_err)?;
+        .map_err(db_err)?
+        .get(0);
+    let create = if version >= 170_000 {
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+    } else {
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')"
+    };
+    client.execute(create, &[&slot]).await.map_err(db_err)?;
     Ok(outcome)
 }
 
@@ -220,8 +226,8 @@ pub async fn drop_slot(
     Ok(!rows.is_empty())
 }
 
-/// After the install transaction: every logical capture's slot made usable (a lost one
-/// created again, with everything marked dirty); the default slot of a capture that is a trigger
+/// After the install transaction: every logical capture's slot made usable (a missing or lost
+/// one created, with everything marked dirty); the default slot of a capture that is a trigger
 /// capture now, dropped; with `prune`, every other `mvrefresh_` slot of this database. What
 /// happened, a line each.
 pub async fn after_install(
@@ -245,10 +251,16 @@ pub async fn after_install(
         kept.push(slot.clone());
         match ensure_slot(client, c).await? {
             SlotOutcome::Present => {}
-            SlotOutcome::Created => said.push(format!(
-                "capture {}: created replication slot {slot}",
-                c.name
-            )),
+            SlotOutcome::Created => {
+                // What was written before the slot existed is not in it: if the capture ran
+                // before (its slot dropped since), those changes are lost. One full refresh.
+                mark_all(client, &c.channel).await?;
+                said.push(format!(
+                    "capture {}: created replication slot {slot}; every key of channel {} \
+                     marked dirty once (what was written before the slot existed is not in it)",
+                    c.name, c.channel
+                ))
+            }
             SlotOutcome::Recreated => {
                 mark_all(client, &c.channel).await?;
                 said.push(format!(

@@ -11,15 +11,23 @@ use super::stream::{Event, Replication, StreamError};
 use super::{Batch, Extractor, SlotError, SlotOutcome};
 use crate::alert::{Alerts, Event as AlertEvent, Kind, Subject, Tracker};
 use crate::config::CaptureConfig;
-use crate::db::{Db, LOCK_NAMESPACE};
+use crate::db::Db;
 use crate::stats::Stats;
 
 /// Longest wait between two attempts after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How often the slot's health is checked while streaming.
 const HEALTH_EVERY: Duration = Duration::from_secs(5);
-/// A write of keys that takes longer is cancelled server-side.
-const STATEMENT_TIMEOUT: &str = "60s";
+/// A stream silent this long is asked for a keepalive; one that stays silent as long again
+/// after that is given up (a frozen or cut connection).
+const STREAM_PING: Duration = Duration::from_secs(10);
+/// A statement of the reader's own connection (a write of keys, a check of the slot) that takes
+/// longer is cancelled server-side; one whose answer does not come within [`STEP_PATIENCE`] is
+/// given up client-side (a frozen connection), and the reader starts over.
+const STATEMENT_TIMEOUT: &str = "10s";
+const STEP_PATIENCE: Duration = Duration::from_secs(15);
+/// SQLSTATE `object_in_use`: the slot is streamed by another connection (another replica).
+const SLOT_IN_USE: &str = "55006";
 /// The replication connection's and the reader's `application_name`.
 pub const APPLICATION: &str = "mvrefresh-logical";
 
@@ -78,14 +86,21 @@ pub enum ReadError {
     Stream(#[from] StreamError),
     #[error(transparent)]
     Parse(#[from] pgoutput::ParseError),
+    #[error("no answer from the database within {}s", STEP_PATIENCE.as_secs())]
+    Stalled,
 }
 
 /// The two connections of a reader holding the slot's lock.
 struct Session {
-    /// Holds the advisory lock; checks the slot, records keys.
+    /// Checks the slot, records keys.
     client: Client,
     stream: Replication,
     last_health: Instant,
+    /// When the stream last delivered anything.
+    last_event: Instant,
+    /// The server asked for a status update, or we have not answered a ping of ours yet.
+    reply_wanted: bool,
+    ping_sent: Option<Instant>,
 }
 
 /// One capture's reader.
@@ -135,53 +150,80 @@ impl Reader {
         let every = self.w.capture.poll_interval;
         loop {
             self.receive_for(every).await?;
-            self.flush().await?;
+            match tokio::time::timeout(STEP_PATIENCE, self.flush()).await {
+                Ok(flushed) => flushed?,
+                Err(_) => return Err(ReadError::Stalled),
+            }
         }
     }
 
     /// For tests: streams until a non-transactional logical message with `content` arrived
     /// (everything committed before it was delivered), then records and confirms.
+    /// Returns at once when another replica holds the slot ([`Reader::is_reading`] is false);
+    /// after an error the next call starts on fresh connections.
     pub async fn catch_up_to_message(&mut self, content: &[u8]) -> Result<(), ReadError> {
-        if !self.open().await? {
-            return Ok(());
+        let result = async {
+            if !self.open().await? {
+                return Ok(());
+            }
+            while self.last_message.as_deref() != Some(content) {
+                self.receive_for(Duration::from_millis(50)).await?;
+            }
+            self.flush().await
         }
-        while self.last_message.as_deref() != Some(content) {
-            self.receive_for(Duration::from_millis(50)).await?;
+        .await;
+        if result.is_err() {
+            self.session = None;
         }
-        self.flush().await
+        result
     }
 
-    /// Step 1 and 2, and the start of streaming: false when another replica holds the lock.
+    /// Steps 1 and 2, and the start of streaming: false when another replica streams the slot.
     async fn open(&mut self) -> Result<bool, ReadError> {
         if self.session.is_some() {
             return Ok(true);
         }
-        let mut client = self.w.db.connect_simple(APPLICATION).await?;
-        client
-            .batch_execute(&format!("SET statement_timeout = '{STATEMENT_TIMEOUT}'"))
-            .await?;
-        let locked: bool = client
-            .query_one(
-                "SELECT pg_try_advisory_lock($1, hashtext($2))",
-                &[&LOCK_NAMESPACE, &self.slot],
-            )
-            .await?
-            .get(0);
-        if !locked {
-            return Ok(false);
+        match tokio::time::timeout(STEP_PATIENCE * 2, self.open_session()).await {
+            Ok(opened) => opened,
+            Err(_) => Err(ReadError::Stalled),
         }
+    }
+
+    async fn open_session(&mut self) -> Result<bool, ReadError> {
+        let mut client = self.w.db.connect_simple(APPLICATION).await?;
+        // A connection left behind by a network failure ends on the server within a minute.
+        client
+            .batch_execute(&format!(
+                "SET statement_timeout = '{STATEMENT_TIMEOUT}'; SET idle_session_timeout = '60s'"
+            ))
+            .await?;
         if self.extractor.is_none() {
             let compared = super::compared_columns(&mut client, &self.w.capture).await?;
             self.extractor = Some(Extractor::new(&self.w.capture.key, compared));
         }
         self.check_slot(&client).await?;
         let mut stream = Replication::connect(&self.w.db, APPLICATION).await?;
-        stream.start(&self.slot, &self.publication).await?;
+        // A slot streams to one connection at a time: that is what keeps replicas apart. One
+        // whose connection broke is freed once the server's wal_sender_timeout passes.
+        match stream.start(&self.slot, &self.publication).await {
+            Ok(()) => {}
+            Err(StreamError::Server { code, .. }) if code == SLOT_IN_USE => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+        // The new stream starts over from the confirmed position: what the last one received
+        // and did not record comes again.
+        // Only what this stream delivers may be confirmed.
         self.batch = Batch::default();
+        self.last_message = None;
+        self.received = 0;
+        self.confirmed = 0;
         self.session = Some(Session {
             client,
             stream,
             last_health: Instant::now(),
+            last_event: Instant::now(),
+            reply_wanted: false,
+            ping_sent: None,
         });
         Ok(true)
     }
@@ -198,6 +240,8 @@ impl Reader {
                 Ok(event) => event?,
                 Err(_) => return Ok(()),
             };
+            session.last_event = Instant::now();
+            session.ping_sent = None;
             match event {
                 Event::Data(data) => {
                     let message = pgoutput::parse(&data)?;
@@ -217,6 +261,7 @@ impl Reader {
                 Event::Keepalive { end, reply } => {
                     self.received = self.received.max(end);
                     if reply {
+                        session.reply_wanted = true;
                         return Ok(());
                     }
                 }
@@ -242,9 +287,26 @@ impl Reader {
         if !batch.is_empty() {
             super::record(&session.client, &self.w.capture.channel, &batch.keys()).await?;
         }
-        if self.received > self.confirmed {
-            session.stream.confirm(self.received).await?;
-            self.confirmed = self.received;
+        // A status update when there is a position to confirm or the server asked for one; a
+        // ping when the stream has been silent (an idle server sends nothing otherwise).
+        let silent = session.last_event.elapsed();
+        if let Some(sent) = session.ping_sent {
+            if sent.elapsed() >= STREAM_PING {
+                return Err(StreamError::Protocol(format!(
+                    "no answer from the server for {}s",
+                    silent.as_secs()
+                ))
+                .into());
+            }
+        }
+        let ping = silent >= STREAM_PING && session.ping_sent.is_none();
+        if self.received > self.confirmed || session.reply_wanted || ping {
+            session.stream.confirm(self.received, ping).await?;
+            self.confirmed = self.confirmed.max(self.received);
+            session.reply_wanted = false;
+            if ping {
+                session.ping_sent = Some(Instant::now());
+            }
         }
         if session.last_health.elapsed() >= HEALTH_EVERY {
             session.last_health = Instant::now();

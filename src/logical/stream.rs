@@ -203,7 +203,8 @@ impl Replication {
     }
 
     /// Tells the server everything up to `lsn` is safely recorded: the slot may move there.
-    pub async fn confirm(&mut self, lsn: Lsn) -> Result<(), StreamError> {
+    /// `reply`: the server answers at once with a keepalive (a ping).
+    pub async fn confirm(&mut self, lsn: Lsn, reply: bool) -> Result<(), StreamError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as i64)
@@ -215,7 +216,7 @@ impl Replication {
             update.extend(lsn.to_be_bytes()); // written, flushed, applied
         }
         update.extend(now.to_be_bytes());
-        update.push(0);
+        update.push(u8::from(reply));
         frontend::CopyData::new(&update[..])?.write(&mut self.output);
         self.send().await
     }

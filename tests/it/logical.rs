@@ -52,6 +52,24 @@ fn reader(config: &Config) -> Reader {
     })
 }
 
+/// Lets `reader` receive everything up to the logical message `content`, once it holds the
+/// slot (a reader that just stopped may hold it a moment longer).
+async fn catch_up(reader: &mut Reader, content: &[u8]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match reader.catch_up_to_message(content).await {
+            Ok(()) if reader.is_reading() => return,
+            Ok(()) => {}
+            Err(e) => eprintln!("catching up: {e}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reader never caught up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// Where the slot confirmed it has everything up to.
 async fn confirmed(client: &Client, config: &Config) -> Option<String> {
     client
@@ -109,7 +127,7 @@ async fn the_slot_marks_exactly_the_changed_challenges_and_writers_carry_no_trig
         }
     };
     let first = sync(0).await;
-    reader.catch_up_to_message(&first).await.unwrap();
+    catch_up(&mut reader, &first).await;
     harness::take_dirty(&c, None).await;
 
     let cases: &[(&str, &[&str])] = &[
@@ -159,10 +177,7 @@ async fn the_slot_marks_exactly_the_changed_challenges_and_writers_carry_no_trig
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
         let before = confirmed(&c, &config).await;
         let mark = sync(i + 1).await;
-        reader
-            .catch_up_to_message(&mark)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        catch_up(&mut reader, &mark).await;
         assert!(reader.is_reading());
         assert_eq!(
             harness::take_dirty(&c, None).await,
@@ -188,18 +203,29 @@ async fn the_daemon_refreshes_from_the_slot_and_a_second_replica_waits_its_turn(
         })
         .await;
     }
-    // One replica holds the slot's lock; the other's reader waits for it.
+    // One replica streams the slot; the other's reader waits for it.
+    let slot = config.captures[0].slot_name();
     let holders = || async {
         c.query_one(
-            "SELECT count(*) FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
-             WHERE l.locktype = 'advisory' AND a.application_name = 'mvrefresh-logical'
-               AND a.datname = current_database()",
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE backend_type = 'walsender' AND application_name = 'mvrefresh-logical'
+               AND datname = current_database()",
             &[],
         )
         .await
         .unwrap()
         .get::<_, i64>(0)
     };
+    let active = || async {
+        c.query_one(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .get::<_, bool>(0)
+    };
+    assert!(active().await);
     assert_eq!(holders().await, 1);
     // Either one stopping, the other takes over.
     a.stop().await;
@@ -216,16 +242,17 @@ async fn the_daemon_refreshes_from_the_slot_and_a_second_replica_waits_its_turn(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn changes_peeked_but_not_advanced_past_are_delivered_again() {
+async fn changes_received_but_not_confirmed_are_delivered_again_and_only_once_confirmed() {
     let (_db, c, config) = setup().await;
+    harness::take_dirty(&c, None).await;
     c.batch_execute("SET synchronous_commit = on")
         .await
         .unwrap();
     let before = confirmed(&c, &config).await;
-    // A reader that died before confirming is a peek: nothing consumed.
     harness::score(&c, 1, 4).await;
     harness::score(&c, 2, 4).await;
-    // A reader that died after peeking (and even after recording key 1) and before advancing.
+    // A reader that died after receiving the changes (and even after recording key 1) and
+    // before confirming: what it received is still in the slot.
     let peeked: i64 = c
         .query_one(
             "SELECT count(*) FROM pg_logical_slot_peek_binary_changes($1, NULL, NULL,
@@ -243,16 +270,34 @@ async fn changes_peeked_but_not_advanced_past_are_delivered_again() {
     .await
     .unwrap();
     assert_eq!(confirmed(&c, &config).await, before);
-    let daemon = Daemon::start(config.clone());
-    harness::wait_for("mv_counts to reflect both challenges", || {
-        harness::counts_fresh(&c)
-    })
-    .await;
-    harness::wait_for("the slot to move past them", || async {
-        confirmed(&c, &config).await != before
-    })
-    .await;
-    daemon.stop().await;
+    let sync = |n: &'static str| {
+        let c = &c;
+        async move {
+            c.execute(
+                "SELECT pg_logical_emit_message(false, 'mvrefresh-test', $1)",
+                &[&n],
+            )
+            .await
+            .unwrap();
+            n.as_bytes().to_vec()
+        }
+    };
+    // The next reader receives both again; key 1, dirty already, is not written twice.
+    let mut next = reader(&config);
+    catch_up(&mut next, &sync("a").await).await;
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM mvrefresh.dirty", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 2);
+    assert_eq!(harness::take_dirty(&c, None).await, ["1", "2"]);
+    assert_ne!(confirmed(&c, &config).await, before);
+    drop(next);
+    // Confirmed: a reader after that receives nothing of it.
+    let mut after = reader(&config);
+    catch_up(&mut after, &sync("b").await).await;
+    assert_eq!(harness::take_dirty(&c, None).await, Vec::<String>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,6 +346,32 @@ async fn a_lost_slot_is_created_again_with_a_full_resync_and_one_alert() {
     })
     .await;
     assert_eq!(lost().await, 1);
+
+    // Dropped while the daemon streams it (its stream ended first, as a failover would).
+    let slot = config.captures[0].slot_name();
+    harness::wait_for("the slot to be dropped from under the daemon", || async {
+        c.execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+             WHERE slot_name = $1 AND active_pid IS NOT NULL",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+        c.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+             WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .is_ok_and(|n| n == 1)
+    })
+    .await;
+    harness::score(&c, 4, 3).await;
+    harness::wait_for("a second slot_lost alert", || async { lost().await == 2 }).await;
+    harness::wait_for("mv_counts to follow after the resync", || {
+        harness::counts_fresh(&c)
+    })
+    .await;
     daemon.stop().await;
 }
 
@@ -389,4 +460,101 @@ async fn switching_methods_and_uninstall_leave_nothing_behind() {
     assert_eq!(objects().await, (0, 0, 0));
     // Writers keep working.
     harness::score(&c, 1, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_what_a_logical_capture_lacks_with_the_fix() {
+    use crate::cli::{mvrefresh, text, write_config};
+    let db = Cluster::logical().create_db().await;
+    let c = db.client().await;
+    c.batch_execute(harness::SCHEMA).await.unwrap();
+    let slot = format!("mvrefresh_it_{}", harness::unique());
+    let body = harness::CAPTURE.replace(
+        "columns = [\"score\"]",
+        &format!("columns = [\"score\"]\nmethod = \"logical\"\nslot = \"{slot}\""),
+    );
+    let path = write_config(
+        &format!("logical-{slot}.toml"),
+        &format!(
+            "[database]\nurl = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n{body}{}",
+            db.url,
+            harness::VIEW_COUNTS
+        ),
+    );
+    let install = mvrefresh(&path, &["install"]);
+    assert!(install.status.success(), "{}", text(&install));
+    assert!(
+        text(&install).contains(&format!("created replication slot {slot}")),
+        "{}",
+        text(&install)
+    );
+    let check = mvrefresh(&path, &["check"]);
+    assert!(check.status.success(), "{}", text(&check));
+    assert!(
+        text(&check).contains(&format!("(logical, slot {slot}) installed and current")),
+        "{}",
+        text(&check)
+    );
+
+    c.batch_execute("ALTER TABLE submissions REPLICA IDENTITY DEFAULT")
+        .await
+        .unwrap();
+    c.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .unwrap();
+    let check = mvrefresh(&path, &["check"]);
+    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
+    for wanted in [
+        "replica identity is not FULL",
+        &format!(
+            "replication slot {slot} is missing in this database; fix: run `mvrefresh install`"
+        ),
+    ] {
+        assert!(text(&check).contains(wanted), "{wanted}: {}", text(&check));
+    }
+    // `install` puts both back; what was written while the slot was gone is covered by
+    // marking everything dirty.
+    harness::take_dirty(&c, None).await;
+    let install = mvrefresh(&path, &["install"]);
+    assert!(install.status.success(), "{}", text(&install));
+    assert!(mvrefresh(&path, &["check"]).status.success());
+    assert_eq!(harness::take_dirty(&c, None).await, ["*"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_replication_connection_is_given_up_and_nothing_is_lost() {
+    let (db, c, config) = setup().await;
+    let proxy = crate::proxy::Proxy::start(db.port).await;
+    let mut via = config.clone();
+    via.database.url = db.url_via(proxy.port);
+    let daemon = Daemon::start(via);
+    daemon.wait_listening().await;
+    harness::score(&c, 1, 2).await;
+    harness::wait_for("mv_counts to follow", || harness::counts_fresh(&c)).await;
+    let streaming = || async {
+        c.query_one(
+            "SELECT coalesce(max(active_pid), 0) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&config.captures[0].slot_name()],
+        )
+        .await
+        .unwrap()
+        .get::<_, i32>(0)
+    };
+    let before = streaming().await;
+    assert_ne!(before, 0);
+
+    // Every connection of the daemon stalls; writes go on directly.
+    proxy.freeze();
+    for ch in 2..5 {
+        harness::score(&c, ch, 3).await;
+    }
+    // Only the reader's own watch can notice (the socket stays open): it pings, gives up,
+    // and streams again on a new connection once the server has let the old one go.
+    harness::wait_for("a new replication connection", || async {
+        let now = streaming().await;
+        now != 0 && now != before
+    })
+    .await;
+    harness::wait_for("every change to be reflected", || harness::counts_fresh(&c)).await;
+    daemon.stop().await;
 }
