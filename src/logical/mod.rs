@@ -31,7 +31,7 @@
 //!    and 5, the next reader receives those changes again: at least once, and refreshes are
 //!    idempotent.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use tokio_postgres::{Client, GenericClient};
 
@@ -47,6 +47,15 @@ use pgoutput::{Lsn, Message, Value};
 
 /// Keys kept per batch; with more, the batch marks `*` (everything) instead.
 pub const MAX_BATCH_KEYS: usize = 10_000;
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 UTC).
+const PG_EPOCH_UNIX_US: i64 = 946_684_800_000_000;
+
+fn earliest(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
 
 /// The transaction part of a logical capture's install: replica identity, publication (created,
 /// or its table and row filter set again when the capture's definition changed), the trigger
@@ -296,29 +305,34 @@ pub async fn mark_all(
     client: &impl GenericClient,
     channel: &str,
 ) -> Result<(), tokio_postgres::Error> {
-    record(client, channel, &[ALL.to_owned()]).await
+    record(client, channel, &[(ALL.to_owned(), None)]).await
 }
 
-/// Writes `keys` into the change log (those not pending already) and notifies `channel`, in one
-/// statement (one transaction).
+/// Writes `keys` into the change log (those not pending already), each dirty since its commit
+/// (`None`: now; so the debounce counts from the write, not from when it was decoded), and
+/// notifies `channel`, in one statement (one transaction).
 pub async fn record(
     client: &impl GenericClient,
     channel: &str,
-    keys: &[String],
+    keys: &[(String, Option<f64>)],
 ) -> Result<(), tokio_postgres::Error> {
+    let (names, since): (Vec<&str>, Vec<Option<f64>>) =
+        keys.iter().map(|(k, t)| (k.as_str(), *t)).unzip();
     client
         .execute(
             "WITH k AS (
-                 SELECT DISTINCT CASE WHEN octet_length(x) > 1024 THEN '*' ELSE x END AS key
-                 FROM unnest($2::text[]) AS x
+                 SELECT CASE WHEN octet_length(x.key) > 1024 THEN '*' ELSE x.key END AS key,
+                        least(min(coalesce(to_timestamp(x.since), now())), now()) AS since
+                 FROM unnest($2::text[], $3::float8[]) AS x(key, since)
+                 GROUP BY 1
              ), added AS (
-                 INSERT INTO mvrefresh.dirty (channel, key)
-                 SELECT $1, k.key FROM k
+                 INSERT INTO mvrefresh.dirty (channel, key, since)
+                 SELECT $1, k.key, k.since FROM k
                  WHERE NOT EXISTS (SELECT FROM mvrefresh.dirty AS d
                                    WHERE d.channel = $1 AND d.key = k.key AND d.xmax = '0')
              )
              SELECT pg_notify($1, '')",
-            &[&channel, &keys],
+            &[&channel, &names, &since],
         )
         .await?;
     Ok(())
@@ -360,12 +374,14 @@ pub async fn compared_columns(
     Ok(Some(columns.into_iter().collect()))
 }
 
-/// The keys a batch of changes dirtied, and where the slot may move once they are recorded.
+/// The keys a batch of changes dirtied (with the commit time of the first transaction that
+/// dirtied each), and where the slot may move once they are recorded.
 #[derive(Debug, Default)]
 pub struct Batch {
-    keys: BTreeSet<String>,
-    /// Everything is dirty (TRUNCATE, too many keys, a change that cannot be read).
+    keys: BTreeMap<String, Option<i64>>,
+    /// Everything is dirty (TRUNCATE, too many keys, a change that cannot be read), since then.
     pub all: bool,
+    all_since: Option<i64>,
     /// The end of the last delivered transaction, or the last non-transactional message.
     pub advance_to: Option<Lsn>,
     pub messages: u64,
@@ -374,33 +390,43 @@ pub struct Batch {
 }
 
 impl Batch {
-    fn add(&mut self, value: &Value) {
+    fn add(&mut self, value: &Value, since: Option<i64>) {
         let Value::Text(bytes) = value else { return };
         if self.all {
             return;
         }
         match std::str::from_utf8(bytes) {
-            Ok(key) if self.keys.len() < MAX_BATCH_KEYS => {
-                self.keys.insert(key.to_owned());
+            Ok(key) if self.keys.len() < MAX_BATCH_KEYS || self.keys.contains_key(key) => {
+                let first = self.keys.entry(key.to_owned()).or_insert(since);
+                *first = earliest(*first, since);
             }
-            _ => {
-                self.all = true;
-                self.keys.clear();
-            }
+            _ => self.everything(since),
         }
     }
 
-    fn everything(&mut self) {
+    fn everything(&mut self, since: Option<i64>) {
+        let first = self.keys.values().fold(since, |a, b| earliest(a, *b));
+        self.all_since = earliest(earliest(self.all_since, first), since);
         self.all = true;
         self.keys.clear();
     }
 
     /// The keys to record: `["*"]` when everything is dirty.
     pub fn keys(&self) -> Vec<String> {
+        self.dirty().into_iter().map(|(k, _)| k).collect()
+    }
+
+    /// The keys to record and when each turned dirty (the commit, as Unix seconds; `None`:
+    /// now).
+    pub fn dirty(&self) -> Vec<(String, Option<f64>)> {
+        let unix = |t: Option<i64>| t.map(|us| (us + PG_EPOCH_UNIX_US) as f64 / 1e6);
         if self.all {
-            vec![ALL.to_owned()]
+            vec![(ALL.to_owned(), unix(self.all_since))]
         } else {
-            self.keys.iter().cloned().collect()
+            self.keys
+                .iter()
+                .map(|(k, t)| (k.clone(), unix(*t)))
+                .collect()
         }
     }
 
@@ -423,6 +449,8 @@ pub struct Extractor {
     key: String,
     compared: Option<Vec<String>>,
     relations: HashMap<u32, Positions>,
+    /// The commit time of the transaction being delivered.
+    commit_time: Option<i64>,
 }
 
 impl Extractor {
@@ -431,6 +459,7 @@ impl Extractor {
             key: key.to_owned(),
             compared,
             relations: HashMap::new(),
+            commit_time: None,
         }
     }
 
@@ -455,7 +484,7 @@ impl Extractor {
             Message::Delete { oid, old, key_only } => {
                 if key_only {
                     batch.without_old_row += 1;
-                    batch.everything();
+                    batch.everything(self.commit_time);
                 } else {
                     self.key_of(oid, &old, batch);
                 }
@@ -475,28 +504,29 @@ impl Extractor {
                 }
                 _ => {
                     batch.without_old_row += 1;
-                    batch.everything();
+                    batch.everything(self.commit_time);
                 }
             },
-            Message::Truncate { .. } => batch.everything(),
+            Message::Truncate { .. } => batch.everything(self.commit_time),
             Message::Commit { end } => batch.advance_to = Some(end),
             Message::Message {
                 transactional: false,
                 lsn,
                 ..
             } => batch.advance_to = Some(lsn),
-            Message::Begin | Message::Message { .. } | Message::Other => {}
+            Message::Begin { commit_time } => self.commit_time = Some(commit_time),
+            Message::Message { .. } | Message::Other => {}
         }
     }
 
     fn key_of(&self, oid: u32, tuple: &[Value], batch: &mut Batch) {
         match self.relations.get(&oid).and_then(|p| p.key) {
             Some(i) => match tuple.get(i) {
-                Some(v @ Value::Text(_)) => batch.add(v),
+                Some(v @ Value::Text(_)) => batch.add(v, self.commit_time),
                 Some(Value::Null | Value::Unchanged) => {}
-                None => batch.everything(),
+                None => batch.everything(self.commit_time),
             },
-            None => batch.everything(),
+            None => batch.everything(self.commit_time),
         }
     }
 

@@ -20,7 +20,11 @@ pub enum Value {
 /// One decoded message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    Begin,
+    /// A transaction starts; `commit_time`: when it committed (microseconds since
+    /// 2000-01-01 UTC, PostgreSQL's epoch).
+    Begin {
+        commit_time: i64,
+    },
     /// Everything of the transaction is delivered; the slot may move to `end`.
     Commit {
         end: Lsn,
@@ -155,7 +159,12 @@ pub fn parse(data: &[u8]) -> Result<Message, ParseError> {
         rest,
     };
     let message = match kind {
-        b'B' => Message::Begin,
+        b'B' => {
+            let _final = r.u64()?;
+            Message::Begin {
+                commit_time: r.u64()? as i64,
+            }
+        }
         b'C' => {
             let _flags = r.u8()?;
             let _commit = r.u64()?;

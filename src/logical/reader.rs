@@ -98,6 +98,8 @@ struct Session {
     last_health: Instant,
     /// When the stream last delivered anything.
     last_event: Instant,
+    /// When keys were last recorded (or the session started).
+    last_flush: Instant,
     /// The server asked for a status update, or we have not answered a ping of ours yet.
     reply_wanted: bool,
     ping_sent: Option<Instant>,
@@ -222,6 +224,7 @@ impl Reader {
             stream,
             last_health: Instant::now(),
             last_event: Instant::now(),
+            last_flush: Instant::now(),
             reply_wanted: false,
             ping_sent: None,
         });
@@ -253,9 +256,18 @@ impl Reader {
                     {
                         self.last_message = Some(content.clone());
                     }
+                    let commit = matches!(message, pgoutput::Message::Commit { .. });
                     extractor.apply(message, &mut self.batch);
                     if let Some(lsn) = self.batch.advance_to {
                         self.received = self.received.max(lsn);
+                    }
+                    // The first commit after a quiet moment is recorded at once; under a steady
+                    // stream, at most once per poll_interval.
+                    if commit
+                        && !self.batch.is_empty()
+                        && session.last_flush.elapsed() >= self.w.capture.poll_interval
+                    {
+                        return Ok(());
                     }
                 }
                 Event::Keepalive { end, reply } => {
@@ -285,7 +297,8 @@ impl Reader {
             );
         }
         if !batch.is_empty() {
-            super::record(&session.client, &self.w.capture.channel, &batch.keys()).await?;
+            super::record(&session.client, &self.w.capture.channel, &batch.dirty()).await?;
+            session.last_flush = Instant::now();
         }
         // A status update when there is a position to confirm or the server asked for one; a
         // ping when the stream has been silent (an idle server sends nothing otherwise).

@@ -199,3 +199,36 @@ fn non_transactional_messages_are_places_to_advance_to() {
     assert_eq!(b.advance_to, Some(7));
     assert!(b.is_empty());
 }
+
+#[test]
+fn a_key_is_dirty_since_the_commit_of_the_first_transaction_that_changed_it() {
+    let mut x = extractor();
+    let mut b = Batch::default();
+    let insert = |key: &str| Message::Insert {
+        oid: 1,
+        new: vec![t("1"), t(key), t("1"), Value::Null],
+    };
+    // 2026-01-01T00:00:00Z in PostgreSQL's epoch (microseconds since 2000-01-01).
+    let t0: i64 = 820_540_800_000_000;
+    x.apply(Message::Begin { commit_time: t0 }, &mut b);
+    x.apply(insert("7"), &mut b);
+    x.apply(
+        Message::Begin {
+            commit_time: t0 + 1_500_000,
+        },
+        &mut b,
+    );
+    x.apply(insert("7"), &mut b);
+    x.apply(insert("8"), &mut b);
+    let unix = 1_767_225_600.0; // the same instant in Unix seconds
+    assert_eq!(
+        b.dirty(),
+        [
+            ("7".to_owned(), Some(unix)),
+            ("8".to_owned(), Some(unix + 1.5))
+        ]
+    );
+    // Everything: since the earliest change it stands for.
+    x.apply(Message::Truncate { oids: vec![1] }, &mut b);
+    assert_eq!(b.dirty(), [(ALL.to_owned(), Some(unix))]);
+}

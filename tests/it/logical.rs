@@ -171,14 +171,34 @@ async fn the_slot_marks_exactly_the_changed_challenges_and_writers_carry_no_trig
         ),
         ("TRUNCATE submissions", &["*"]),
     ];
+    let now = || async {
+        c.query_one("SELECT clock_timestamp()", &[])
+            .await
+            .unwrap()
+            .get::<_, std::time::SystemTime>(0)
+    };
     for (i, (sql, expected)) in cases.iter().enumerate() {
+        let started = now().await;
         c.batch_execute(sql)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let committed = now().await;
         let before = confirmed(&c, &config).await;
         let mark = sync(i + 1).await;
         catch_up(&mut reader, &mark).await;
         assert!(reader.is_reading());
+        // Dirty since the writer's commit, not since the reader recorded it.
+        let since: Vec<std::time::SystemTime> = c
+            .query("SELECT since FROM mvrefresh.dirty", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(
+            since.iter().all(|t| *t >= started && *t <= committed),
+            "{sql}: dirty since {since:?}, written between {started:?} and {committed:?}"
+        );
         assert_eq!(
             harness::take_dirty(&c, None).await,
             *expected,
