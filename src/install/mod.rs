@@ -379,14 +379,8 @@ DROP PUBLICATION IF EXISTS {publication};
 COMMENT ON FUNCTION {f_row}() IS {comment};
 REVOKE ALL ON FUNCTION {f_row}(), {f_trunc}(), {f_clean}({table}, {table}),
     {f_clean_old}({table}, {table}), {f_keys}({table}, {table}) FROM PUBLIC;
-INSERT INTO mvrefresh.capture (name, table_name, channel, fingerprint)
-VALUES ({name}, {table_lit}::regclass, {channel}, {fingerprint})
-ON CONFLICT (name) DO UPDATE
-    SET table_name = EXCLUDED.table_name, channel = EXCLUDED.channel,
-        fingerprint = EXCLUDED.fingerprint
-    WHERE (mvrefresh.capture.table_name, mvrefresh.capture.channel, mvrefresh.capture.fingerprint)
-          IS DISTINCT FROM (EXCLUDED.table_name, EXCLUDED.channel, EXCLUDED.fingerprint);
-"#,
+{register}"#,
+        register = register_sql(c),
         publication = ident(&c.publication_name()),
         t_row_lit = literal(&t_row),
         t_trunc_lit = literal(&t_trunc),
@@ -396,6 +390,24 @@ ON CONFLICT (name) DO UPDATE
             "mvrefresh capture `{}`: {} → channel {}",
             c.name, c.table, c.channel
         )),
+    )
+}
+
+/// The capture's row in `mvrefresh.capture` (written only when it changed), whichever its method.
+pub fn register_sql(c: &CaptureConfig) -> String {
+    format!(
+        r#"INSERT INTO mvrefresh.capture (name, table_name, channel, fingerprint)
+VALUES ({name}, {table}::regclass, {channel}, {fingerprint})
+ON CONFLICT (name) DO UPDATE
+    SET table_name = EXCLUDED.table_name, channel = EXCLUDED.channel,
+        fingerprint = EXCLUDED.fingerprint
+    WHERE (mvrefresh.capture.table_name, mvrefresh.capture.channel, mvrefresh.capture.fingerprint)
+          IS DISTINCT FROM (EXCLUDED.table_name, EXCLUDED.channel, EXCLUDED.fingerprint);
+"#,
+        name = literal(&c.name),
+        table = literal(&c.table.quoted()),
+        channel = literal(&c.channel),
+        fingerprint = literal(&fingerprint(c)),
     )
 }
 

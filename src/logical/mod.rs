@@ -71,7 +71,6 @@ pub fn install_sql(c: &CaptureConfig) -> String {
         .map(|w| format!(" WHERE ({w})"))
         .unwrap_or_default();
     let fingerprint = literal(&crate::install::fingerprint(c));
-    let channel = literal(&c.channel);
     format!(
         r#"DO $mvrefresh$
 BEGIN
@@ -87,14 +86,8 @@ BEGIN
     END IF;
 END
 $mvrefresh$;
-{drop_trigger}INSERT INTO mvrefresh.capture (name, table_name, channel, fingerprint)
-VALUES ({name}, {table_lit}::regclass, {channel}, {fingerprint})
-ON CONFLICT (name) DO UPDATE
-    SET table_name = EXCLUDED.table_name, channel = EXCLUDED.channel,
-        fingerprint = EXCLUDED.fingerprint
-    WHERE (mvrefresh.capture.table_name, mvrefresh.capture.channel, mvrefresh.capture.fingerprint)
-          IS DISTINCT FROM (EXCLUDED.table_name, EXCLUDED.channel, EXCLUDED.fingerprint);
-"#,
+{drop_trigger}{register}"#,
+        register = crate::install::register_sql(c),
         pub_lit = literal(&c.publication_name()),
         drop_trigger = drop_capture_sql(&c.name, false),
     )

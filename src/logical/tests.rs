@@ -7,10 +7,12 @@ fn t(s: &str) -> Value {
 
 /// Columns: id, challenge_id (the key), score (compared), note (not compared).
 fn extractor() -> Extractor {
-    let mut x = Extractor::new(
-        "challenge_id",
-        Some(vec!["challenge_id".into(), "score".into()]),
-    );
+    extractor_comparing(Some(vec!["challenge_id".into(), "score".into()]))
+}
+
+/// The same table, comparing `compared` (`None`: every column).
+fn extractor_comparing(compared: Option<Vec<String>>) -> Extractor {
+    let mut x = Extractor::new("challenge_id", compared);
     let mut b = Batch::default();
     x.apply(
         Message::Relation {
@@ -162,17 +164,8 @@ fn what_cannot_be_read_key_by_key_marks_everything() {
 
 #[test]
 fn every_column_is_compared_when_the_predicate_reads_the_whole_row() {
-    let mut x = Extractor::new("challenge_id", None);
+    let mut x = extractor_comparing(None);
     let mut b = Batch::default();
-    x.apply(
-        Message::Relation {
-            oid: 1,
-            columns: ["id", "challenge_id", "score", "note"]
-                .map(String::from)
-                .to_vec(),
-        },
-        &mut b,
-    );
     x.apply(
         update(
             [t("3"), t("9"), t("1"), t("a")],

@@ -204,8 +204,12 @@ async fn the_slot_marks_exactly_the_changed_challenges_and_writers_carry_no_trig
             *expected,
             "dirty keys after: {sql}"
         );
-        // Recorded, so the slot moved past it.
-        assert_ne!(confirmed(&c, &config).await, before, "slot after: {sql}");
+        // Recorded, so the slot moves past it (once the server has read the reader's status
+        // update).
+        harness::wait_for(&format!("the slot to move past: {sql}"), || async {
+            confirmed(&c, &config).await != before
+        })
+        .await;
     }
 }
 
@@ -312,7 +316,10 @@ async fn changes_received_but_not_confirmed_are_delivered_again_and_only_once_co
         .get(0);
     assert_eq!(rows, 2);
     assert_eq!(harness::take_dirty(&c, None).await, ["1", "2"]);
-    assert_ne!(confirmed(&c, &config).await, before);
+    harness::wait_for("the server to take the confirmation", || async {
+        confirmed(&c, &config).await != before
+    })
+    .await;
     drop(next);
     // Confirmed: a reader after that receives nothing of it.
     let mut after = reader(&config);
