@@ -1,4 +1,5 @@
-# Sourced by the scripts: makes sure PostgreSQL server binaries, pg_cron and openssl are installed
+# Sourced by the scripts: makes sure PostgreSQL server binaries, pg_cron, openssl, systemd-analyze
+# and promtool are installed
 # (Debian/Ubuntu packages), installing what is missing. Sets PG_BIN to the newest server's bin
 # directory.
 
@@ -34,8 +35,22 @@ ensure_postgres() {
     command -v psql >/dev/null || apt_install postgresql-client
     # The TLS tests make a throwaway CA and server certificate with the openssl CLI.
     command -v openssl >/dev/null || apt_install openssl
-    # The unit-file test runs `systemd-analyze verify`.
+    # The unit-file test runs `systemd-analyze verify`; the alert rules' tests run `promtool`.
     command -v systemd-analyze >/dev/null || apt_install systemd
+    command -v promtool >/dev/null || apt_install prometheus
     export PG_BIN PG_VERSION
     export MVREFRESH_TEST_PG_BIN="$PG_BIN"
+}
+
+# kubernetes-validate (PyPI; the Kubernetes API's schemas, offline once installed), in a virtual
+# environment under target/tools, put on PATH. The manifests' test runs it.
+ensure_kubernetes_validate() {
+    command -v kubernetes-validate >/dev/null && return 0
+    local venv=${CARGO_TARGET_DIR:-$PWD/target}/tools/kubernetes-validate
+    if [ ! -x "$venv/bin/kubernetes-validate" ]; then
+        echo "installing kubernetes-validate into $venv (pip)..." >&2
+        python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv && python3 -m venv "$venv"; }
+        "$venv/bin/pip" install -q 'kubernetes-validate==1.37.0'
+    fi
+    export PATH="$venv/bin:$PATH"
 }

@@ -423,6 +423,9 @@ mod tests {
                 last_success: None,
             });
         }
+        if let Ok(mut slots) = stats.slots_retained.lock() {
+            slots.insert("s".into(), 0);
+        }
         let exported = t.prometheus_text();
         for file in [
             "deploy/grafana/mvrefresh-dashboard.json",

@@ -202,3 +202,62 @@ fn dockerfile_is_multistage_locked_and_non_root() {
         "{user}"
     );
 }
+
+/// The alerting rules load in Prometheus's own checker, and their unit tests
+/// (`deploy/prometheus/mvrefresh-alerts.test.yml`: each alert fires on the series pattern it is
+/// meant for and stays quiet on its neighbours) pass in `promtool test rules`.
+#[test]
+fn promtool_checks_the_alert_rules_and_runs_their_unit_tests() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus");
+    for args in [
+        &["check", "rules", "mvrefresh-alerts.yml"][..],
+        &["test", "rules", "mvrefresh-alerts.test.yml"][..],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool (package prometheus; scripts/test installs it)");
+        assert!(
+            out.status.success(),
+            "promtool {} failed:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Every manifest, and the ConfigMap the kustomization generates from `config.toml` (rendered
+/// here: kustomize is not packaged for Debian), validates strictly against the Kubernetes API's
+/// schemas (`kubernetes-validate`, offline; `scripts/test` installs it).
+#[test]
+fn kubernetes_manifests_validate_against_the_api_schemas() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let generated =
+        std::env::temp_dir().join(format!("mvrefresh-configmap-{}.json", std::process::id()));
+    let configmap = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "mvrefresh-config"},
+        "data": {"config.toml": read("deploy/kubernetes/config.toml")},
+    });
+    std::fs::write(&generated, configmap.to_string()).unwrap();
+    let files = ["deployment.yaml", "sidecar.yaml", "secret.example.yaml"];
+    let out = Command::new("kubernetes-validate")
+        .arg("--strict")
+        .args(files)
+        .arg(&generated)
+        .current_dir(&dir)
+        .output()
+        .expect("kubernetes-validate (PyPI; scripts/test installs it into target/tools)");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_file(&generated);
+    assert!(out.status.success(), "kubernetes-validate failed:\n{said}");
+    assert_eq!(said.matches(" passed for resource ").count(), 4, "{said}");
+    assert!(!said.contains("WARN") && !said.contains("ERROR"), "{said}");
+}

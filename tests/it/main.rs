@@ -17,6 +17,7 @@ mod hostile;
 mod logical;
 mod observe;
 mod partitioned;
+mod prometheus;
 mod proxy;
 mod replicas;
 mod tls;
