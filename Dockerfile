@@ -1,6 +1,10 @@
 # syntax=docker/dockerfile:1
 # Build: docker build -t mvrefresh .
-FROM rust:1.95-slim-bookworm AS build
+# The base images are arguments (defaults: the official ones) so that a machine with no registry
+# can build from images it made itself (scripts/image-test).
+ARG BUILD_IMAGE=rust:1.95-slim-bookworm
+ARG RUNTIME_IMAGE=debian:bookworm-slim
+FROM ${BUILD_IMAGE} AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
@@ -8,7 +12,7 @@ COPY sql ./sql
 COPY config.toml ./
 RUN cargo build --release --locked && strip target/release/mvrefresh
 
-FROM debian:bookworm-slim
+FROM ${RUNTIME_IMAGE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/*
