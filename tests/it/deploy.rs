@@ -188,6 +188,9 @@ fn dockerfile_is_multistage_locked_and_non_root() {
         2
     );
     assert!(docker.contains("--locked"));
+    // The base images are arguments whose defaults stay the official images.
+    assert!(docker.contains("ARG BUILD_IMAGE=rust:"), "{docker}");
+    assert!(docker.contains("ARG RUNTIME_IMAGE=debian:"), "{docker}");
     assert!(docker.contains("COPY --from=build"));
     assert!(docker.contains("COPY sql"));
     assert!(!docker.contains("HEALTHCHECK"));
