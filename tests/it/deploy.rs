@@ -247,7 +247,15 @@ fn kubernetes_manifests_validate_against_the_api_schemas() {
     });
     std::fs::write(&generated, configmap.to_string()).unwrap();
     let files = ["deployment.yaml", "sidecar.yaml", "secret.example.yaml"];
-    let out = Command::new("kubernetes-validate")
+    // On PATH, or where scripts/test installs it.
+    let installed = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/tools/kubernetes-validate/bin/kubernetes-validate");
+    let program = if installed.exists() {
+        installed.into_os_string()
+    } else {
+        "kubernetes-validate".into()
+    };
+    let out = Command::new(program)
         .arg("--strict")
         .args(files)
         .arg(&generated)
