@@ -89,23 +89,14 @@ $mvrefresh$;
 {drop_trigger}{register}"#,
         register = crate::install::register_sql(c),
         pub_lit = literal(&c.publication_name()),
-        drop_trigger = drop_capture_sql(&c.name, false),
+        drop_trigger = drop_trigger_capture_sql(&c.name),
     )
 }
 
-/// Drops what capture `name` installed in the database, in its install transaction: its
-/// triggers and trigger functions, and (`publication`) its publication. Its slot goes after
-/// the transaction ([`drop_slot`]).
-pub fn drop_capture_sql(name: &str, publication: bool) -> String {
+/// Drops the triggers and trigger functions capture `name` had as a trigger capture, in its
+/// install transaction.
+fn drop_trigger_capture_sql(name: &str) -> String {
     let name_lit = literal(name);
-    let drop_publication = if publication {
-        format!(
-            "    EXECUTE format('DROP PUBLICATION IF EXISTS %I', {});\n",
-            literal(&format!("mvrefresh_{name}"))
-        )
-    } else {
-        String::new()
-    };
     format!(
         r#"DO $mvrefresh_drop$
 DECLARE
@@ -128,7 +119,7 @@ BEGIN
     LOOP
         EXECUTE format('DROP FUNCTION %s', f.fn);
     END LOOP;
-{drop_publication}END
+END
 $mvrefresh_drop$;
 "#
     )
@@ -160,8 +151,9 @@ pub enum SlotError {
     Db { slot: String, message: String },
 }
 
-/// Creates the slot of logical capture `c` if it is missing, or again if it is lost. A slot
-/// created again has missed changes: the caller marks everything dirty.
+/// Creates the slot of logical capture `c` if it is missing, or again if it is lost, and then
+/// marks every key of its channel dirty: what was written before the slot existed is not in it
+/// (if the capture ran before, those changes are lost; one full refresh covers them).
 pub async fn ensure_slot(
     client: &impl GenericClient,
     c: &CaptureConfig,
@@ -210,6 +202,7 @@ pub async fn ensure_slot(
         "SELECT pg_create_logical_replication_slot($1, 'pgoutput')"
     };
     client.execute(create, &[&slot]).await.map_err(db_err)?;
+    mark_all(client, &c.channel).await.map_err(db_err)?;
     Ok(outcome)
 }
 
@@ -253,18 +246,12 @@ pub async fn after_install(
         kept.push(slot.clone());
         match ensure_slot(client, c).await? {
             SlotOutcome::Present => {}
-            SlotOutcome::Created => {
-                // What was written before the slot existed is not in it: if the capture ran
-                // before (its slot dropped since), those changes are lost. One full refresh.
-                mark_all(client, &c.channel).await?;
-                said.push(format!(
-                    "capture {}: created replication slot {slot}; every key of channel {} \
+            SlotOutcome::Created => said.push(format!(
+                "capture {}: created replication slot {slot}; every key of channel {} \
                      marked dirty once (what was written before the slot existed is not in it)",
-                    c.name, c.channel
-                ))
-            }
+                c.name, c.channel
+            )),
             SlotOutcome::Recreated => {
-                mark_all(client, &c.channel).await?;
                 said.push(format!(
                     "capture {}: replication slot {slot} was lost; created again, every key \
                      marked dirty",
@@ -294,7 +281,7 @@ pub async fn after_install(
 }
 
 /// Marks every key of `channel` dirty: changes were lost.
-pub async fn mark_all(
+async fn mark_all(
     client: &impl GenericClient,
     channel: &str,
 ) -> Result<(), tokio_postgres::Error> {
@@ -373,7 +360,7 @@ pub async fn compared_columns(
 pub struct Batch {
     keys: BTreeMap<String, Option<i64>>,
     /// Everything is dirty (TRUNCATE, too many keys, a change that cannot be read), since then.
-    pub all: bool,
+    all: bool,
     all_since: Option<i64>,
     /// The end of the last delivered transaction, or the last non-transactional message.
     pub advance_to: Option<Lsn>,
@@ -405,6 +392,7 @@ impl Batch {
     }
 
     /// The keys to record: `["*"]` when everything is dirty.
+    #[cfg(test)]
     pub fn keys(&self) -> Vec<String> {
         self.dirty().into_iter().map(|(k, _)| k).collect()
     }

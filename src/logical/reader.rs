@@ -333,15 +333,14 @@ impl Reader {
         Ok(())
     }
 
-    /// Step 2: the slot is there and not lost (else created again, everything marked dirty,
-    /// one alert), and its retained write-ahead log is under the limit (else an alert until it
+    /// Step 2: the slot is there and not lost (else created again, everything marked dirty by
+    /// [`super::ensure_slot`], one alert), and its retained write-ahead log is under the limit (else an alert until it
     /// is).
     async fn check_slot(&mut self, client: &Client) -> Result<(), ReadError> {
         let capture = &self.w.capture;
         match super::ensure_slot(client, capture).await? {
             SlotOutcome::Present => {}
             outcome => {
-                super::mark_all(client, &capture.channel).await?;
                 let how = if outcome == SlotOutcome::Created {
                     "was missing"
                 } else {
