@@ -281,10 +281,7 @@ pub async fn after_install(
 }
 
 /// Marks every key of `channel` dirty: changes were lost.
-async fn mark_all(
-    client: &impl GenericClient,
-    channel: &str,
-) -> Result<(), tokio_postgres::Error> {
+async fn mark_all(client: &impl GenericClient, channel: &str) -> Result<(), tokio_postgres::Error> {
     record(client, channel, &[(ALL.to_owned(), None)]).await
 }
 
