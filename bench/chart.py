@@ -14,10 +14,12 @@ NAMES = {
     "mvrefresh_tuned": "mvrefresh concurrently, tuned",
     "mvrefresh_incremental": "mvrefresh incremental",
     "mvrefresh_partitioned": "mvrefresh partitioned",
+    "mvrefresh_partitioned-serial": "mvrefresh partitioned, concurrency 1",
 }
 SCEN = {"burst": "bursts 50/20 s", "steady2": "steady 2/s", "steady20": "steady 20/s"}
 COLORS = {"pg_cron": "#c0392b", "mvrefresh_seedlike": "#e67e22", "mvrefresh_tuned": "#2980b9",
-          "mvrefresh_incremental": "#27ae60", "mvrefresh_partitioned": "#8e44ad"}
+          "mvrefresh_incremental": "#27ae60", "mvrefresh_partitioned": "#8e44ad",
+          "mvrefresh_partitioned-serial": "#b39ddb"}
 
 
 def main(path):

@@ -13,6 +13,7 @@ CONTENDERS = {
     "mvrefresh_tuned": "mvrefresh concurrently, quiet 1s / max_wait 10s",
     "mvrefresh_incremental": "mvrefresh incremental, quiet 250ms / max_wait 1s",
     "mvrefresh_partitioned": "mvrefresh partitioned (no function), quiet 250ms / max_wait 1s",
+    "mvrefresh_partitioned-serial": "mvrefresh partitioned as above, concurrency 1 (no parallel chunks)",
     "mvrefresh_logical": "mvrefresh incremental, quiet 250ms / max_wait 1s, logical capture (no trigger)",
 }
 SCENARIOS = {"burst": "bursts of 50 / 20 s", "steady2": "steady 2/s", "steady20": "steady 20/s"}

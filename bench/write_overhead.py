@@ -230,6 +230,9 @@ def summarize(r):
         wal = [(x["wal_bytes"], x["tps"] * r["settings"]["secs"]) for x in xs if x.get("wal_bytes") is not None and x.get("tps")]
         if wal and sum(t for _, t in wal):
             row["wal_bytes_per_txn"] = sum(b for b, _ in wal) / sum(t for _, t in wal)
+        dirty = [(x["dirty_rows"], x["tps"] * r["settings"]["secs"]) for x in xs if x.get("dirty_rows") is not None and x.get("tps")]
+        if dirty and sum(t for _, t in dirty):
+            row["dirty_per_1000_txn"] = 1000 * sum(d for d, _ in dirty) / sum(t for _, t in dirty)
         rows.append(row)
     base = {(x["condition"], x["workload"]): x["median_tps"] for x in rows if x["contender"] == "none"}
     for x in rows:
@@ -286,7 +289,9 @@ def report(path, update=False):
         with open(tmp, "w") as fh:
             json.dump(r, fh, indent=1)
         os.replace(tmp, path)
-    order_c = {c: i for i, c in enumerate(r["contenders"] + ["capture+daemon"])}
+    daemons = (["capture+daemon"] if r.get("daemon", {}).get("enabled") else []) \
+        + (["capture+daemon-base"] if r.get("daemon", {}).get("baseline_bin") else [])
+    order_c = {c: i for i, c in enumerate(r["contenders"] + ["capture+daemon", "capture+daemon-base"])}
     order_w = {w: i for i, w in enumerate(["rescore", "score", "judge", "skewed", "bulk"])}
     m, d, s = r["machine"], r["data"], r["settings"]
     out = []
@@ -301,17 +306,20 @@ def report(path, update=False):
     p(f"Cluster: `wal_level = {s.get('wal_level', 'replica')}` for every contender.")
     p("")
     p(f"pgbench `-M prepared -c {s['clients']} -j {s['threads']} -T {s['secs']}`, {s['rounds']} rounds "
-      f"interleaved per workload (each round: {', '.join(r['contenders'] + (['capture+daemon'] if r.get('daemon', {}).get('enabled') else []))}); "
+      f"interleaved per workload (each round: {', '.join(r['contenders'] + daemons)}); "
       f"median TPS, ratio to `none`. Each contender has a database of its own, cloned from one template "
       f"(operational tables + bundled analytics + sample data, no mvrefresh schema, no trigger): "
       + "; ".join(f"`{c}`: {r['setup'][c]['description']} (triggers on submissions: "
                   f"{', '.join(t['name'] for t in r['setup'][c]['triggers']) or 'none'}"
                   + (f"; subscriptions: {r['setup'][c]['subscriptions']}" if r['setup'][c].get('subscriptions') is not None else "")
-                  + ")" for c in r["contenders"] + (["capture+daemon"] if r.get("daemon", {}).get("enabled") else []))
+                  + ")" for c in r["contenders"] + daemons)
       + ". Before every run the contender's capture state (the tables of schema mvrefresh other than "
       f"{', '.join(s['keep_tables'])}) is emptied, as a daemon keeps it short, and a CHECKPOINT is taken. "
       f"Rounds whose TPS differ by more than {round((UNSTABLE - 1) * 100)}% (max/min > {UNSTABLE}) are flagged UNSTABLE. "
-      f"Wait events: active pgbench backends sampled every 200 ms, share of backend samples (CPU = not waiting).")
+      f"Wait events: active pgbench backends sampled every 200 ms, share of backend samples (CPU = not waiting). "
+      f"Keys turned dirty: rows inserted into `mvrefresh.dirty` during the run (`pg_stat_user_tables`) per 1,000 "
+      f"transactions, i.e. how often a writer found its key clean and wrote it (with a daemon running, keys turn "
+      f"dirty again after every collect).")
     p("")
     ran = {x["workload"] for x in r["runs"]} | ({"rescore"} if r.get("latency_runs") else set())
     desc = {
@@ -352,6 +360,8 @@ def report(path, update=False):
                              + (f" ({x['daemon_failed_refreshes']} failed)" if x["daemon_failed_refreshes"] else ""))
             if x.get("wal_bytes_per_txn"):
                 notes.append(f"WAL {x['wal_bytes_per_txn']:,.0f} B/txn")
+            if x.get("dirty_per_1000_txn") is not None:
+                notes.append(f"keys turned dirty {x['dirty_per_1000_txn']:.1f} per 1,000 txn")
             if x.get("decoder_us_per_txn"):
                 notes.append(f"decoder {x['decoder_us_per_txn']:.0f} µs/txn (CPU s/run {', '.join(f(v, 1) for v in x['decoder_cpu_s'])})")
             if x["failed"]:
