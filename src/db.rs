@@ -50,6 +50,10 @@ pub const CLIENT_CHECK: Duration = Duration::from_secs(1);
 /// Advisory-lock namespace (first key of the two-key form): "mvrf".
 pub const LOCK_NAMESPACE: i32 = 0x6d76_7266;
 
+/// Advisory-lock namespace of a `partitioned` view's key buckets ("mvrg"; see
+/// [`crate::partition::bucket`]).
+pub const BUCKET_LOCK_NAMESPACE: i32 = 0x6d76_7267;
+
 /// `[database] url` cannot be used. Names the key, never echoes the URL (it may hold a
 /// password).
 #[derive(Debug, thiserror::Error)]

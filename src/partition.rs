@@ -274,19 +274,49 @@ pub fn pushdown_problem(node: &serde_json::Value, key: &str) -> Option<Unfit> {
         .find_map(|p| pushdown_problem(p, key))
 }
 
-/// The refresh statement of keys `$1` (`text[]`), or of everything when `keyed` is false. It
-/// returns the rows deleted and the rows inserted or updated.
-pub fn refresh_sql(p: &Partition, target: &str, keyed: bool) -> String {
+/// How many lock buckets a partitioned view's keys fall into (see [`bucket`]).
+pub const BUCKETS: u32 = 32;
+
+/// The lock bucket of the rows whose key is NULL (recomputed by one refresh of keys at a time).
+pub const NULL_BUCKET: i32 = BUCKETS as i32;
+
+/// The lock bucket of `key`: a refresh of keys K holds the view's lock shared and the locks of
+/// K's buckets exclusively, so refreshes of disjoint buckets (the parallel chunks of one batch,
+/// or two replicas) run at once while no two ever write the same key, and a whole refresh
+/// (the view's lock exclusive) waits for all of them. FNV-1a: the same in every replica and
+/// version, and every key of a bucket goes to the same chunk.
+pub fn bucket(key: &str) -> i32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in key.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    (h % BUCKETS) as i32
+}
+
+/// What a refresh of `view` recomputes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything.
+    All,
+    /// The keys `$1` (`text[]`), and the rows whose key is NULL when `nulls`.
+    Keys { nulls: bool },
+}
+
+/// The refresh statement of `scope`. It returns the rows deleted and the rows inserted or
+/// updated.
+pub fn refresh_sql(p: &Partition, target: &str, scope: Scope) -> String {
     let key = ident(&p.key);
-    let restrict = |alias: &str| {
-        if keyed {
-            format!(
-                "({alias}.{key} = ANY ($1::text[]::{}[]) OR {alias}.{key} IS NULL)",
-                p.key_type
-            )
-        } else {
-            "true".to_owned()
-        }
+    let (keyed, nulls) = match scope {
+        Scope::All => (false, false),
+        Scope::Keys { nulls } => (true, nulls),
+    };
+    let restrict = |alias: &str| match (keyed, nulls) {
+        (false, _) => "true".to_owned(),
+        (true, true) => format!(
+            "({alias}.{key} = ANY ($1::text[]::{}[]) OR {alias}.{key} IS NULL)",
+            p.key_type
+        ),
+        (true, false) => format!("{alias}.{key} = ANY ($1::text[]::{}[])", p.key_type),
     };
     let same_key = |a: &str, b: &str| {
         p.unique
@@ -315,10 +345,17 @@ pub fn refresh_sql(p: &Partition, target: &str, keyed: bool) -> String {
     // Two branches, each pushed into the source on its own: `key = ANY(…) OR key IS NULL` in
     // one would keep an index on the key from being used.
     let fresh = if keyed {
+        let null_rows = if nulls {
+            format!(
+                "UNION ALL SELECT * FROM {source} AS s WHERE s.{key} IS NULL",
+                source = p.source
+            )
+        } else {
+            String::new()
+        };
         format!(
             "SELECT * FROM {source} AS s WHERE s.{key} = ANY ($1::text[]::{kt}[])
-             UNION ALL
-             SELECT * FROM {source} AS s WHERE s.{key} IS NULL",
+             {null_rows}",
             source = p.source,
             kt = p.key_type
         )
@@ -397,6 +434,17 @@ mod tests {
     }
 
     #[test]
+    fn buckets_are_stable_and_spread() {
+        // Pinned: replicas of different versions must agree on a key's bucket.
+        assert_eq!(bucket(""), (0x811c_9dc5_u32 % BUCKETS) as i32);
+        assert_eq!(bucket("a"), (0xe40c_292c_u32 % BUCKETS) as i32);
+        let used: std::collections::BTreeSet<i32> =
+            (1..=200).map(|k| bucket(&k.to_string())).collect();
+        assert_eq!(used.len(), BUCKETS as usize, "200 keys use every bucket");
+        assert!(used.iter().all(|b| (0..NULL_BUCKET).contains(b)));
+    }
+
+    #[test]
     fn the_refresh_statement_matches_on_the_unique_columns_and_upserts_what_differs() {
         let p = Partition {
             source: "\"public\".\"src\"".into(),
@@ -406,13 +454,22 @@ mod tests {
             unique: vec!["challenge_id".into(), "lane".into()],
             columns: vec!["challenge_id".into(), "lane".into(), "n".into()],
         };
-        let sql = refresh_sql(&p, "\"public\".\"t\"", true);
+        let sql = refresh_sql(&p, "\"public\".\"t\"", Scope::Keys { nulls: true });
         assert!(
             sql.contains(
-                "WHERE s.\"challenge_id\" = ANY ($1::text[]::integer[])\n             UNION ALL\n             SELECT * FROM \"public\".\"src\" AS s WHERE s.\"challenge_id\" IS NULL"
+                "WHERE s.\"challenge_id\" = ANY ($1::text[]::integer[])\n             UNION ALL SELECT * FROM \"public\".\"src\" AS s WHERE s.\"challenge_id\" IS NULL"
             ),
             "{sql}"
         );
+        assert!(
+            sql.contains(
+                "(t.\"challenge_id\" = ANY ($1::text[]::integer[]) OR t.\"challenge_id\" IS NULL)"
+            ),
+            "{sql}"
+        );
+        // A chunk that leaves the NULL rows to another touches its keys only.
+        let chunk = refresh_sql(&p, "\"public\".\"t\"", Scope::Keys { nulls: false });
+        assert!(!chunk.contains("IS NULL"), "{chunk}");
         assert!(
             sql.contains("o.\"lane\" = f.\"lane\" AND o OPERATOR(pg_catalog.*=) f"),
             "{sql}"
@@ -423,7 +480,7 @@ mod tests {
             ),
             "{sql}"
         );
-        let all = refresh_sql(&p, "\"public\".\"t\"", false);
+        let all = refresh_sql(&p, "\"public\".\"t\"", Scope::All);
         assert!(!all.contains("$1"), "{all}");
     }
 }

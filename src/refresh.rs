@@ -2,7 +2,10 @@
 //!
 //! 1. `SET LOCAL statement_timeout, lock_timeout`;
 //! 2. `pg_try_advisory_xact_lock(namespace, hashtext(view))`: at most one refresh of a view at a
-//!    time across every replica; when it is taken, the refresh is [`Outcome::Busy`];
+//!    time across every replica; when it is taken, the refresh is [`Outcome::Busy`]. A
+//!    `partitioned` view's refresh of keys takes that lock shared and its keys' buckets
+//!    exclusively ([`crate::partition::bucket`]): refreshes of disjoint buckets (the parallel
+//!    chunks of a batch) run at once, never two of the same key, never beside a whole refresh;
 //! 3. delete the view's pending rows it covers (all of them for a whole-view mode, the batch's
 //!    keys for `incremental`) that the daemon's horizon covers (see [`crate::store`]: every
 //!    writer that relied on them has ended). The refresh below reads a later snapshot, so it
@@ -22,8 +25,9 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{Client, Transaction};
 
 use crate::config::{Mode, RefreshConfig};
-use crate::db::LOCK_NAMESPACE;
+use crate::db::{BUCKET_LOCK_NAMESPACE, LOCK_NAMESPACE};
 use crate::debounce::ALL;
+use crate::partition;
 use crate::plan::View;
 use crate::store;
 
@@ -60,6 +64,9 @@ pub struct Request {
     /// The snapshot of the daemon's horizon: pending rows written before it may be consumed
     /// (`None`: only rows no writer relied on).
     pub horizon: Option<String>,
+    /// A `partitioned` view's refresh of keys also recomputes the rows whose key is NULL
+    /// (every refresh but the other chunks of a batch split into several).
+    pub nulls: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,7 +174,7 @@ async fn run_transaction(
     }
     let covered: BTreeSet<String> = request.keys.iter().cloned().collect();
     let keys: Option<Vec<&str>> = (!all).then(|| covered.iter().map(String::as_str).collect());
-    apply(&tx, view, keys.as_deref()).await?;
+    apply(&tx, view, keys.as_deref(), request.nulls).await?;
     if !dependents.is_empty() {
         let propagate = keys.clone().unwrap_or_else(|| vec![ALL]);
         store::pend_for(&tx, dependents, &propagate).await?;
@@ -212,17 +219,37 @@ async fn lock(
         settings.lock_timeout.as_millis().max(1)
     ))
     .await?;
+    let buckets = buckets(view, request);
+    let shared = if buckets.is_some() { "_shared" } else { "" };
     let locked: bool = if request.wait_for_lock {
         tx.execute(
-            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+            &format!("SELECT pg_advisory_xact_lock{shared}($1, hashtext($2))"),
             &[&LOCK_NAMESPACE, &view.name],
         )
         .await?;
+        // One at a time, in order: two waiting refreshes cannot deadlock.
+        for b in buckets.iter().flatten() {
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2 || '#' || $3::int4))",
+                &[&BUCKET_LOCK_NAMESPACE, &view.name, b],
+            )
+            .await?;
+        }
         true
     } else {
         tx.query_one(
-            "SELECT pg_try_advisory_xact_lock($1, hashtext($2))",
-            &[&LOCK_NAMESPACE, &view.name],
+            &format!(
+                "SELECT pg_try_advisory_xact_lock{shared}($1, hashtext($2))
+                    AND (SELECT coalesce(bool_and(pg_try_advisory_xact_lock(
+                                 $3, hashtext($2 || '#' || b))), true)
+                         FROM unnest($4::int4[]) AS b)"
+            ),
+            &[
+                &LOCK_NAMESPACE,
+                &view.name,
+                &BUCKET_LOCK_NAMESPACE,
+                &buckets.unwrap_or_default(),
+            ],
         )
         .await?
         .get(0)
@@ -237,11 +264,28 @@ async fn lock(
     Ok(locked)
 }
 
+/// The buckets whose locks a refresh takes (exclusively, the view's lock then shared): a
+/// `partitioned` view's refresh of keys; `None` for every other refresh (the view's lock,
+/// exclusive).
+fn buckets(view: &View, request: &Request) -> Option<Vec<i32>> {
+    if view.mode() != Mode::Partitioned || request.keys.iter().any(|k| k == ALL) {
+        return None;
+    }
+    let mut buckets: Vec<i32> = request.keys.iter().map(|k| partition::bucket(k)).collect();
+    if request.nulls {
+        buckets.push(partition::NULL_BUCKET);
+    }
+    buckets.sort_unstable();
+    buckets.dedup();
+    Some(buckets)
+}
+
 /// The refresh statement of `view`'s mode: `keys` for an incremental view, `None` for all.
 async fn apply(
     tx: &Transaction<'_>,
     view: &View,
     keys: Option<&[&str]>,
+    nulls: bool,
 ) -> Result<(), tokio_postgres::Error> {
     match view.mode() {
         Mode::Concurrently | Mode::Blocking => {
@@ -265,7 +309,11 @@ async fn apply(
             let Some(p) = &view.partition else {
                 return Ok(());
             };
-            let sql = crate::partition::refresh_sql(p, &view.target, keys.is_some());
+            let scope = match keys {
+                Some(_) => partition::Scope::Keys { nulls },
+                None => partition::Scope::All,
+            };
+            let sql = partition::refresh_sql(p, &view.target, scope);
             let row = match keys {
                 Some(keys) => tx.query_one(&sql, &[&keys]).await?,
                 None => tx.query_one(&sql, &[]).await?,

@@ -71,6 +71,7 @@ pub async fn execute(
             reason: Reason::Manual,
             wait_for_lock: true,
             horizon: horizon.clone(),
+            nulls: true,
         };
         let settings = Settings::new(view, &config.refresh, replica.clone());
         match refresh::refresh(&mut client, view, &dependents, &request, &settings).await {

@@ -95,6 +95,8 @@ enum Internal {
     Pruned(Result<u64, String>),
     RefreshDone {
         view: usize,
+        /// Which of the view's refresh tasks ([`Daemon::running`]).
+        chunk: u64,
         batch: Batch,
         result: Result<Outcome, TaskError>,
     },
@@ -189,8 +191,11 @@ struct Daemon {
     plan: Arc<Plan>,
     stats: Arc<Stats>,
     views: Vec<ViewState>,
-    /// The task of each view's refresh in flight (beside its [`ViewState::in_flight`]).
-    running: Vec<Option<Running>>,
+    /// The tasks of each view's refresh in flight, one per chunk, by chunk number (beside its
+    /// [`ViewState::in_flight`]).
+    running: Vec<Vec<(u64, Running)>>,
+    /// Numbers the refresh tasks (chunks).
+    next_chunk: u64,
     /// What scheduling needs to know of each view.
     facts: Vec<scheduler::Facts>,
     /// channel → (views subscribed, whether a capture feeds it: its notifications are only
@@ -251,6 +256,7 @@ impl Daemon {
                 schedule: v.config.schedule,
                 quiet: v.config.debounce(w.config.debounce).quiet,
                 ancestors: v.ancestors.iter().copied().collect(),
+                chunked: v.mode() == crate::config::Mode::Partitioned,
             })
             .collect();
         Daemon {
@@ -260,7 +266,8 @@ impl Daemon {
             pool: w.pool,
             plan: Arc::new(plan),
             stats: w.stats,
-            running: views.iter().map(|_| None).collect(),
+            running: views.iter().map(|_| Vec::new()).collect(),
+            next_chunk: 0,
             facts,
             views,
             channels,
@@ -392,11 +399,12 @@ impl Daemon {
             .filter(|&i| self.views[i].in_flight.is_some())
             .collect();
         for &i in &left {
-            let token = self.running[i]
-                .as_ref()
-                .and_then(|r| r.cancel.lock().ok().and_then(|t| t.clone()));
             tracing::warn!(view = %self.plan.views[i].name, "shutdown deadline passed: cancelling the refresh");
-            if let Some(token) = token {
+            let tokens: Vec<_> = self.running[i]
+                .iter()
+                .filter_map(|(_, r)| r.cancel.lock().ok().and_then(|t| t.clone()))
+                .collect();
+            for token in tokens {
                 if let Err(e) = token.cancel().await {
                     tracing::warn!(error = %e, "could not cancel the refresh query");
                 }
@@ -411,7 +419,7 @@ impl Daemon {
         }
         for (v, r) in self.views.iter_mut().zip(&mut self.running) {
             v.in_flight = None;
-            if let Some(r) = r.take() {
+            for (_, r) in r.drain(..) {
                 r.task.abort();
             }
         }
@@ -446,7 +454,7 @@ impl Daemon {
             self.intake.horizon(),
         );
         for s in starts {
-            self.spawn_refresh(s.view, s.batch, s.reason);
+            self.spawn_refresh(s.view, s.batch, s.reason, s.nulls);
         }
     }
 
@@ -459,9 +467,10 @@ impl Daemon {
             Internal::Pruned(result) => self.on_pruned(result),
             Internal::RefreshDone {
                 view,
+                chunk,
                 batch,
                 result,
-            } => self.on_refresh_done(view, batch, result),
+            } => self.on_refresh_done(view, chunk, batch, result),
         }
     }
 

@@ -27,7 +27,7 @@ use crate::refresh::{Outcome, Reason, Request, Settings};
 use crate::telemetry::RefreshOutcome;
 
 impl Daemon {
-    pub(super) fn spawn_refresh(&mut self, i: usize, batch: Batch, reason: Reason) {
+    pub(super) fn spawn_refresh(&mut self, i: usize, batch: Batch, reason: Reason, nulls: bool) {
         let view = &self.plan.views[i];
         let keys: Vec<String> = batch.iter().map(|(k, _)| k.clone()).collect();
         let forced: Vec<String> = batch
@@ -41,7 +41,10 @@ impl Daemon {
             reason,
             wait_for_lock: false,
             horizon: self.intake.horizon_snapshot(),
+            nulls,
         };
+        let chunk = self.next_chunk;
+        self.next_chunk += 1;
         let settings = Settings::new(view, &self.config.refresh, self.replica.clone());
         let dependents = self.plan.dependent_names(i);
         let cancel: Arc<Mutex<Option<Canceller>>> = Arc::default();
@@ -68,6 +71,7 @@ impl Daemon {
                     .await;
                     let _ = done.send(Internal::RefreshDone {
                         view: i,
+                        chunk,
                         batch,
                         result,
                     });
@@ -75,18 +79,22 @@ impl Daemon {
                 span,
             ))
         };
-        self.running[i] = Some(Running { cancel, task });
+        self.running[i].push((chunk, Running { cancel, task }));
     }
 
     pub(super) fn on_refresh_done(
         &mut self,
         i: usize,
+        chunk: u64,
         batch: Batch,
         result: Result<Outcome, TaskError>,
     ) {
         let now = Instant::now();
-        self.running[i] = None;
-        self.views[i].in_flight = None;
+        self.running[i].retain(|(c, _)| *c != chunk);
+        let st = &mut self.views[i];
+        if st.in_flight.as_mut().is_none_or(|f| f.chunk_done(&batch)) {
+            st.in_flight = None;
+        }
         let name = self.plan.views[i].name.clone();
         let st = &mut self.views[i];
         match result {

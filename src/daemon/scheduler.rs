@@ -11,8 +11,23 @@ use super::isolate::Isolation;
 use crate::debounce::{Batch, Debouncer, ALL};
 use crate::refresh::Reason;
 
-/// At most this much earlier than its due time a key joins a batch of keys already due.
+/// At most this much earlier than its due time a key makes its view's batch go (the
+/// notifications of one commit arrive a few microseconds apart).
 const BATCH_SLACK: Duration = Duration::from_millis(50);
+/// At most this much earlier than its due time a key joins a batch that goes anyway (see
+/// [`join_window`]).
+const JOIN_MAX: Duration = Duration::from_secs(1);
+
+/// How much earlier than its due time a key joins a batch of its view that goes now: half the
+/// view's quiet period (at most [`JOIN_MAX`]). Keys written continuously are each due at their
+/// own `max_wait`, at instants spread over it: one by one they would cost a refresh
+/// transaction each (at 200 such keys and a 1 s `max_wait`, ~70 a second, most of their cost
+/// bookkeeping); taken along, they share the batches, and they stay together afterwards (their
+/// next changes start their waits at about the same time). A key joins only once it has been
+/// quiet for half its quiet period, so a burst still running is not cut short.
+fn join_window(quiet: Duration) -> Duration {
+    (quiet / 2).min(JOIN_MAX)
+}
 
 /// What scheduling needs to know of a view from the plan and the config.
 pub(super) struct Facts {
@@ -24,7 +39,13 @@ pub(super) struct Facts {
     pub quiet: Duration,
     /// The views it reads, directly or not.
     pub ancestors: Vec<usize>,
+    /// A big batch may be split into chunks refreshed at once (`partitioned`).
+    pub chunked: bool,
 }
+
+/// A chunk holds at least this many keys: a batch is split into at most `len / MIN_CHUNK`
+/// chunks.
+const MIN_CHUNK: usize = 2;
 
 /// A refresh to start.
 #[derive(Debug)]
@@ -32,6 +53,8 @@ pub(super) struct Start {
     pub view: usize,
     pub batch: Batch,
     pub reason: Reason,
+    /// It recomputes a partitioned view's rows whose key is NULL (one chunk of a batch does).
+    pub nulls: bool,
 }
 
 pub(super) struct ViewState {
@@ -62,13 +85,54 @@ impl ViewState {
     }
 }
 
-/// A refresh in flight: what it covers.
+/// A refresh in flight, perhaps in several chunks: what it covers.
 pub(super) struct InFlight {
     /// A whole-view refresh.
     pub whole: bool,
+    /// The keys of the chunks still running.
     pub keys: BTreeSet<String>,
     /// The oldest change the refresh covers.
     pub oldest: Option<Instant>,
+    /// Chunks still running.
+    pub chunks: usize,
+}
+
+impl InFlight {
+    /// One chunk ended (its keys `batch`); whether the refresh is over.
+    pub fn chunk_done(&mut self, batch: &Batch) -> bool {
+        for (k, _) in batch {
+            self.keys.remove(k);
+        }
+        self.chunks = self.chunks.saturating_sub(1);
+        self.chunks == 0
+    }
+}
+
+/// `batch` split into at most `max` chunks of at least [`MIN_CHUNK`] keys, every key of a lock
+/// bucket ([`crate::partition::bucket`]) in the same chunk (chunks of one batch never contend),
+/// the buckets dealt largest first to the smallest chunk. One chunk when it holds [`ALL`].
+pub(super) fn split(batch: Batch, max: usize) -> Vec<Batch> {
+    let n = max.min(batch.len() / MIN_CHUNK);
+    if n <= 1 || batch.iter().any(|(k, _)| k == ALL) {
+        return vec![batch];
+    }
+    let mut buckets: std::collections::BTreeMap<i32, Batch> = Default::default();
+    for (k, p) in batch {
+        buckets
+            .entry(crate::partition::bucket(&k))
+            .or_default()
+            .push((k, p));
+    }
+    let mut buckets: Vec<Batch> = buckets.into_values().collect();
+    buckets.sort_by_key(|b| std::cmp::Reverse(b.len()));
+    let mut chunks: Vec<Batch> = vec![Vec::new(); n];
+    for b in buckets {
+        if let Some(smallest) = chunks.iter_mut().min_by_key(|c| c.len()) {
+            smallest.extend(b);
+        }
+    }
+    chunks.retain(|c| !c.is_empty());
+    chunks
 }
 
 /// Whether a view whose `ancestors` (the views it reads, directly or not) are in `views` must
@@ -105,7 +169,11 @@ pub(super) fn dispatch(
     now: Instant,
     horizon: Option<Instant>,
 ) -> Vec<Start> {
-    let mut running = views.iter().filter(|v| v.in_flight.is_some()).count();
+    let mut running: usize = views
+        .iter()
+        .filter_map(|v| v.in_flight.as_ref())
+        .map(|f| f.chunks)
+        .sum();
     let mut starts = Vec::new();
     for &i in order {
         if running >= concurrency {
@@ -123,6 +191,7 @@ pub(super) fn dispatch(
                 st.next_schedule = Some(now + period);
             }
         }
+        let mut chunked = false;
         let batch = if f.whole {
             if !views[i].debouncer.any_due(now, horizon)
                 || blocked(views, f.ancestors.iter().copied(), ALL)
@@ -134,9 +203,11 @@ pub(super) fn dispatch(
             // A half of a failed batch, or a quarantined key due for its retry.
             batch
         } else {
-            // Keys that fall due within a moment of each other (the notifications of one
-            // commit arrive a few microseconds apart) go in one batch.
-            let until = now + (f.quiet / 10).min(BATCH_SLACK);
+            chunked = f.chunked;
+            // The batch goes when a key it may take is due (within a moment); keys due a
+            // little later join it.
+            let soon = now + (f.quiet / 10).min(BATCH_SLACK);
+            let until = now + join_window(f.quiet);
             let held: BTreeSet<String> = views[i]
                 .debouncer
                 .due_keys(until, horizon)
@@ -146,6 +217,14 @@ pub(super) fn dispatch(
                 .collect();
             let st = &mut views[i];
             let isolation = &st.isolation;
+            if !st
+                .debouncer
+                .due_keys(soon, horizon)
+                .into_iter()
+                .any(|k| !held.contains(k) && !isolation.holds(k))
+            {
+                continue;
+            }
             st.debouncer
                 .take_due(until, horizon, |k| !held.contains(k) && !isolation.holds(k))
         };
@@ -153,17 +232,29 @@ pub(super) fn dispatch(
             continue;
         }
         let st = &mut views[i];
+        let keys = batch.iter().map(|(k, _)| k.clone()).collect();
+        let oldest = batch.iter().map(|(_, p)| p.first).min();
+        let chunks = if chunked {
+            split(batch, concurrency - running)
+        } else {
+            vec![batch]
+        };
         st.in_flight = Some(InFlight {
             whole: f.whole,
-            keys: batch.iter().map(|(k, _)| k.clone()).collect(),
-            oldest: batch.iter().map(|(_, p)| p.first).min(),
+            keys,
+            oldest,
+            chunks: chunks.len(),
         });
-        running += 1;
-        starts.push(Start {
-            view: i,
-            batch,
-            reason: st.reason.take().unwrap_or(Reason::Change),
-        });
+        running += chunks.len();
+        let reason = st.reason.take().unwrap_or(Reason::Change);
+        for (n, batch) in chunks.into_iter().enumerate() {
+            starts.push(Start {
+                view: i,
+                batch,
+                reason,
+                nulls: n == 0,
+            });
+        }
     }
     starts
 }
@@ -217,6 +308,10 @@ mod tests {
     const QUIET: Duration = Duration::from_millis(200);
     const MAX_WAIT: Duration = Duration::from_secs(1);
 
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
     fn view() -> ViewState {
         ViewState::new(Debouncer::new(
             DebounceConfig {
@@ -259,6 +354,7 @@ mod tests {
             whole: false,
             keys: ["k".to_owned()].into(),
             oldest: Some(t0),
+            chunks: 1,
         });
         assert!(blocked(&views, parent, "k"));
         assert!(!blocked(&views, parent, "other"));
@@ -362,6 +458,7 @@ mod tests {
             schedule: None,
             quiet: QUIET,
             ancestors: ancestors.to_vec(),
+            chunked: false,
         }
     }
 
@@ -441,5 +538,152 @@ mod tests {
             starts[1].batch[0].0, ALL,
             "the backstop refreshes everything"
         );
+    }
+
+    #[test]
+    fn a_batch_that_goes_takes_along_keys_due_within_half_the_quiet_period() {
+        let t0 = Instant::now();
+        let mut views = vec![view()];
+        let facts = [facts(false, &[])];
+        // "a" due at t0 + QUIET; "b" 60 ms later (within QUIET / 2 = 100 ms); "c" 150 ms later.
+        views[0].debouncer.note("a", t0, false);
+        views[0].debouncer.note("b", t0 + ms(60), false);
+        views[0].debouncer.note("c", t0 + ms(150), false);
+        let h = Some(t0 + QUIET * 2);
+        // Nothing is due yet: nothing goes, however close "a" is.
+        assert!(dispatch(&mut views, &facts, &[0], 4, t0 + ms(150), h).is_empty());
+        let starts = dispatch(&mut views, &facts, &[0], 4, t0 + QUIET, h);
+        let mut keys: Vec<&str> = starts[0].batch.iter().map(|(k, _)| k.as_str()).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["a", "b"],
+            "b joins a's batch, c is not quiet long enough"
+        );
+        assert!(views[0].debouncer.contains("c"));
+        // c goes on its own, when due.
+        views[0].in_flight = None;
+        assert!(dispatch(&mut views, &facts, &[0], 4, t0 + QUIET + ms(60), h).is_empty());
+        let starts = dispatch(&mut views, &facts, &[0], 4, t0 + QUIET + ms(150), h);
+        assert_eq!(starts[0].batch.len(), 1);
+    }
+
+    #[test]
+    fn a_due_key_held_by_its_parent_does_not_make_the_others_go_early() {
+        let t0 = Instant::now();
+        let mut views = vec![view(), view()];
+        let facts = [facts(false, &[]), facts(false, &[0])];
+        views[0].debouncer.note("k", t0 + QUIET, false);
+        views[1].debouncer.note("k", t0, false);
+        views[1].debouncer.note("j", t0 + ms(60), false);
+        let h = Some(t0 + QUIET * 3);
+        // The child's k is due but held (the parent has k pending); j is not due yet.
+        let starts = dispatch(&mut views, &facts, &[1], 4, t0 + QUIET, h);
+        assert!(starts.is_empty(), "j is not due and k is held: {starts:?}");
+    }
+
+    fn batch_of(keys: impl IntoIterator<Item = String>) -> Batch {
+        let t0 = Instant::now();
+        keys.into_iter()
+            .map(|k| (k, crate::debounce::Pending::forced(t0)))
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_splits_into_balanced_chunks_that_share_no_bucket() {
+        let batch = batch_of((1..=200).map(|k| k.to_string()));
+        let chunks = split(batch.clone(), 3);
+        assert_eq!(chunks.len(), 3);
+        let sizes: Vec<usize> = chunks.iter().map(Vec::len).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 200, "every key in one chunk");
+        assert!(
+            sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 20,
+            "balanced: {sizes:?}"
+        );
+        let buckets: Vec<BTreeSet<i32>> = chunks
+            .iter()
+            .map(|c| c.iter().map(|(k, _)| crate::partition::bucket(k)).collect())
+            .collect();
+        for (a, b) in [(0, 1), (0, 2), (1, 2)] {
+            assert!(
+                buckets[a].is_disjoint(&buckets[b]),
+                "chunks {a} and {b} share a bucket"
+            );
+        }
+        let mut all: Vec<String> = chunks.into_iter().flatten().map(|(k, _)| k).collect();
+        all.sort();
+        let mut want: Vec<String> = batch.into_iter().map(|(k, _)| k).collect();
+        want.sort();
+        assert_eq!(all, want);
+        // Too few keys, one slot, or everything: one chunk.
+        assert_eq!(
+            split(
+                batch_of(["1".to_owned(), "2".to_owned(), "3".to_owned()]),
+                4
+            )
+            .len(),
+            1
+        );
+        assert_eq!(split(batch_of((1..=50).map(|k| k.to_string())), 1).len(), 1);
+        assert_eq!(
+            split(
+                batch_of(
+                    [ALL.to_owned()]
+                        .into_iter()
+                        .chain((1..=50).map(|k| k.to_string()))
+                ),
+                4
+            )
+            .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_chunked_view_starts_its_batch_on_every_free_slot_and_waits_for_all_chunks() {
+        let t0 = Instant::now();
+        let now = t0 + QUIET * 2;
+        let mut views = vec![view(), view()];
+        for k in 1..=10 {
+            views[0].debouncer.note(&k.to_string(), t0, false);
+        }
+        views[1].debouncer.note("k", t0, false);
+        let mut chunked = facts(false, &[]);
+        chunked.chunked = true;
+        let facts = [chunked, facts(false, &[])];
+        // Concurrency 3: view 0's batch takes every slot, view 1 waits.
+        let starts = dispatch(&mut views, &facts, &[0, 1], 3, now, Some(now));
+        assert_eq!(starts.len(), 3, "{starts:?}");
+        assert!(starts.iter().all(|s| s.view == 0));
+        assert_eq!(
+            starts.iter().filter(|s| s.nulls).count(),
+            1,
+            "one chunk recomputes the NULL-key rows"
+        );
+        assert_eq!(starts.iter().map(|s| s.batch.len()).sum::<usize>(), 10);
+        assert_eq!(views[0].in_flight.as_ref().unwrap().chunks, 3);
+        // More keys arrive for view 0: nothing starts while its chunks run (nor view 1: no
+        // slot is free).
+        views[0].debouncer.note("11", t0, false);
+        assert!(dispatch(&mut views, &facts, &[0, 1], 3, now, Some(now)).is_empty());
+        // The first chunk ends: its keys no longer hold anything up; the view is still in
+        // flight, and view 1 gets the free slot.
+        let first = &starts[0].batch;
+        assert!(!views[0].in_flight.as_mut().unwrap().chunk_done(first));
+        let f = views[0].in_flight.as_ref().unwrap();
+        assert!(first.iter().all(|(k, _)| !f.keys.contains(k)));
+        let next = dispatch(&mut views, &facts, &[0, 1], 3, now, Some(now));
+        assert_eq!(next.iter().map(|s| s.view).collect::<Vec<_>>(), [1]);
+        // The other two end: the view is done.
+        assert!(!views[0]
+            .in_flight
+            .as_mut()
+            .unwrap()
+            .chunk_done(&starts[1].batch));
+        assert!(views[0]
+            .in_flight
+            .as_mut()
+            .unwrap()
+            .chunk_done(&starts[2].batch));
     }
 }

@@ -705,6 +705,17 @@ pub async fn refreshes(client: &Client, view: &str) -> i64 {
         .get(0)
 }
 
+/// The id of the newest `refresh_history` row (0: none): later rows are newer attempts.
+pub async fn last_history_id(c: &Client) -> i64 {
+    c.query_one(
+        "SELECT coalesce(max(id), 0) FROM mvrefresh.refresh_history",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 /// Pending rows of `view`.
 pub async fn pending(client: &Client, view: &str) -> i64 {
     client

@@ -362,3 +362,209 @@ async fn the_cli_refreshes_only_the_keys_it_is_given() {
         crate::cli::text(&out)
     );
 }
+
+/// Backends of this database waiting on a heavyweight lock while running a statement that
+/// names `table`.
+async fn waiting_on(c: &Client, table: &str) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock'
+           AND query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()",
+        &[&table],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// Successful keyed refreshes of `view` recorded after history row `after`: how many, and the
+/// keys they covered in all.
+async fn keyed_successes(c: &Client, view: &str, after: i64) -> (i64, i64) {
+    let row = c
+        .query_one(
+            "SELECT count(*), coalesce(sum(keys), 0)::int8 FROM mvrefresh.refresh_history
+             WHERE view_name = $1 AND id > $2 AND outcome = 'success' AND keys IS NOT NULL",
+            &[&view, &after],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_batch_is_refreshed_in_parallel_chunks_and_ends_equal_to_a_full_recompute() {
+    let (db, c, config) = setup(&scored(200, 3)).await;
+    assert_eq!(config.refresh.concurrency, 2);
+    let daemon = Daemon::start(config);
+    daemon.wait_listening().await;
+    harness::wait_for("the tables filled", || both_equal(&c)).await;
+    let before = harness::last_history_id(&c).await;
+
+    // p_stats held: the chunks' statements wait on it, so both running at once is seen.
+    let mut holder = db.client().await;
+    let hold = holder.transaction().await.unwrap();
+    hold.batch_execute("LOCK TABLE p_stats IN SHARE MODE")
+        .await
+        .unwrap();
+    c.execute("UPDATE submissions SET score = score + 1", &[])
+        .await
+        .unwrap();
+    harness::wait_for("two chunks of p_stats waiting at once", || async {
+        waiting_on(&c, "p_stats").await >= 2
+    })
+    .await;
+    hold.rollback().await.unwrap();
+
+    harness::wait_for("the tables equal to their sources", || both_equal(&c)).await;
+    let (refreshes, keys) = keyed_successes(&c, "p_stats", before).await;
+    assert!(refreshes >= 2, "the batch was split: {refreshes} refreshes");
+    assert_eq!(keys, 200, "every key refreshed once, by one chunk");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_chunk_leaves_its_keys_pending_and_the_other_chunk_lands() {
+    let db = Cluster::shared().create_db().await;
+    let c = db.client().await;
+    c.batch_execute(harness::SCHEMA).await.unwrap();
+    c.batch_execute(&scored(40, 3)).await.unwrap();
+    // A division by zero for any challenge with a score of 13 (integers: sums of floats
+    // could differ in their last bits between two plans).
+    c.batch_execute(
+        "CREATE VIEW fragile_v AS
+             SELECT challenge_id, count(*) AS n, sum(100 / (score::int - 13)) AS s
+             FROM submissions WHERE status = 'scored' GROUP BY challenge_id",
+    )
+    .await
+    .unwrap();
+    let body = format!(
+        "{}\n[[view]]\nname = \"p_fragile\"\nmode = \"partitioned\"\nsource = \"fragile_v\"\n\
+         key = \"challenge_id\"\nunique = [\"challenge_id\"]\nchannels = [\"submission_scored\"]\n",
+        harness::CAPTURE
+    );
+    let config = harness::config(&db.url, &body);
+    harness::install(&config).await;
+    let daemon = Daemon::start(config);
+    daemon.wait_listening().await;
+    harness::wait_for("the table filled", || equal(&c, "p_fragile", "fragile_v")).await;
+    let before = harness::last_history_id(&c).await;
+
+    // Every challenge changes in one statement (one batch of 40 keys, split in two); 7 now fails.
+    c.execute(
+        "UPDATE submissions
+         SET score = CASE WHEN challenge_id = 7 AND score = 1 THEN 13 ELSE score + 1 END",
+        &[],
+    )
+    .await
+    .unwrap();
+    let others = "(SELECT * FROM fragile_v WHERE challenge_id <> 7) AS f";
+    harness::wait_for("every other challenge refreshed", || async {
+        equal(
+            &c,
+            "(SELECT * FROM p_fragile WHERE challenge_id <> 7) AS t",
+            others,
+        )
+        .await
+    })
+    .await;
+    // The first attempts: one chunk failed whole, the other landed whole.
+    let firsts: Vec<(String, i32)> = c
+        .query(
+            "SELECT outcome, keys FROM mvrefresh.refresh_history
+             WHERE view_name = 'p_fragile' AND id > $1 ORDER BY id",
+            &[&before],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let failed = firsts
+        .iter()
+        .find(|(o, _)| o == "failure")
+        .map(|(_, k)| *k)
+        .expect("a failed chunk");
+    assert!(
+        failed > 1 && failed < 40,
+        "a chunk, not the batch: {firsts:?}"
+    );
+    assert!(
+        firsts
+            .iter()
+            .any(|(o, k)| o == "success" && *k == 40 - failed),
+        "the other chunk landed whole: {firsts:?}"
+    );
+    // Challenge 7 keeps its old row and its pending key; nothing of it half-refreshed.
+    let n7: i64 = c
+        .query_one("SELECT n FROM p_fragile WHERE challenge_id = 7", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n7, 3);
+    let pending: i64 = c
+        .query_one(
+            "SELECT count(*) FROM mvrefresh.pending WHERE view_name = 'p_fragile' AND key = '7'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(pending > 0, "challenge 7 is still pending");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_of_keys_waits_only_for_the_buckets_it_shares() {
+    let (db, c, _) = setup(&scored(40, 2)).await;
+    let text = format!("[database]\nurl = \"{}\"\n{CONFIG}\n", db.url);
+    let path = crate::cli::write_config("partitioned-buckets.toml", &text);
+    // Two keys in different buckets.
+    let x = "3".to_owned();
+    let y = (1..=40)
+        .map(|k| k.to_string())
+        .find(|k| mvrefresh::partition::bucket(k) != mvrefresh::partition::bucket(&x))
+        .unwrap();
+    let holder = db.client().await;
+    holder
+        .execute(
+            "SELECT pg_advisory_lock($1, hashtext('p_stats#' || $2::int4))",
+            &[
+                &mvrefresh::db::BUCKET_LOCK_NAMESPACE,
+                &mvrefresh::partition::bucket(&x),
+            ],
+        )
+        .await
+        .unwrap();
+    let cli = {
+        let (path, x) = (path.clone(), x.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::cli::mvrefresh(&path, &["refresh", "p_stats", "--key", &x])
+        })
+    };
+    harness::wait_for("the refresh of x waiting for its bucket", || async {
+        holder
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event = 'advisory'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    // y's bucket is free: its refresh goes while x's waits.
+    let out = crate::cli::mvrefresh(&path, &["refresh", "p_stats", "--key", &y]);
+    assert!(out.status.success(), "{}", crate::cli::text(&out));
+    let only_y = format!("(SELECT * FROM stats_v WHERE challenge_id = {y}) AS s");
+    assert!(equal(&c, "p_stats", &only_y).await, "p_stats holds y only");
+    holder
+        .execute("SELECT pg_advisory_unlock_all()", &[])
+        .await
+        .unwrap();
+    let out = cli.await.unwrap();
+    assert!(out.status.success(), "{}", crate::cli::text(&out));
+    let both = format!("(SELECT * FROM stats_v WHERE challenge_id IN ({x}, {y})) AS s");
+    assert!(equal(&c, "p_stats", &both).await);
+}

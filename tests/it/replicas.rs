@@ -48,16 +48,6 @@ async fn successes(c: &Client, after: i64) -> i64 {
     .get(0)
 }
 
-async fn last_history_id(c: &Client) -> i64 {
-    c.query_one(
-        "SELECT coalesce(max(id), 0) FROM mvrefresh.refresh_history",
-        &[],
-    )
-    .await
-    .unwrap()
-    .get(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_one_killed_mid_refresh() {
     let db = Cluster::shared().create_db().await;
@@ -133,7 +123,7 @@ async fn three_replicas_one_killed_mid_refresh() {
     c.batch_execute("UPDATE knobs SET sleep_s = 0.05")
         .await
         .unwrap();
-    let before = last_history_id(&c).await;
+    let before = harness::last_history_id(&c).await;
     let bursts: i32 = 5;
     for round in 0..bursts {
         harness::score(&c, round % 3, 4).await;
