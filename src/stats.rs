@@ -106,6 +106,9 @@ pub struct Stats {
     pub pg_cron_polls: Counter,
     /// Messages decoded from logical captures' slots.
     pub logical_messages: Counter,
+    /// Flushes of the write-ahead log a logical capture's reader asked for (asynchronous
+    /// commits waiting for the WAL writer).
+    pub logical_wal_flushes: Counter,
     /// Write-ahead log each logical capture's slot holds back, in bytes, by slot.
     pub slots_retained: Mutex<std::collections::BTreeMap<String, i64>>,
     /// Set once start-up is complete and the main loop runs; cleared at shutdown.

@@ -22,6 +22,7 @@
 //! | `mvrefresh_alerts_sent_total`, `_failed_total`, `_dropped_total` | counter | | alert deliveries |
 //! | `mvrefresh_pg_cron_failed_runs_total` | counter | | failed pg_cron runs seen |
 //! | `mvrefresh_logical_messages_total` | counter | | messages decoded from logical captures' slots |
+//! | `mvrefresh_logical_wal_flushes_total` | counter | | write-ahead log flushes a logical capture's reader asked for (asynchronous commits not yet flushed) |
 //! | `mvrefresh_slot_retained_bytes` | gauge | slot | write-ahead log a logical capture's slot holds back |
 //! | `mvrefresh_http_connections` | gauge | | connections open to the admin server |
 //! | `mvrefresh_http_refused_total` | counter | | admin connections refused (`[http] max_connections` open) |
@@ -374,6 +375,11 @@ fn instruments(meter: &Meter, stats: Arc<Stats>) -> Metrics {
         "mvrefresh.logical.messages",
         "Messages decoded from logical captures' replication slots",
         |s| s.logical_messages.get(),
+    );
+    counter(
+        "mvrefresh.logical.wal_flushes",
+        "Write-ahead log flushes a logical capture's reader asked for",
+        |s| s.logical_wal_flushes.get(),
     );
     let slots = stats.clone();
     meter

@@ -31,6 +31,16 @@ const SLOT_IN_USE: &str = "55006";
 /// The replication connection's and the reader's `application_name`.
 pub const APPLICATION: &str = "mvrefresh-logical";
 
+/// A commit is decoded only once the write-ahead log holding it is flushed. Asynchronous commits
+/// (`synchronous_commit = off`) wait for the WAL writer (`wal_writer_delay`, 200 ms by default)
+/// for that: when WAL is waiting, this statement flushes it, committing a transaction that has
+/// an id under `synchronous_commit = on` (one commit record; one transaction id used). Whether
+/// it did.
+const FLUSH_WAL: &str = "SELECT CASE WHEN pg_current_wal_insert_lsn() > pg_current_wal_flush_lsn()
+                                    THEN set_config('synchronous_commit', 'on', true) IS NOT NULL
+                                         AND pg_current_xact_id() IS NOT NULL
+                                    ELSE false END";
+
 /// Everything a reader needs from the daemon.
 pub struct Wiring {
     pub db: Db,
@@ -100,6 +110,8 @@ struct Session {
     last_event: Instant,
     /// When keys were last recorded (or the session started).
     last_flush: Instant,
+    /// When the reader last looked for WAL to flush.
+    last_nudge: Instant,
     /// The server asked for a status update, or we have not answered a ping of ours yet.
     reply_wanted: bool,
     ping_sent: Option<Instant>,
@@ -225,6 +237,7 @@ impl Reader {
             last_health: Instant::now(),
             last_event: Instant::now(),
             last_flush: Instant::now(),
+            last_nudge: Instant::now(),
             reply_wanted: false,
             ping_sent: None,
         });
@@ -299,6 +312,14 @@ impl Reader {
         if !batch.is_empty() {
             super::record(&session.client, &self.w.capture.channel, &batch.dirty()).await?;
             session.last_flush = Instant::now();
+        }
+        // At most once per poll_interval: what is committed reaches the slot within it.
+        if session.last_nudge.elapsed() >= self.w.capture.poll_interval {
+            session.last_nudge = Instant::now();
+            let flushed: bool = session.client.query_one(FLUSH_WAL, &[]).await?.get(0);
+            if flushed {
+                self.w.stats.logical_wal_flushes.inc();
+            }
         }
         // A status update when there is a position to confirm or the server asked for one; a
         // ping when the stream has been silent (an idle server sends nothing otherwise).

@@ -430,6 +430,34 @@ async fn a_writer_that_commits_after_later_ones_is_reflected() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asynchronous_commits_reach_the_slot_without_waiting_for_the_wal_writer() {
+    let cluster = Cluster::new();
+    // Asynchronous commits (these clusters' default) are flushed by the WAL writer every 10 s
+    // here: the reader has them decoded sooner by flushing the WAL itself.
+    let admin = harness::connect(&cluster.url("postgres")).await;
+    admin
+        .batch_execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    let (_db, c, config) = setup_on(&cluster, "").await;
+    let daemon = Daemon::start(config);
+    daemon.wait_listening().await;
+    harness::wait_for("the first refresh", || harness::counts_fresh(&c)).await;
+    let before = daemon.stats.logical_wal_flushes.get();
+    harness::score(&c, 1, 2).await;
+    harness::wait_for("mv_counts to follow", || harness::counts_fresh(&c)).await;
+    assert!(
+        daemon.stats.logical_wal_flushes.get() > before,
+        "the reader flushed the write-ahead log"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reader_survives_a_server_restart() {
     let cluster = Cluster::new();
     let (db, c, config) = setup_on(&cluster, "").await;
