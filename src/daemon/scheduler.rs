@@ -191,19 +191,18 @@ pub(super) fn dispatch(
                 st.next_schedule = Some(now + period);
             }
         }
-        let mut chunked = false;
-        let batch = if f.whole {
+        // Only an ordinary batch of keys may be split (not a whole refresh, not isolation's).
+        let (batch, chunked) = if f.whole {
             if !views[i].debouncer.any_due(now, horizon)
                 || blocked(views, f.ancestors.iter().copied(), ALL)
             {
                 continue;
             }
-            views[i].debouncer.take_all()
+            (views[i].debouncer.take_all(), false)
         } else if let Some(batch) = views[i].isolation.next(now) {
             // A half of a failed batch, or a quarantined key due for its retry.
-            batch
+            (batch, false)
         } else {
-            chunked = f.chunked;
             // The batch goes when a key it may take is due (within a moment); keys due a
             // little later join it.
             let soon = now + (f.quiet / 10).min(BATCH_SLACK);
@@ -225,8 +224,10 @@ pub(super) fn dispatch(
             {
                 continue;
             }
-            st.debouncer
-                .take_due(until, horizon, |k| !held.contains(k) && !isolation.holds(k))
+            let batch = st
+                .debouncer
+                .take_due(until, horizon, |k| !held.contains(k) && !isolation.holds(k));
+            (batch, f.chunked)
         };
         if batch.is_empty() {
             continue;

@@ -383,7 +383,7 @@ impl Batch {
 
     fn everything(&mut self, since: Option<i64>) {
         let first = self.keys.values().fold(since, |a, b| earliest(a, *b));
-        self.all_since = earliest(earliest(self.all_since, first), since);
+        self.all_since = earliest(self.all_since, first);
         self.all = true;
         self.keys.clear();
     }
