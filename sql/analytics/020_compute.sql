@@ -103,17 +103,25 @@ RETURNS TABLE (
 )
 LANGUAGE sql STABLE PARALLEL SAFE
 BEGIN ATOMIC
-    SELECT s.id, s.agent_id, s.challenge_id, s.created_at, ls.key,
-           analytics_lane_number(ls.value)
+    SELECT s.id, s.agent_id, s.challenge_id, s.created_at, ls.key, ls.score
     FROM submissions AS s
-    -- jsonb_each raises on a non-object: feed it NULL (no rows) instead.
-    CROSS JOIN LATERAL jsonb_each(
-        CASE WHEN jsonb_typeof(s.final_lane_scores) = 'object' THEN s.final_lane_scores END
+    -- One row per lane whose value is a JSON number, converted here, once: the subquery is not
+    -- flattened into its callers (OFFSET 0), so the number is computed before their sort and
+    -- not again in each aggregate that reads it (flattened, the conversion ran once per
+    -- aggregate: a quarter of a refresh), and a caller's condition on the score cannot be
+    -- evaluated ahead of the type test. jsonb_each raises on a non-object: it is fed NULL (no
+    -- rows) instead.
+    CROSS JOIN LATERAL (
+        SELECT e.key, analytics_lane_number(e.value) AS score
+        FROM jsonb_each(
+            CASE WHEN jsonb_typeof(s.final_lane_scores) = 'object' THEN s.final_lane_scores END
+        ) AS e
+        WHERE jsonb_typeof(e.value) = 'number'
+        OFFSET 0
     ) AS ls
     WHERE s.status = 'scored'
       AND s.challenge_id IS NOT NULL
-      AND (p_challenge_ids IS NULL OR s.challenge_id = ANY (p_challenge_ids))
-      AND analytics_lane_number(ls.value) IS NOT NULL;
+      AND (p_challenge_ids IS NULL OR s.challenge_id = ANY (p_challenge_ids));
 END;
 
 -- Lane score distribution per challenge and lane.
