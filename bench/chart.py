@@ -35,7 +35,7 @@ def main(path):
         y += 20
         for row in [q for q in rows if q["scenario"] == sc]:
             c = row["contender"]
-            out.append(f'<text x="20" y="{y + 2 * bar - 2}" font-size="12">{NAMES.get(c, c)}</text>')
+            out.append(f'<text x="20" y="{y + 2 * bar - 2}" font-size="12">{NAMES.get(c, NAMES.get(c.removesuffix("-base"), c) + (", baseline build" if c.endswith("-base") else ""))}</text>')
             for i, (k, op) in enumerate((("lag_p50_s", 1.0), ("lag_p99_s", 0.45))):
                 v = row.get(k)
                 if v is None:

@@ -1,12 +1,14 @@
 //! What the main loop learns changed, and the hand-over bookkeeping:
 //!
 //! - **collect** (every `quiet / 2` while it finds keys, else on a notification of a captured
-//!   channel, after every (re)connect and every `catch_up_interval`; see `Collecting`): moves dirty keys into pending keys in bounded chunks ([`store::collect`]) and notes
-//!   them in the subscribed views' debouncers;
+//!   channel, after every (re)connect and every `catch_up_interval`; see `Collecting`; at once
+//!   when a logical capture's reader wrote keys): moves dirty keys into pending keys in bounded
+//!   chunks ([`store::collect`]) and notes them in the subscribed views' debouncers;
 //! - **catch-up** (start-up, reconnect, `catch_up_interval`): reads each view's pending keys,
 //!   one bounded query per view ([`store::read_pending`]), for what another replica or an
 //!   earlier run collected;
-//! - **guards** (while a key waits for the horizon, at most once per `quiet / 5`):
+//! - **guards** (while a key waits for the horizon, at most once per `quiet / 5`, but two at
+//!   once after a collect a reader asked for):
 //!   one statement takes a new guard and tells which earlier ones cleared; the newest cleared
 //!   one is the horizon passed to refreshes (see [`crate::store`]);
 //! - the listener's **inbox**: captured channels ask for a collect, other channels' keys are
@@ -62,12 +64,21 @@ pub(super) struct Intake {
     collecting: Collecting,
     collect_running: bool,
     collect_wanted: bool,
+    /// A logical capture's reader wrote keys: the next collect does not wait for
+    /// `collect_every`.
+    collect_now: bool,
+    /// The collect running was asked for by a reader.
+    collect_prompted: bool,
     last_collect: Option<Instant>,
     /// The least time between two collects that are not continuing a full one.
     collect_every: Duration,
     guard_running: bool,
     last_guard: Option<Instant>,
     guard_every: Duration,
+    /// Guards still to take without waiting for `guard_every`: after a collect a reader asked
+    /// for found keys, two (one taken after it, one that sees that one clear), so those keys
+    /// wait for the horizon no longer than writers' transactions take to end.
+    prompt_guards: u8,
     next_guard: i64,
     /// Guards not known to have cleared: id, when their statement was sent, the guard.
     waiting: VecDeque<(i64, Instant, Guard)>,
@@ -95,11 +106,14 @@ impl Intake {
             collecting: Collecting::Polling,
             collect_running: false,
             collect_wanted: false,
+            collect_now: false,
+            collect_prompted: false,
             last_collect: None,
             collect_every,
             guard_running: false,
             last_guard: None,
             guard_every,
+            prompt_guards: 0,
             next_guard: 0,
             waiting: VecDeque::new(),
             horizon: None,
@@ -107,6 +121,27 @@ impl Intake {
             catch_up_again: false,
             prune_running: false,
             last_prune: None,
+        }
+    }
+
+    /// When the next collect may start: none while one runs or none is wanted (polling wants
+    /// one always); at most one per `collect_every`, unless a reader wrote keys.
+    fn collect_due(&self, now: Instant) -> Option<Instant> {
+        let wanted = self.collect_wanted || self.collecting == Collecting::Polling;
+        if !wanted || self.collect_running {
+            return None;
+        }
+        Some(match self.last_collect {
+            Some(t) if !self.collect_now => t + self.collect_every,
+            _ => now,
+        })
+    }
+
+    /// When the next guard may be taken, if one is needed and none runs.
+    fn guard_ready_at(&self, now: Instant) -> Instant {
+        match self.last_guard {
+            Some(t) if self.prompt_guards == 0 => t + self.guard_every,
+            _ => now,
         }
     }
 
@@ -132,13 +167,9 @@ impl Daemon {
     /// The next instant the intake has something to start.
     pub(super) fn intake_wake(&self) -> Option<Instant> {
         let i = &self.intake;
-        let wanted = i.collect_wanted || i.collecting == Collecting::Polling;
-        let collect = (wanted && !i.collect_running).then(|| {
-            i.last_collect
-                .map_or(Instant::now(), |t| t + i.collect_every)
-        });
-        let guard = (!i.guard_running && self.needs_guard())
-            .then(|| i.last_guard.map_or(Instant::now(), |t| t + i.guard_every));
+        let collect = i.collect_due(Instant::now());
+        let guard =
+            (!i.guard_running && self.needs_guard()).then(|| i.guard_ready_at(Instant::now()));
         let prune =
             (!i.prune_running).then(|| i.last_prune.map_or(Instant::now(), |t| t + PRUNE_EVERY));
         [collect, guard, prune].into_iter().flatten().min()
@@ -158,18 +189,11 @@ impl Daemon {
                 self.intake.collect_wanted = true;
             }
         }
-        let i = &self.intake;
-        if (i.collect_wanted || i.collecting == Collecting::Polling)
-            && !i.collect_running
-            && i.last_collect.is_none_or(|t| now >= t + i.collect_every)
-        {
+        if self.intake.collect_due(now).is_some_and(|t| t <= now) {
             self.start_collect(now);
         }
         let i = &self.intake;
-        if !i.guard_running
-            && i.last_guard.is_none_or(|t| now >= t + i.guard_every)
-            && self.needs_guard()
-        {
+        if !i.guard_running && i.guard_ready_at(now) <= now && self.needs_guard() {
             self.start_guard(now);
         }
         let i = &self.intake;
@@ -200,6 +224,15 @@ impl Daemon {
         self.intake.collect_wanted = true;
     }
 
+    /// A logical capture's reader wrote keys: collects them as soon as no collect runs. Its
+    /// writes come at most twice per `poll_interval` under a steady stream, so these collects
+    /// are as bounded as the reader's transactions; waiting for `collect_every` as a writer's
+    /// notification does would add up to `quiet / 2` to the lag of every key it read.
+    pub(super) fn collect_at_once(&mut self) {
+        self.intake.collect_wanted = true;
+        self.intake.collect_now = true;
+    }
+
     fn start_collect(&mut self, now: Instant) {
         let channels: Vec<String> = self
             .channels
@@ -208,6 +241,8 @@ impl Daemon {
             .map(|(c, _)| c.clone())
             .collect();
         self.intake.collect_wanted = false;
+        self.intake.collect_prompted = self.intake.collect_now;
+        self.intake.collect_now = false;
         if channels.is_empty() {
             self.intake.collecting = Collecting::Idle;
             return;
@@ -249,6 +284,9 @@ impl Daemon {
             self.intake.collect_wanted = true;
             self.intake.last_collect = None;
         }
+        if self.intake.collect_prompted && !rows.is_empty() {
+            self.intake.prompt_guards = 2;
+        }
         let now = Instant::now();
         self.intake.collecting = match (self.intake.collecting, rows.is_empty()) {
             (_, false) => Collecting::Polling,
@@ -284,6 +322,7 @@ impl Daemon {
     fn start_guard(&mut self, now: Instant) {
         self.intake.guard_running = true;
         self.intake.last_guard = Some(now);
+        self.intake.prompt_guards = self.intake.prompt_guards.saturating_sub(1);
         let waiting: Vec<(i64, Guard)> = self
             .intake
             .waiting
@@ -519,4 +558,41 @@ async fn bounded<T>(step: impl Future<Output = Result<T, String>>) -> Result<T, 
     tokio::time::timeout(STEP_PATIENCE, step)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {STEP_PATIENCE:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collects_wait_for_collect_every_unless_a_reader_wrote_keys() {
+        let t0 = Instant::now();
+        let mut i = Intake::new(Duration::from_millis(250));
+        i.collecting = Collecting::Idle;
+        assert_eq!(i.collect_due(t0), None, "idle and nothing wanted");
+        // A writer's notification right after a collect waits for collect_every.
+        i.last_collect = Some(t0);
+        i.collect_wanted = true;
+        let now = t0 + Duration::from_millis(10);
+        assert_eq!(i.collect_due(now), Some(t0 + Duration::from_millis(125)));
+        // A reader's write does not.
+        i.collect_now = true;
+        assert_eq!(i.collect_due(now), Some(now));
+        // Never two at once: the next starts when the running one ends.
+        i.collect_running = true;
+        assert_eq!(i.collect_due(now), None);
+    }
+
+    #[test]
+    fn after_a_collect_a_reader_asked_for_two_guards_go_at_once() {
+        let t0 = Instant::now();
+        let mut i = Intake::new(Duration::from_millis(250));
+        i.last_guard = Some(t0);
+        let now = t0 + Duration::from_millis(1);
+        assert_eq!(i.guard_ready_at(now), t0 + Duration::from_millis(50));
+        i.prompt_guards = 2;
+        assert_eq!(i.guard_ready_at(now), now);
+        i.prompt_guards = 0;
+        assert_eq!(i.guard_ready_at(now), t0 + Duration::from_millis(50));
+    }
 }

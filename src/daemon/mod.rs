@@ -208,6 +208,8 @@ struct Daemon {
     intake: intake::Intake,
     /// Filled by the listener; taken by this loop.
     inbox: Arc<Inbox>,
+    /// Told by the logical captures' readers when they wrote keys.
+    recorded: Arc<tokio::sync::Notify>,
     /// One "notification rejected" warning per (channel, reason) per interval.
     rejected_log: crate::ratelimit::LogLimiter<(String, &'static str)>,
     replica: String,
@@ -275,6 +277,7 @@ impl Daemon {
             internal_rx,
             intake: intake::Intake::new(quiet),
             inbox: Arc::default(),
+            recorded: Arc::default(),
             rejected_log: crate::ratelimit::LogLimiter::new(crate::ratelimit::DEFAULT_INTERVAL),
             replica,
             metrics: w.metrics,
@@ -299,6 +302,7 @@ impl Daemon {
         tokio::pin!(shutdown);
 
         let inbox = self.inbox.clone();
+        let recorded = self.recorded.clone();
         loop {
             let now = Instant::now();
             self.drive_intake(now);
@@ -311,6 +315,7 @@ impl Daemon {
                 Some(event) = self.internal_rx.recv() => self.on_internal(event),
                 Some(event) = listener_rx.recv() => self.on_listener(event),
                 _ = inbox.ready() => self.on_inbox(),
+                _ = recorded.notified() => self.collect_at_once(),
                 Some(request) = self.manual_rx.recv() => self.on_manual(request),
                 _ = catch_up.tick() => self.start_catch_up(),
                 _ = health.tick() => self.check_health(Instant::now()),
@@ -367,6 +372,7 @@ impl Daemon {
                     alerts: self.alerts.clone(),
                     tracker: Tracker::new(self.config.alert.repeat_after, self.replica.clone()),
                     stats: self.stats.clone(),
+                    recorded: self.recorded.clone(),
                 },
                 self.tasks.intake.token(),
             ));

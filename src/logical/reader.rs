@@ -26,6 +26,9 @@ const STREAM_PING: Duration = Duration::from_secs(10);
 /// given up client-side (a frozen connection), and the reader starts over.
 const STATEMENT_TIMEOUT: &str = "10s";
 const STEP_PATIENCE: Duration = Duration::from_secs(15);
+/// After a flush of ours released commits, how long the reader waits for more of them behind
+/// the first before writing their keys (they arrive back to back).
+const RELEASE_GATHER: Duration = Duration::from_millis(2);
 /// SQLSTATE `object_in_use`: the slot is streamed by another connection (another replica).
 const SLOT_IN_USE: &str = "55006";
 /// The replication connection's and the reader's `application_name`.
@@ -48,6 +51,9 @@ pub struct Wiring {
     pub alerts: Alerts,
     pub tracker: Tracker,
     pub stats: Arc<Stats>,
+    /// Told after every write of keys, so the daemon collects them at once rather than at its
+    /// next collect (up to `quiet / 2` later: added to every key's lag).
+    pub recorded: Arc<tokio::sync::Notify>,
 }
 
 /// Reads the slot of `capture` until `cancel`: streams, and every `poll_interval` records the
@@ -112,6 +118,9 @@ struct Session {
     last_flush: Instant,
     /// When the reader last looked for WAL to flush.
     last_nudge: Instant,
+    /// That flush found WAL waiting: the commits it released are written at once, not at the
+    /// next `poll_interval` (they waited for it already).
+    released: bool,
     /// The server asked for a status update, or we have not answered a ping of ours yet.
     reply_wanted: bool,
     ping_sent: Option<Instant>,
@@ -238,6 +247,7 @@ impl Reader {
             last_event: Instant::now(),
             last_flush: Instant::now(),
             last_nudge: Instant::now(),
+            released: false,
             reply_wanted: false,
             ping_sent: None,
         });
@@ -246,7 +256,7 @@ impl Reader {
 
     /// Step 3: messages for `how_long` (or until a keepalive asks for a reply).
     async fn receive_for(&mut self, how_long: Duration) -> Result<(), ReadError> {
-        let deadline = tokio::time::Instant::now() + how_long;
+        let mut deadline = tokio::time::Instant::now() + how_long;
         let (Some(session), Some(extractor)) = (self.session.as_mut(), self.extractor.as_mut())
         else {
             return Ok(());
@@ -275,12 +285,16 @@ impl Reader {
                         self.received = self.received.max(lsn);
                     }
                     // The first commit after a quiet moment is recorded at once; under a steady
-                    // stream, at most once per poll_interval.
-                    if commit
-                        && !self.batch.is_empty()
-                        && session.last_flush.elapsed() >= self.w.capture.poll_interval
-                    {
-                        return Ok(());
+                    // stream, at most once per poll_interval, and once more for what a flush
+                    // of ours released (with what arrives right behind it).
+                    if commit && !self.batch.is_empty() {
+                        if session.last_flush.elapsed() >= self.w.capture.poll_interval {
+                            return Ok(());
+                        }
+                        if session.released {
+                            session.released = false;
+                            deadline = deadline.min(tokio::time::Instant::now() + RELEASE_GATHER);
+                        }
                     }
                 }
                 Event::Keepalive { end, reply } => {
@@ -312,6 +326,8 @@ impl Reader {
         if !batch.is_empty() {
             super::record(&session.client, &self.w.capture.channel, &batch.dirty()).await?;
             session.last_flush = Instant::now();
+            session.released = false;
+            self.w.recorded.notify_one();
         }
         // At most once per poll_interval: what is committed reaches the slot within it.
         if session.last_nudge.elapsed() >= self.w.capture.poll_interval {
@@ -320,6 +336,7 @@ impl Reader {
             if flushed {
                 self.w.stats.logical_wal_flushes.inc();
             }
+            session.released = flushed;
         }
         // A status update when there is a position to confirm or the server asked for one; a
         // ping when the stream has been silent (an idle server sends nothing otherwise).

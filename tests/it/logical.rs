@@ -49,6 +49,7 @@ fn reader(config: &Config) -> Reader {
         alerts: Alerts::log_only(stats.clone()),
         tracker: Tracker::new(std::time::Duration::from_secs(3600), "test"),
         stats,
+        recorded: Arc::default(),
     })
 }
 
