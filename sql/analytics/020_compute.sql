@@ -103,25 +103,27 @@ RETURNS TABLE (
 )
 LANGUAGE sql STABLE PARALLEL SAFE
 BEGIN ATOMIC
-    SELECT s.id, s.agent_id, s.challenge_id, s.created_at, ls.key, ls.score
-    FROM submissions AS s
-    -- One row per lane whose value is a JSON number, converted here, once: the subquery is not
-    -- flattened into its callers (OFFSET 0), so the number is computed before their sort and
-    -- not again in each aggregate that reads it (flattened, the conversion ran once per
-    -- aggregate: a quarter of a refresh), and a caller's condition on the score cannot be
-    -- evaluated ahead of the type test. jsonb_each raises on a non-object: it is fed NULL (no
-    -- rows) instead.
-    CROSS JOIN LATERAL (
-        SELECT e.key, analytics_lane_number(e.value) AS score
-        FROM jsonb_each(
+    -- One row per lane whose value is a JSON number (jsonb_each raises on a non-object: it is
+    -- fed NULL, no rows, instead). The subquery is sorted by challenge and lane, which keeps
+    -- PostgreSQL from flattening it into its callers: the value is converted once, below the
+    -- sort, instead of again in every aggregate that reads it (flattened, that was a quarter of
+    -- a refresh), and the callers group the rows as they come. Conditions on the challenge
+    -- still reach the index on submissions (a sorted subquery does not stop them), and the
+    -- scan can still run in parallel workers.
+    SELECT x.id, x.agent_id, x.challenge_id, x.created_at, x.key, x.score
+    FROM (
+        SELECT s.id, s.agent_id, s.challenge_id, s.created_at, e.key,
+               analytics_lane_number(e.value) AS score
+        FROM submissions AS s
+        CROSS JOIN LATERAL jsonb_each(
             CASE WHEN jsonb_typeof(s.final_lane_scores) = 'object' THEN s.final_lane_scores END
         ) AS e
-        WHERE jsonb_typeof(e.value) = 'number'
-        OFFSET 0
-    ) AS ls
-    WHERE s.status = 'scored'
-      AND s.challenge_id IS NOT NULL
-      AND (p_challenge_ids IS NULL OR s.challenge_id = ANY (p_challenge_ids));
+        WHERE s.status = 'scored'
+          AND s.challenge_id IS NOT NULL
+          AND (p_challenge_ids IS NULL OR s.challenge_id = ANY (p_challenge_ids))
+          AND jsonb_typeof(e.value) = 'number'
+        ORDER BY s.challenge_id, e.key
+    ) AS x;
 END;
 
 -- Lane score distribution per challenge and lane.
@@ -193,7 +195,8 @@ BEGIN ATOMIC
         FROM analytics_scored_lane_values(p_challenge_ids) AS l
         WHERE l.agent_id IS NOT NULL
     ) AS v
-    GROUP BY v.agent_id, v.challenge_id, v.lane_key
+    -- In the order the lane values come (challenge, lane), then the agent.
+    GROUP BY v.challenge_id, v.lane_key, v.agent_id
     HAVING count(*) >= 2;
 END;
 
