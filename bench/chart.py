@@ -16,6 +16,15 @@ NAMES = {
     "mvrefresh_partitioned": "mvrefresh partitioned",
     "mvrefresh_partitioned-serial": "mvrefresh partitioned, concurrency 1",
 }
+
+
+def name(contender):
+    """A contender's short name; a baseline contender (`<twin>-base`) is its twin's."""
+    if contender.endswith("-base") and contender[:-5] in NAMES:
+        return NAMES[contender[:-5]] + ", baseline build"
+    return NAMES.get(contender, contender)
+
+
 SCEN = {"burst": "bursts 50/20 s", "steady2": "steady 2/s", "steady20": "steady 20/s"}
 COLORS = {"pg_cron": "#c0392b", "mvrefresh_seedlike": "#e67e22", "mvrefresh_tuned": "#2980b9",
           "mvrefresh_incremental": "#27ae60", "mvrefresh_partitioned": "#8e44ad",
@@ -35,7 +44,7 @@ def main(path):
         y += 20
         for row in [q for q in rows if q["scenario"] == sc]:
             c = row["contender"]
-            out.append(f'<text x="20" y="{y + 2 * bar - 2}" font-size="12">{NAMES.get(c, NAMES.get(c.removesuffix("-base"), c) + (", baseline build" if c.endswith("-base") else ""))}</text>')
+            out.append(f'<text x="20" y="{y + 2 * bar - 2}" font-size="12">{name(c)}</text>')
             for i, (k, op) in enumerate((("lag_p50_s", 1.0), ("lag_p99_s", 0.45))):
                 v = row.get(k)
                 if v is None:

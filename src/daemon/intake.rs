@@ -165,13 +165,11 @@ impl Daemon {
     }
 
     /// The next instant the intake has something to start.
-    pub(super) fn intake_wake(&self) -> Option<Instant> {
+    pub(super) fn intake_wake(&self, now: Instant) -> Option<Instant> {
         let i = &self.intake;
-        let collect = i.collect_due(Instant::now());
-        let guard =
-            (!i.guard_running && self.needs_guard()).then(|| i.guard_ready_at(Instant::now()));
-        let prune =
-            (!i.prune_running).then(|| i.last_prune.map_or(Instant::now(), |t| t + PRUNE_EVERY));
+        let collect = i.collect_due(now);
+        let guard = (!i.guard_running && self.needs_guard()).then(|| i.guard_ready_at(now));
+        let prune = (!i.prune_running).then(|| i.last_prune.map_or(now, |t| t + PRUNE_EVERY));
         [collect, guard, prune].into_iter().flatten().min()
     }
 

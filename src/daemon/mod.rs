@@ -442,7 +442,7 @@ impl Daemon {
     /// The next instant something can become due (views or intake), never now or earlier.
     fn next_wake(&self, now: Instant) -> Option<Instant> {
         let views = scheduler::next_wake(&self.views, now, self.intake.horizon());
-        [views, self.intake_wake()]
+        [views, self.intake_wake(now)]
             .into_iter()
             .flatten()
             .map(|t| t.max(now + Duration::from_millis(1)))
