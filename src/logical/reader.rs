@@ -36,13 +36,18 @@ pub const APPLICATION: &str = "mvrefresh-logical";
 
 /// A commit is decoded only once the write-ahead log holding it is flushed. Asynchronous commits
 /// (`synchronous_commit = off`) wait for the WAL writer (`wal_writer_delay`, 200 ms by default)
-/// for that: when WAL is waiting, this statement flushes it, committing a transaction that has
-/// an id under `synchronous_commit = on` (one commit record; one transaction id used). Whether
-/// it did.
-const FLUSH_WAL: &str = "SELECT CASE WHEN pg_current_wal_insert_lsn() > pg_current_wal_flush_lsn()
-                                    THEN set_config('synchronous_commit', 'on', true) IS NOT NULL
-                                         AND pg_current_xact_id() IS NOT NULL
-                                    ELSE false END";
+/// for that: when WAL is waiting, this statement flushes it by committing, under
+/// `synchronous_commit = on`, a transaction that wrote one WAL record (a transactional logical
+/// message with prefix `mvrefresh.flush`: one small record, one transaction id, any role may
+/// write it; pgoutput passes such messages only to consumers that ask for them with `messages
+/// 'true'`, and the extractor ignores them). A transaction that only takes an id is not enough:
+/// PostgreSQL commits a transaction that wrote no WAL before its commit record asynchronously,
+/// whatever `synchronous_commit` says. Whether it flushed.
+pub const FLUSH_WAL: &str =
+    "SELECT CASE WHEN pg_current_wal_insert_lsn() > pg_current_wal_flush_lsn()
+                 THEN set_config('synchronous_commit', 'on', true) IS NOT NULL
+                      AND pg_logical_emit_message(true, 'mvrefresh.flush', '') IS NOT NULL
+                 ELSE false END";
 
 /// Everything a reader needs from the daemon.
 pub struct Wiring {

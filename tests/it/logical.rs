@@ -458,6 +458,68 @@ async fn asynchronous_commits_reach_the_slot_without_waiting_for_the_wal_writer(
     daemon.stop().await;
 }
 
+/// The reader's flush makes waiting WAL durable at once: an asynchronous commit's WAL is flushed
+/// (hence decodable) when the statement returns, without waiting for the WAL writer. A
+/// transaction that only takes an id would not do: PostgreSQL commits it asynchronously too,
+/// since it wrote no WAL before its commit record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readers_flush_makes_an_asynchronous_commit_durable_at_once() {
+    let cluster = Cluster::new();
+    let c = harness::connect(&cluster.url("postgres")).await;
+    for step in [
+        "ALTER SYSTEM SET wal_writer_delay = '10s'",
+        "SELECT pg_reload_conf()",
+    ] {
+        c.batch_execute(step).await.unwrap();
+    }
+    c.batch_execute("CREATE TABLE flush_probe (x int); SET synchronous_commit = off")
+        .await
+        .unwrap();
+    let reader = harness::connect(&cluster.url("postgres")).await;
+    let lsn_reached = |lsn: String| {
+        let c = &c;
+        async move {
+            c.query_one(
+                "SELECT pg_current_wal_flush_lsn() >= $1::text::pg_lsn",
+                &[&lsn],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+        }
+    };
+    // The WAL writer may flush between the commit and the check (every 10 s here): try again.
+    let mut tried = 0;
+    let commit_end = loop {
+        c.batch_execute("INSERT INTO flush_probe VALUES (1)")
+            .await
+            .unwrap();
+        let end: String = c
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if !lsn_reached(end.clone()).await {
+            break end;
+        }
+        tried += 1;
+        assert!(
+            tried < 20,
+            "every asynchronous commit was flushed before it could be checked"
+        );
+    };
+    let flushed: bool = reader
+        .query_one(mvrefresh::logical::reader::FLUSH_WAL, &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(flushed, "the statement saw WAL waiting and flushed it");
+    assert!(
+        lsn_reached(commit_end.clone()).await,
+        "the asynchronous commit (ending at {commit_end}) is flushed once the statement returns"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reader_survives_a_server_restart() {
     let cluster = Cluster::new();
