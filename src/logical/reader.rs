@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -146,6 +147,9 @@ pub struct Reader {
     confirmed: Lsn,
     /// The content of the last non-transactional logical message received (tests wait on it).
     last_message: Option<Vec<u8>>,
+    /// The role may not write logical messages ([`FLUSH_WAL`] was denied): asynchronous commits
+    /// reach the slot at the WAL writer's pace (said once, in a warning with the fix).
+    flush_denied: bool,
 }
 
 impl Reader {
@@ -162,6 +166,7 @@ impl Reader {
             received: 0,
             confirmed: 0,
             last_message: None,
+            flush_denied: false,
         }
     }
 
@@ -335,13 +340,28 @@ impl Reader {
             self.w.recorded.notify_one();
         }
         // At most once per poll_interval: what is committed reaches the slot within it.
-        if session.last_nudge.elapsed() >= self.w.capture.poll_interval {
+        if !self.flush_denied && session.last_nudge.elapsed() >= self.w.capture.poll_interval {
             session.last_nudge = Instant::now();
-            let flushed: bool = session.client.query_one(FLUSH_WAL, &[]).await?.get(0);
-            if flushed {
-                self.w.stats.logical_wal_flushes.inc();
+            match session.client.query_one(FLUSH_WAL, &[]).await {
+                Ok(row) => {
+                    let flushed: bool = row.get(0);
+                    if flushed {
+                        self.w.stats.logical_wal_flushes.inc();
+                    }
+                    session.released = flushed;
+                }
+                Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+                    tracing::warn!(
+                        slot = %self.slot, error = %crate::db::error_text(&e),
+                        "logical capture: the reader may not flush the write-ahead log; \
+                         asynchronous commits reach the slot only when the WAL writer flushes \
+                         them (wal_writer_delay later); fix: GRANT EXECUTE ON FUNCTION \
+                         pg_logical_emit_message(boolean, text, text) to the daemon's role"
+                    );
+                    self.flush_denied = true;
+                }
+                Err(e) => return Err(e.into()),
             }
-            session.released = flushed;
         }
         // A status update when there is a position to confirm or the server asked for one; a
         // ping when the stream has been silent (an idle server sends nothing otherwise).

@@ -519,6 +519,51 @@ async fn the_readers_flush_makes_an_asynchronous_commit_durable_at_once() {
     panic!("the WAL writer flushed every asynchronous commit before the statement could");
 }
 
+/// A role that may not write logical messages cannot flush the WAL: the reader says so once
+/// and reads on (commits then wait for the WAL writer), rather than failing every
+/// `poll_interval` and never confirming a position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_may_not_flush_the_wal_reads_on() {
+    let db = Cluster::logical().create_db().await;
+    let c = db.client().await;
+    c.batch_execute(harness::SCHEMA).await.unwrap();
+    let body = format!("{}{}", capture(), harness::VIEW_COUNTS);
+    let config = harness::config(&db.url, &body);
+    harness::install(&config).await;
+    let role = format!("reader_{}", harness::unique());
+    c.batch_execute(&format!(
+        "CREATE ROLE {role} LOGIN REPLICATION;
+         GRANT USAGE ON SCHEMA mvrefresh TO {role};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA mvrefresh TO {role};
+         GRANT SELECT ON submissions TO {role};
+         REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) FROM PUBLIC;"
+    ))
+    .await
+    .unwrap();
+    let as_role = harness::config(
+        &db.url
+            .replace("postgres://postgres@", &format!("postgres://{role}@")),
+        &body,
+    );
+    let mut reader = reader(&as_role);
+    let before = confirmed(&c, &config).await;
+    harness::take_dirty(&c, None).await;
+    harness::score(&c, 7, 1).await;
+    c.execute(
+        "SELECT pg_logical_emit_message(false, 'mvrefresh-test', 'after')",
+        &[],
+    )
+    .await
+    .unwrap();
+    catch_up(&mut reader, b"after").await;
+    assert_eq!(harness::take_dirty(&c, None).await, vec!["7".to_owned()]);
+    assert_ne!(
+        confirmed(&c, &config).await,
+        before,
+        "the slot moved past what was recorded"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reader_survives_a_server_restart() {
     let cluster = Cluster::new();
