@@ -24,8 +24,9 @@
 //! 4. every `poll_interval` (at once for a quiet moment's first commit and for what a WAL flush
 //!    of its own released), writes the keys received into `mvrefresh.dirty` and notifies the
 //!    channel, in one transaction, and tells the daemon, which collects them at once; from there
-//!    on they go the way a trigger's keys go (collect, hand-over, refresh). The hand-over also covers a decoded commit not yet visible to other
-//!    sessions: the writer holds its table lock until it is, and a guard waits for it;
+//!    on they go the way a trigger's keys go (collect, hand-over, refresh). The hand-over also
+//!    covers a decoded commit not yet visible to other sessions: the writer holds its table lock
+//!    until it is, and a guard waits for it;
 //! 5. only then confirms to the server the position up to which everything was delivered (the
 //!    last commit, or a keepalive's position: the server sends one when it has caught up, also
 //!    past transactions that touched nothing captured), so the slot moves on. Killed between 4
