@@ -145,7 +145,8 @@ CREATE INDEX IF NOT EXISTS refresh_history_finished
 
 -- Marks `p_keys` dirty on `p_channel` for a capture and returns how many keys turned dirty: the
 -- slow path of every capture trigger (the generated trigger functions skip it when their session
--- remembers every key as dirty already). For each key not remembered: a lookup in `dirty` (a row
+-- remembers every key as dirty already, and do the same themselves, inline, for the common case
+-- of one relevant row that kept its key: keep the two alike). For each key not remembered: a lookup in `dirty` (a row
 -- that a collect is taking right now does not count); when absent, one row, and one notification
 -- unless a daemon is collecting on its own (PostgreSQL folds a transaction's identical
 -- notifications into one). Then the key is remembered in the session setting

@@ -13,9 +13,12 @@
 //! and one `AFTER TRUNCATE` statement trigger on the table. Per row, the trigger function asks
 //! one inlined SQL expression whether there is anything to do: the row is relevant (`when`) and
 //! its key is one the writer's session remembers as dirty under the current generation (see
-//! `sql/mvrefresh.sql`), before and after the change. Only when not does it call
-//! `mvrefresh.mark_keys` with the row's keys: the old key and the new one when a row moves or stops
-//! being relevant, the new one when it is inserted or changed, the old one when it is deleted.
+//! `sql/mvrefresh.sql`), before and after the change. When not, and the row is relevant and kept
+//! its key (a session writing a key it does not remember: after every collect, each session
+//! takes this path once per key it writes), the trigger marks that key itself, as
+//! `mvrefresh.mark_keys` would; in every other case it calls `mvrefresh.mark_keys` with the
+//! row's keys: the old key and the new one when a row moves or stops being relevant, the new one
+//! when it is inserted, the old one when it is deleted.
 //! An update that sets a captured column to the value it had still marks its key (a refresh
 //! that changes nothing): comparing every captured value on every row costs writers more than
 //! the occasional extra refresh.
@@ -220,6 +223,7 @@ pub fn capture_sql(c: &CaptureConfig) -> String {
     let f_row = format!("mvrefresh.{}", ident(&format!("capture_{}", c.name)));
     let f_clean = format!("mvrefresh.{}", ident(&format!("capture_{}_clean", c.name)));
     let f_keys = format!("mvrefresh.{}", ident(&format!("capture_{}_keys", c.name)));
+    let f_rel = format!("mvrefresh.{}", ident(&format!("capture_{}_rel", c.name)));
     let f_clean_old = format!(
         "mvrefresh.{}",
         ident(&format!("capture_{}_clean_old", c.name))
@@ -264,18 +268,23 @@ pub fn capture_sql(c: &CaptureConfig) -> String {
         "NOT coalesce(%1$s, false) AND (NOT coalesce(%2$s, false) OR {co})",
         co = cached("o"),
     );
+    // `rel`, asked only when `clean` is not true: the common slow path, a relevant row that kept
+    // its (non-NULL) key, which the session does not remember; the trigger then marks that one
+    // key itself (see below).
+    let rel = format!("(%1$s) AND n.{k} IS NOT NULL AND (o.{k} IS NULL OR o.{k} = n.{k})");
     let keys = format!(
         "ARRAY[CASE WHEN coalesce(%1$s, false) THEN n.{k}::text END,
                CASE WHEN coalesce(%2$s, false)
                          AND NOT (coalesce(%1$s, false) AND n.{k} IS NOT DISTINCT FROM o.{k})
                     THEN o.{k}::text END]"
     );
-    let (fc, fco, fk, fr, ftr) = (
+    let (fc, fco, fk, fr, ftr, frel) = (
         esc(&f_clean),
         esc(&f_clean_old),
         esc(&f_keys),
         esc(&f_row),
         esc(&f_trunc),
+        esc(&f_rel),
     );
     let fingerprint = literal(&fingerprint(c));
     format!(
@@ -322,6 +331,9 @@ BEGIN
     EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {fco}(n {t}, o {t})
         RETURNS boolean LANGUAGE sql VOLATILE
         RETURN {clean_old}$mvrefresh_f$, when_new, when_old);
+    EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {frel}(n {t}, o {t})
+        RETURNS boolean LANGUAGE sql VOLATILE
+        RETURN {rel}$mvrefresh_f$, when_new, when_old);
     -- The keys this row makes dirty (NULL elements: none).
     EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {fk}(n {t}, o {t})
         RETURNS text[] LANGUAGE sql VOLATILE
@@ -329,10 +341,45 @@ BEGIN
     EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {fr}() RETURNS trigger
         LANGUAGE plpgsql SECURITY DEFINER AS $mvrefresh_b$
         DECLARE
-            added pg_catalog.int4;
+            added   pg_catalog.int4;
+            g       pg_catalog.int8;
+            k       pg_catalog.text;
+            h       pg_catalog.text;
+            setting pg_catalog.text;
+            seen    pg_catalog.text;
         BEGIN
             IF {fc}(NEW, OLD) THEN
                 RETURN NEW; -- ignored (AFTER); returning a variable sets up no expression
+            END IF;
+            -- The common slow path, as mvrefresh.mark_keys does it for one key (same generation
+            -- read first, setting, entry, probe, notify and bound), inline: a call, its array
+            -- and the other rows' tests cost a quarter of this path.
+            IF {frel}(NEW, OLD) THEN
+                k := NEW.{k}::pg_catalog.text;
+                IF pg_catalog.octet_length(k) OPERATOR(pg_catalog.>) 1024 THEN
+                    added := mvrefresh.mark_keys(%1$L, %2$L, ARRAY[k]);
+                    RETURN NULL;
+                END IF;
+                g := pg_catalog.pg_sequence_last_value('mvrefresh.generation'::pg_catalog.regclass);
+                h := pg_catalog.md5(pg_catalog.format('%%s:%%s', k, g));
+                setting := pg_catalog.format('%%s_%%s', %2$L,
+                                             pg_catalog.hashtext(k) OPERATOR(pg_catalog.&) 31);
+                seen := COALESCE(pg_catalog.current_setting(setting, true), '');
+                PERFORM FROM mvrefresh.dirty AS d
+                WHERE d.channel OPERATOR(pg_catalog.=) %1$L
+                  AND d.key OPERATOR(pg_catalog.=) k
+                  AND d.xmax OPERATOR(pg_catalog.=) '0'::pg_catalog.xid;
+                IF NOT FOUND THEN
+                    INSERT INTO mvrefresh.dirty (channel, key) VALUES (%1$L, k);
+                    IF g OPERATOR(pg_catalog.&) 1 OPERATOR(pg_catalog.=) 1 THEN
+                        PERFORM pg_catalog.pg_notify(%1$L, '');
+                    END IF;
+                END IF;
+                IF pg_catalog.octet_length(seen) OPERATOR(pg_catalog.>=) 512 THEN
+                    seen := '';
+                END IF;
+                seen := pg_catalog.set_config(setting, seen OPERATOR(pg_catalog.||) h, false);
+                RETURN NULL;
             END IF;
             IF {fco}(NEW, OLD) THEN
                 RETURN NULL;
@@ -378,7 +425,8 @@ $mvrefresh$;
 DROP PUBLICATION IF EXISTS {publication};
 COMMENT ON FUNCTION {f_row}() IS {comment};
 REVOKE ALL ON FUNCTION {f_row}(), {f_trunc}(), {f_clean}({table}, {table}),
-    {f_clean_old}({table}, {table}), {f_keys}({table}, {table}) FROM PUBLIC;
+    {f_clean_old}({table}, {table}), {f_keys}({table}, {table}), {f_rel}({table}, {table})
+    FROM PUBLIC;
 {register}"#,
         register = register_sql(c),
         publication = ident(&c.publication_name()),
@@ -438,7 +486,7 @@ pub fn fingerprint(c: &CaptureConfig) -> String {
 }
 
 /// Bumped whenever [`capture_sql`] changes what it generates.
-const TRIGGER_TEMPLATE_VERSION: u32 = 5;
+const TRIGGER_TEMPLATE_VERSION: u32 = 6;
 
 /// `--prune`: every registered capture this config does not name goes, triggers and functions.
 fn prune_captures_sql(config: &Config) -> String {
@@ -457,9 +505,7 @@ BEGIN
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'mvrefresh_capture_' || c.name || '_truncate', c.table_name);
         FOR f IN SELECT p.oid::regprocedure AS fn FROM pg_proc AS p
                  WHERE p.pronamespace = 'mvrefresh'::regnamespace
-                   AND p.proname IN ('capture_' || c.name, 'capture_' || c.name || '_truncate',
-                                     'capture_' || c.name || '_clean', 'capture_' || c.name || '_clean_old',
-                                     'capture_' || c.name || '_keys')
+                   AND p.proname IN ({functions})
         LOOP
             EXECUTE format('DROP FUNCTION %s', f.fn);
         END LOOP;
@@ -469,8 +515,19 @@ BEGIN
 END
 $mvrefresh$;
 "#,
-        names = names.join(", ")
+        names = names.join(", "),
+        functions = capture_function_names("c.name"),
     )
+}
+
+/// The names of the functions a trigger capture generates, as SQL expressions over `name` (an
+/// SQL expression for the capture's name), for dropping them.
+pub fn capture_function_names(name: &str) -> String {
+    ["", "_truncate", "_clean", "_clean_old", "_keys", "_rel"]
+        .iter()
+        .map(|suffix| format!("'capture_' || {name} || '{suffix}'"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Adds the configured (channel, view) subscriptions that are missing; a newly subscribed view

@@ -114,16 +114,14 @@ BEGIN
     END LOOP;
     FOR f IN SELECT p.oid::regprocedure AS fn FROM pg_proc AS p
              WHERE p.pronamespace = 'mvrefresh'::regnamespace
-               AND p.proname IN ('capture_' || {name_lit}, 'capture_' || {name_lit} || '_truncate',
-                                 'capture_' || {name_lit} || '_clean',
-                                 'capture_' || {name_lit} || '_clean_old',
-                                 'capture_' || {name_lit} || '_keys')
+               AND p.proname IN ({functions})
     LOOP
         EXECUTE format('DROP FUNCTION %s', f.fn);
     END LOOP;
 END
 $mvrefresh_drop$;
-"#
+"#,
+        functions = crate::install::capture_function_names(&name_lit),
     )
 }
 

@@ -153,6 +153,52 @@ async fn a_writers_own_operators_do_not_change_what_is_captured() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writers_own_equality_cannot_hide_a_key_turning_dirty() {
+    let (db, admin, _config) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
+    admin
+        .batch_execute(
+            "INSERT INTO submissions (challenge_id, status, score) VALUES (10, 'scored', 1);",
+        )
+        .await
+        .unwrap();
+    harness::take_dirty(&admin, None).await;
+    // Another key is dirty already.
+    admin
+        .batch_execute(
+            "INSERT INTO submissions (challenge_id, status, score) VALUES (7, 'scored', 1);",
+        )
+        .await
+        .unwrap();
+    let w = writer(&db, &admin).await;
+    // An `=` on text that is always true, found before pg_catalog's: a lookup in the dirty set
+    // that used it would find key 7's row for any key, and record nothing.
+    let schema = format!("evil_{}", harness::unique());
+    w.batch_execute(&format!(
+        "CREATE SCHEMA {schema};
+         CREATE FUNCTION {schema}.always(text, text) RETURNS boolean LANGUAGE sql IMMUTABLE
+             RETURN true;
+         CREATE OPERATOR {schema}.= (LEFTARG = text, RIGHTARG = text, FUNCTION = {schema}.always);
+         SET search_path = {schema}, pg_catalog, public;"
+    ))
+    .await
+    .unwrap();
+    // A new scored row, and a re-score of a row whose key is clean: each the common slow path.
+    w.execute(
+        "INSERT INTO submissions (challenge_id, status, score) VALUES (8, 'scored', 1)",
+        &[],
+    )
+    .await
+    .unwrap();
+    w.execute(
+        "UPDATE submissions SET score = 2 WHERE challenge_id OPERATOR(pg_catalog.=) 10",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(dirty(&admin).await, ["10", "7", "8"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_too_long_for_an_index_marks_everything_and_never_fails_the_writer() {
     let db = Cluster::shared().create_db().await;
     let c = db.client().await;
