@@ -469,7 +469,10 @@ pub fn fingerprint(c: &CaptureConfig) -> String {
         c.key,
         c.when.as_deref().unwrap_or(""),
         c.columns,
-        TRIGGER_TEMPLATE_VERSION
+        match c.method {
+            CaptureMethod::Trigger => TRIGGER_TEMPLATE_VERSION,
+            CaptureMethod::Logical => LOGICAL_TEMPLATE_VERSION,
+        }
     );
     // A logical capture's differs from the trigger capture of the same definition (a trigger
     // capture's is what it was before there were two methods).
@@ -487,6 +490,11 @@ pub fn fingerprint(c: &CaptureConfig) -> String {
 
 /// Bumped whenever [`capture_sql`] changes what it generates.
 const TRIGGER_TEMPLATE_VERSION: u32 = 6;
+
+/// Bumped whenever a logical capture's install ([`crate::logical::install_sql`]) changes what it
+/// creates. It shared the trigger's version up to 5; kept apart since, so that a new trigger
+/// template does not report every logical capture out of date.
+const LOGICAL_TEMPLATE_VERSION: u32 = 5;
 
 /// `--prune`: every registered capture this config does not name goes, triggers and functions.
 fn prune_captures_sql(config: &Config) -> String {
