@@ -58,6 +58,34 @@ fn a_capture_name_must_fit_every_generated_identifier() {
 }
 
 #[test]
+fn a_capture_may_not_carry_the_installs_quoting_tag() {
+    const CAPTURE: &str = "[[capture]]\nname = \"x\"\ntable = \"t\"\nchannel = \"c\"\nkey = \"k\"\ncolumns = [\"a\"]\n";
+    let with = |field: &str| {
+        // As a table: the quoted identifier "a$mvrefresh_b$".
+        let odd = if field == "table" {
+            "'\"a$mvrefresh_b$\"'"
+        } else {
+            "\"a$mvrefresh_b$\""
+        };
+        let capture = match field {
+            "columns" => CAPTURE.replace("[\"a\"]", &format!("[{odd}]")),
+            "when" => format!("{CAPTURE}when = {odd}\n"),
+            _ => CAPTURE.replace(
+                &format!("{field} = \"{}\"", &field[..1]),
+                &format!("{field} = {odd}"),
+            ),
+        };
+        format!("{MINIMAL}{capture}")
+    };
+    assert!(parse(&with("none")).is_ok());
+    for field in ["table", "channel", "key", "columns", "when"] {
+        let e = parse(&with(field)).unwrap_err().to_string();
+        assert!(e.contains(&format!("capture[0].{field}")), "{field}: {e}");
+        assert!(e.contains("may not contain `$mvrefresh`"), "{field}: {e}");
+    }
+}
+
+#[test]
 fn defaults_apply() {
     let c = parse(MINIMAL).unwrap();
     assert_eq!(c.listener.catch_up_interval, Duration::from_secs(30));

@@ -137,6 +137,22 @@ impl Config {
             if c.key.is_empty() {
                 return err(&at("key"), "must name the key column");
             }
+            // The install's generated SQL quotes function bodies with `$mvrefresh…$` tags.
+            let quoted = [
+                ("table", c.table.to_string()),
+                ("channel", c.channel.clone()),
+                ("key", c.key.clone()),
+                ("when", c.when.clone().unwrap_or_default()),
+            ];
+            let columns = c.columns.iter().map(|col| ("columns", col.clone()));
+            for (field, text) in quoted.into_iter().chain(columns) {
+                if text.contains("$mvrefresh") {
+                    return err(
+                        &at(field),
+                        "may not contain `$mvrefresh` (the install quotes its generated SQL with it)",
+                    );
+                }
+            }
             if c.when.as_deref().is_some_and(|w| w.trim().is_empty()) {
                 return err(&at("when"), "is empty; leave it out to capture every row");
             }

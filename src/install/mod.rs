@@ -252,8 +252,12 @@ pub fn capture_sql(c: &CaptureConfig) -> String {
     // an expression up again in every transaction, at a cost that grows with its size (about
     // half a microsecond per function in it), so the common case pays for one only.
     // The setting's name and the remembered entry are built by format() (one call where
-    // concatenations and casts take several, each set up again in every transaction); they
-    // equal what mark_keys builds from the key's text.
+    // concatenations and casts take several, each set up again in every transaction). The
+    // trigger's own slow path builds them alike. mark_keys builds them from the key's text
+    // (`::text`), which is the same for every type whose text cast is its output function; for
+    // the few where it is not (boolean, char(n), inet, cidr, "char", name) a key mark_keys
+    // remembered is looked up once more when next written (nothing is lost). Casting here too
+    // would cost every row an expression step.
     let cached = |side: &str| {
         format!(
             "strpos(current_setting(format('%%s_%%s', {sn}, hashtext({side}.{k}::text) & 31), true),
@@ -361,7 +365,8 @@ BEGIN
                     RETURN NULL;
                 END IF;
                 g := pg_catalog.pg_sequence_last_value('mvrefresh.generation'::pg_catalog.regclass);
-                h := pg_catalog.md5(pg_catalog.format('%%s:%%s', k, g));
+                -- From the typed value, as `clean` builds it (not from k: see capture_sql).
+                h := pg_catalog.md5(pg_catalog.format('%%s:%%s', NEW.{k}, g));
                 setting := pg_catalog.format('%%s_%%s', %2$L,
                                              pg_catalog.hashtext(k) OPERATOR(pg_catalog.&) 31);
                 seen := COALESCE(pg_catalog.current_setting(setting, true), '');

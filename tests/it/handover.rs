@@ -317,3 +317,58 @@ async fn install_upgrades_version_2_without_losing_pending_changes() {
     .await;
     daemon.stop().await;
 }
+
+/// A table `hosts` captured by `addr` (inet: its text cast, `10.0.0.1/32`, is not its output,
+/// `10.0.0.1`), and `mv_hosts` refreshed from it.
+const HOSTS: &str = r#"
+[[capture]]
+name = "hosts"
+table = "hosts"
+channel = "hosts_changed"
+key = "addr"
+[[view]]
+name = "mv_hosts"
+mode = "concurrently"
+channels = ["hosts_changed"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_whose_text_cast_is_not_its_output_is_remembered_too() {
+    let db = Cluster::shared().create_db().await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE hosts (id serial PRIMARY KEY, addr inet, n int NOT NULL DEFAULT 0);
+         INSERT INTO hosts (addr) SELECT ('10.0.0.' || g % 2)::inet FROM generate_series(1, 1000) g;
+         CREATE MATERIALIZED VIEW mv_hosts AS SELECT addr, sum(n) AS n FROM hosts GROUP BY addr;
+         CREATE UNIQUE INDEX ON mv_hosts (addr);",
+    )
+    .await
+    .unwrap();
+    harness::install(&harness::config(&db.url, HOSTS)).await;
+    harness::take_dirty(&c, None).await;
+    c.batch_execute("BEGIN").await.unwrap();
+    let lookups = || async {
+        c.query_one(
+            "SELECT (coalesce(seq_scan, 0) + coalesce(idx_scan, 0))::int8
+             FROM pg_stat_xact_user_tables WHERE relid = 'mvrefresh.dirty'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+    };
+    let before = lookups().await;
+    c.batch_execute("UPDATE hosts SET n = n + 1").await.unwrap();
+    let probes = lookups().await - before;
+    c.batch_execute("COMMIT").await.unwrap();
+    // 1,000 rows of 2 keys: one lookup per key, then the rows find their key remembered.
+    assert_eq!(probes, 2);
+    let keys: Vec<String> = c
+        .query("SELECT DISTINCT key FROM mvrefresh.dirty ORDER BY key", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(keys, ["10.0.0.0/32", "10.0.0.1/32"]);
+}
