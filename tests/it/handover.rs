@@ -16,6 +16,19 @@ async fn dirty_rows(c: &Client) -> i64 {
         .get(0)
 }
 
+/// Lookups in the dirty set as this session counts them so far in its transaction (counts reach
+/// the cumulative statistics only now and then: compare two readings in one transaction).
+async fn lookups(c: &Client) -> i64 {
+    c.query_one(
+        "SELECT (coalesce(seq_scan, 0) + coalesce(idx_scan, 0))::int8
+         FROM pg_stat_xact_user_tables WHERE relid = 'mvrefresh.dirty'::regclass",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 async fn nothing_left(c: &Client) -> bool {
     c.query_one(
         "SELECT NOT EXISTS (SELECT FROM mvrefresh.pending) AND NOT EXISTS (SELECT FROM mvrefresh.dirty)",
@@ -221,24 +234,12 @@ async fn a_bulk_update_writes_one_dirty_row_per_key() {
     .await
     .unwrap();
     harness::take_dirty(&c, None).await;
-    // Lookups in the dirty set as this session counts them (its counts are flushed to the
-    // cumulative statistics only now and then, so compare two readings in one transaction).
-    let lookups = || async {
-        c.query_one(
-            "SELECT (coalesce(seq_scan, 0) + coalesce(idx_scan, 0))::int8
-             FROM pg_stat_xact_user_tables WHERE relid = 'mvrefresh.dirty'::regclass",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-    };
     c.batch_execute("BEGIN").await.unwrap();
-    let before = lookups().await;
+    let before = lookups(&c).await;
     c.batch_execute("UPDATE submissions SET score = score + 1")
         .await
         .unwrap();
-    let probes = lookups().await - before;
+    let probes = lookups(&c).await - before;
     c.batch_execute("COMMIT").await.unwrap();
     // 100,000 rows of 50 keys: the slow path (a lookup, maybe a write) ran once per key; every
     // other row found its key remembered.
@@ -248,15 +249,15 @@ async fn a_bulk_update_writes_one_dirty_row_per_key() {
     // one lookup per new key. What it remembers is what the common case looks up, so re-scoring
     // those rows looks nothing up.
     c.batch_execute("BEGIN").await.unwrap();
-    let before = lookups().await;
+    let before = lookups(&c).await;
     c.batch_execute("UPDATE submissions SET challenge_id = challenge_id + 50")
         .await
         .unwrap();
-    let moved = lookups().await - before;
+    let moved = lookups(&c).await - before;
     c.batch_execute("UPDATE submissions SET score = score + 1")
         .await
         .unwrap();
-    let rescored = lookups().await - before - moved;
+    let rescored = lookups(&c).await - before - moved;
     c.batch_execute("COMMIT").await.unwrap();
     assert_eq!((moved, rescored), (50, 0));
     assert_eq!(dirty_rows(&c).await, 100);
@@ -347,19 +348,9 @@ async fn a_key_whose_text_cast_is_not_its_output_is_remembered_too() {
     harness::install(&harness::config(&db.url, HOSTS)).await;
     harness::take_dirty(&c, None).await;
     c.batch_execute("BEGIN").await.unwrap();
-    let lookups = || async {
-        c.query_one(
-            "SELECT (coalesce(seq_scan, 0) + coalesce(idx_scan, 0))::int8
-             FROM pg_stat_xact_user_tables WHERE relid = 'mvrefresh.dirty'::regclass",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-    };
-    let before = lookups().await;
+    let before = lookups(&c).await;
     c.batch_execute("UPDATE hosts SET n = n + 1").await.unwrap();
-    let probes = lookups().await - before;
+    let probes = lookups(&c).await - before;
     c.batch_execute("COMMIT").await.unwrap();
     // 1,000 rows of 2 keys: one lookup per key, then the rows find their key remembered.
     assert_eq!(probes, 2);

@@ -42,6 +42,22 @@ async fn writer(db: &TestDb, admin: &Client) -> Client {
     harness::connect(&url).await
 }
 
+/// Puts a schema of `w`'s own first on its search_path, before pg_catalog, with each
+/// (operator, type, result): a binary operator on that type that always gives that result.
+async fn shadow_on_path(w: &Client, operators: &[(&str, &str, bool)]) {
+    let schema = format!("evil_{}", harness::unique());
+    let mut sql = format!("CREATE SCHEMA {schema};");
+    for (i, (op, ty, result)) in operators.iter().enumerate() {
+        sql.push_str(&format!(
+            "CREATE FUNCTION {schema}.f{i}({ty}, {ty}) RETURNS boolean LANGUAGE sql IMMUTABLE
+                 RETURN {result};
+             CREATE OPERATOR {schema}.{op} (LEFTARG = {ty}, RIGHTARG = {ty}, FUNCTION = {schema}.f{i});"
+        ));
+    }
+    sql.push_str(&format!("SET search_path = {schema}, pg_catalog, public;"));
+    w.batch_execute(&sql).await.unwrap();
+}
+
 async fn dirty(c: &Client) -> Vec<String> {
     c.query("SELECT key FROM mvrefresh.dirty ORDER BY key", &[])
         .await
@@ -121,22 +137,15 @@ async fn a_writers_own_operators_do_not_change_what_is_captured() {
     // An `=` on text and int that is never true, and a `>` on int that always is (it would make
     // the slow path believe every key remembered), found before pg_catalog's on the writer's
     // path.
-    let schema = format!("evil_{}", harness::unique());
-    w.batch_execute(&format!(
-        "CREATE SCHEMA {schema};
-         CREATE FUNCTION {schema}.never(text, text) RETURNS boolean LANGUAGE sql IMMUTABLE
-             RETURN false;
-         CREATE OPERATOR {schema}.= (LEFTARG = text, RIGHTARG = text, FUNCTION = {schema}.never);
-         CREATE FUNCTION {schema}.never(int, int) RETURNS boolean LANGUAGE sql IMMUTABLE
-             RETURN false;
-         CREATE OPERATOR {schema}.= (LEFTARG = int, RIGHTARG = int, FUNCTION = {schema}.never);
-         CREATE FUNCTION {schema}.always(int, int) RETURNS boolean LANGUAGE sql IMMUTABLE
-             RETURN true;
-         CREATE OPERATOR {schema}.> (LEFTARG = int, RIGHTARG = int, FUNCTION = {schema}.always);
-         SET search_path = {schema}, pg_catalog, public;"
-    ))
-    .await
-    .unwrap();
+    shadow_on_path(
+        &w,
+        &[
+            ("=", "text", false),
+            ("=", "int", false),
+            (">", "int", true),
+        ],
+    )
+    .await;
     w.execute(
         "INSERT INTO submissions (challenge_id, status, score) VALUES (8, 'scored', 1)",
         &[],
@@ -172,16 +181,7 @@ async fn a_writers_own_equality_cannot_hide_a_key_turning_dirty() {
     let w = writer(&db, &admin).await;
     // An `=` on text that is always true, found before pg_catalog's: a lookup in the dirty set
     // that used it would find key 7's row for any key, and record nothing.
-    let schema = format!("evil_{}", harness::unique());
-    w.batch_execute(&format!(
-        "CREATE SCHEMA {schema};
-         CREATE FUNCTION {schema}.always(text, text) RETURNS boolean LANGUAGE sql IMMUTABLE
-             RETURN true;
-         CREATE OPERATOR {schema}.= (LEFTARG = text, RIGHTARG = text, FUNCTION = {schema}.always);
-         SET search_path = {schema}, pg_catalog, public;"
-    ))
-    .await
-    .unwrap();
+    shadow_on_path(&w, &[("=", "text", true)]).await;
     // A new scored row, and a re-score of a row whose key is clean: each the common slow path.
     w.execute(
         "INSERT INTO submissions (challenge_id, status, score) VALUES (8, 'scored', 1)",
