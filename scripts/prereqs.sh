@@ -1,5 +1,5 @@
 # Sourced by the scripts: makes sure PostgreSQL server binaries, pg_cron, openssl, systemd-analyze
-# and promtool are installed
+# and promtool are installed, and builds the mvrefresh_capture extension
 # (Debian/Ubuntu packages), installing what is missing. Sets PG_BIN to the newest server's bin
 # directory.
 
@@ -40,6 +40,22 @@ ensure_postgres() {
     command -v promtool >/dev/null || apt_install prometheus
     export PG_BIN PG_VERSION
     export MVREFRESH_TEST_PG_BIN="$PG_BIN"
+}
+
+# mvrefresh_capture (extension/), built with PostgreSQL's extension build system and installed
+# for PostgreSQL $PG_VERSION: the native capture's tests create it in their databases. Needs the
+# server's development files (postgresql-server-dev-N, apt). Built under target/, so the source
+# directory stays clean; with_llvm=no: no JIT bitcode (no clang needed at build time).
+ensure_capture_extension() {
+    local pg_config=/usr/lib/postgresql/$PG_VERSION/bin/pg_config
+    if [ ! -x "$pg_config" ] || [ ! -f "/usr/include/postgresql/$PG_VERSION/server/postgres.h" ]; then
+        echo "installing postgresql-server-dev-$PG_VERSION (apt-get) to build extension/..." >&2
+        apt_install "postgresql-server-dev-$PG_VERSION"
+    fi
+    local build=${CARGO_TARGET_DIR:-$PWD/target}/extension
+    rm -rf "$build" && mkdir -p "$build" && cp extension/* "$build/"
+    make -s -C "$build" PG_CONFIG="$pg_config" with_llvm=no >/dev/null
+    as_root make -s -C "$build" PG_CONFIG="$pg_config" with_llvm=no install >/dev/null
 }
 
 # kubernetes-validate (PyPI; the Kubernetes API's schemas, offline once installed), in a virtual

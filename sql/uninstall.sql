@@ -21,6 +21,8 @@ BEGIN
     LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
     END LOOP;
+    -- mvrefresh_capture (its functions live in schema mvrefresh; none is used any more).
+    DROP EXTENSION IF EXISTS mvrefresh_capture;
     IF to_regprocedure('mvrefresh_capture_bout_results()') IS NOT NULL THEN
         DROP FUNCTION mvrefresh_capture_bout_results();
     END IF;

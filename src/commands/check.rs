@@ -344,7 +344,7 @@ async fn check_capture(
     report: &mut Report,
 ) -> Result<(), tokio_postgres::Error> {
     let row = crate::install::trigger_name(c);
-    let names = vec![format!("{row}_truncate"), row];
+    let names = vec![format!("{row}_truncate"), row.clone()];
     let found: i64 = client
         .query_one(
             "SELECT count(*) FROM pg_trigger
@@ -353,14 +353,42 @@ async fn check_capture(
         )
         .await?
         .get(0);
+    // mvrefresh_capture: in the database, and the capture's triggers use it (their insert and
+    // delete triggers exist only then).
+    let native: (bool, i64) = {
+        let r = client
+            .query_one(
+                "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'mvrefresh_capture'),
+                        (SELECT count(*) FROM pg_trigger
+                         WHERE tgrelid = to_regclass($1) AND tgname = ANY($2) AND tgenabled <> 'D')",
+                &[
+                    &c.table.quoted(),
+                    &vec![format!("{row}_insert"), format!("{row}_delete")],
+                ],
+            )
+            .await?;
+        (r.get(0), r.get(1))
+    };
     let current = installed
         && crate::store::capture_is_current(client, &c.name, &crate::install::fingerprint(c))
             .await?;
     let (name, table) = (&c.name, &c.table);
-    if found == names.len() as i64 && current {
+    if found == names.len() as i64 && current && native.0 && native.1 != 2 {
+        report.say(
+            false,
+            format!(
+                "capture {name} on {table}: installed without mvrefresh_capture, which this database has; fix: run `mvrefresh install`"
+            ),
+        );
+    } else if found == names.len() as i64 && current {
+        let with = if native.1 == 2 {
+            " (with mvrefresh_capture)"
+        } else {
+            ""
+        };
         report.say(
             true,
-            format!("capture {name} on {table} installed and current"),
+            format!("capture {name} on {table} installed and current{with}"),
         );
     } else if found == names.len() as i64 {
         report.say(

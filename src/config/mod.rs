@@ -293,6 +293,14 @@ pub struct CaptureConfig {
     /// `logical`: alert when the slot holds back more write-ahead log than this (MiB).
     #[serde(default = "default_max_retained_wal_mb")]
     pub max_retained_wal_mb: u64,
+    /// `trigger`: use the mvrefresh_capture extension when the database has it (rows whose
+    /// keys the session remembers as dirty skip the trigger); `false` before dropping it.
+    #[serde(default = "default_native")]
+    pub native: bool,
+}
+
+fn default_native() -> bool {
+    true
 }
 
 fn default_poll_interval() -> Duration {

@@ -234,6 +234,12 @@ pub fn capture_sql(c: &CaptureConfig) -> String {
     );
     let t_row = trigger_name(c);
     let t_trunc = format!("{t_row}_truncate");
+    let (t_ins, t_del) = (format!("{t_row}_insert"), format!("{t_row}_delete"));
+    // With mvrefresh_capture: the trigger function's inline slow path also remembers the key in
+    // the session's native memory (read by the triggers' WHEN). `%L`: the capture's slot.
+    let remember = literal(&format!(
+        "PERFORM mvrefresh.native_remember(%L::pg_catalog.regprocedure, NEW.{key}, g);"
+    ));
     let channel = literal(&c.channel);
     let mut listed = vec![literal(&c.key)];
     listed.extend(c.columns.iter().map(|col| literal(col)));
@@ -299,7 +305,39 @@ DECLARE
     cols     text;
     whole    boolean;
     previous regclass;
+    had      regproc;      -- the native slot this capture's triggers use now
+    native   regproc;      -- the one they are to use (NULL: no mvrefresh_capture)
+    remember text := '';
 BEGIN
+    -- mvrefresh_capture (see extension/): each capture's triggers use a slot of their own, a
+    -- function native_unseen_<n>; keep the one in use, else take the lowest free one.
+    SELECT p.oid::regproc INTO had
+      FROM pg_trigger AS tg
+      JOIN pg_depend AS d ON d.classid = 'pg_trigger'::regclass AND d.objid = tg.oid
+                         AND d.refclassid = 'pg_proc'::regclass
+      JOIN pg_proc AS p ON p.oid = d.refobjid
+     WHERE tg.tgname IN ({t_row_lit}, {t_ins_lit}, {t_del_lit})
+       AND p.pronamespace = 'mvrefresh'::regnamespace AND p.proname ~ '^native_unseen_[0-9]+$'
+     LIMIT 1;
+    IF {native_allowed} AND EXISTS (SELECT FROM pg_extension WHERE extname = 'mvrefresh_capture') THEN
+        native := had;
+        IF native IS NULL THEN
+            SELECT p.oid::regproc INTO native
+              FROM pg_proc AS p
+             WHERE p.pronamespace = 'mvrefresh'::regnamespace
+               AND p.proname ~ '^native_unseen_[0-9]+$'
+               AND NOT EXISTS (SELECT FROM pg_depend AS d
+                               WHERE d.classid = 'pg_trigger'::regclass
+                                 AND d.refclassid = 'pg_proc'::regclass AND d.refobjid = p.oid)
+             ORDER BY substring(p.proname FROM '[0-9]+$')::int
+             LIMIT 1;
+        END IF;
+        IF native IS NULL THEN
+            RAISE WARNING 'capture %: every slot of mvrefresh_capture is taken; its triggers run without it', {name};
+        ELSE
+            remember := format({remember}, native::oid::regprocedure);
+        END IF;
+    END IF;
     CREATE TEMP VIEW mvrefresh_capture_when_n AS
         SELECT ({when})::boolean AS mvrefresh_when FROM {table} AS n, (SELECT) AS mvrefresh_x;
     CREATE TEMP VIEW mvrefresh_capture_when_o AS
@@ -384,6 +422,7 @@ BEGIN
                     seen := '';
                 END IF;
                 seen := pg_catalog.set_config(setting, seen OPERATOR(pg_catalog.||) h, false);
+                %3$s
                 RETURN NULL;
             END IF;
             IF {fco}(NEW, OLD) THEN
@@ -393,7 +432,7 @@ BEGIN
             added := mvrefresh.mark_keys(%1$L, %2$L, {fk}(NEW, OLD));
             RETURN NULL;
         END
-        $mvrefresh_b$$mvrefresh_f$, {channel}, {seen});
+        $mvrefresh_b$$mvrefresh_f$, {channel}, {seen}, remember);
     EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {ftr}() RETURNS trigger
         LANGUAGE plpgsql SECURITY DEFINER AS $mvrefresh_b$
         DECLARE
@@ -408,6 +447,8 @@ BEGIN
     IF previous IS NOT NULL AND previous <> {table_lit}::regclass THEN
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', {t_row_lit}, previous);
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', {t_trunc_lit}, previous);
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', {t_ins_lit}, previous);
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', {t_del_lit}, previous);
     END IF;
     -- (Re)created only when missing or changed: CREATE TRIGGER locks the table against writers.
     IF previous IS DISTINCT FROM {table_lit}::regclass
@@ -415,12 +456,32 @@ BEGIN
                       WHERE c.name = {name} AND c.fingerprint = {fingerprint})
        OR (SELECT count(*) FROM pg_trigger AS tg
            WHERE tg.tgrelid = {table_lit}::regclass
-             AND tg.tgname IN ({t_row_lit}, {t_trunc_lit})) <> 2
+             AND tg.tgname IN ({t_row_lit}, {t_trunc_lit}, {t_ins_lit}, {t_del_lit}))
+          <> (CASE WHEN native IS NULL THEN 2 ELSE 4 END)
+       OR had IS DISTINCT FROM native
     THEN
-        EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER INSERT OR UPDATE%s OR DELETE ON %s
-                            FOR EACH ROW EXECUTE FUNCTION %s()',
-                       {t_row_lit}, CASE WHEN whole THEN '' ELSE ' OF ' || cols END,
-                       {table_lit}, {f_row_lit});
+        IF native IS NULL THEN
+            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', {t_ins_lit}, {table_lit});
+            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', {t_del_lit}, {table_lit});
+            EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER INSERT OR UPDATE%s OR DELETE ON %s
+                                FOR EACH ROW EXECUTE FUNCTION %s()',
+                           {t_row_lit}, CASE WHEN whole THEN '' ELSE ' OF ' || cols END,
+                           {table_lit}, {f_row_lit});
+        ELSE
+            -- One trigger per event: a WHEN may name OLD only for UPDATE, NEW only for INSERT.
+            -- The trigger is queued only for a row with a key the session does not remember
+            -- (whatever the predicate: a remembered key is dirty already).
+            EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER UPDATE%s ON %s FOR EACH ROW
+                                WHEN (%s(NEW.%s, OLD.%s)) EXECUTE FUNCTION %s()',
+                           {t_row_lit}, CASE WHEN whole THEN '' ELSE ' OF ' || cols END,
+                           {table_lit}, native, {key_lit}, {key_lit}, {f_row_lit});
+            EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER INSERT ON %s FOR EACH ROW
+                                WHEN (%s(NEW.%s, NEW.%s)) EXECUTE FUNCTION %s()',
+                           {t_ins_lit}, {table_lit}, native, {key_lit}, {key_lit}, {f_row_lit});
+            EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER DELETE ON %s FOR EACH ROW
+                                WHEN (%s(OLD.%s, OLD.%s)) EXECUTE FUNCTION %s()',
+                           {t_del_lit}, {table_lit}, native, {key_lit}, {key_lit}, {f_row_lit});
+        END IF;
         EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER TRUNCATE ON %s
                             FOR EACH STATEMENT EXECUTE FUNCTION %s()',
                        {t_trunc_lit}, {table_lit}, {f_trunc_lit});
@@ -437,6 +498,10 @@ REVOKE ALL ON FUNCTION {f_row}(), {f_trunc}(), {f_clean}({table}, {table}),
         publication = ident(&c.publication_name()),
         t_row_lit = literal(&t_row),
         t_trunc_lit = literal(&t_trunc),
+        t_ins_lit = literal(&t_ins),
+        t_del_lit = literal(&t_del),
+        key_lit = literal(&key),
+        native_allowed = c.native,
         f_row_lit = literal(&f_row),
         f_trunc_lit = literal(&f_trunc),
         comment = literal(&format!(
@@ -494,7 +559,7 @@ pub fn fingerprint(c: &CaptureConfig) -> String {
 }
 
 /// Bumped whenever [`capture_sql`] changes what it generates.
-const TRIGGER_TEMPLATE_VERSION: u32 = 6;
+const TRIGGER_TEMPLATE_VERSION: u32 = 7;
 
 /// Bumped whenever a logical capture's install ([`crate::logical::install_sql`]) changes what it
 /// creates. It shared the trigger's version up to 5; kept apart since, so that a new trigger
@@ -516,6 +581,8 @@ BEGIN
     LOOP
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'mvrefresh_capture_' || c.name, c.table_name);
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'mvrefresh_capture_' || c.name || '_truncate', c.table_name);
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'mvrefresh_capture_' || c.name || '_insert', c.table_name);
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'mvrefresh_capture_' || c.name || '_delete', c.table_name);
         FOR f IN SELECT p.oid::regprocedure AS fn FROM pg_proc AS p
                  WHERE p.pronamespace = 'mvrefresh'::regnamespace
                    AND p.proname IN ({functions})

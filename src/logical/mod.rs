@@ -108,7 +108,9 @@ BEGIN
     FOR t IN SELECT tg.tgrelid::regclass AS rel, tg.tgname FROM pg_trigger AS tg
              WHERE NOT tg.tgisinternal
                AND tg.tgname IN ('mvrefresh_capture_' || {name_lit},
-                                 'mvrefresh_capture_' || {name_lit} || '_truncate')
+                                 'mvrefresh_capture_' || {name_lit} || '_truncate',
+                                 'mvrefresh_capture_' || {name_lit} || '_insert',
+                                 'mvrefresh_capture_' || {name_lit} || '_delete')
     LOOP
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', t.tgname, t.rel);
     END LOOP;

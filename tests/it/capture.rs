@@ -168,7 +168,13 @@ async fn logged(client: &Client) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_marks_exactly_the_changed_challenges() {
     let (db, c, _config) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
-    let listener = Listener::start(&db.url, "submission_scored").await;
+    marks_exactly_the_changed_challenges(&db.url, &c).await;
+}
+
+/// Which writes mark which keys, and wake the daemon: the same with and without
+/// mvrefresh_capture (tests/it/native.rs). `c` writes to the installed database at `url`.
+pub async fn marks_exactly_the_changed_challenges(url: &str, c: &Client) {
+    let listener = Listener::start(url, "submission_scored").await;
 
     let cases: &[(&str, &[&str])] = &[
         (
@@ -215,10 +221,10 @@ async fn capture_marks_exactly_the_changed_challenges() {
         c.batch_execute(sql)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        assert_eq!(logged(&c).await, *expected, "dirty keys after: {sql}");
+        assert_eq!(logged(c).await, *expected, "dirty keys after: {sql}");
         // One wake-up per transaction that turned keys dirty, whatever their number; the
         // payload names nothing (the dirty keys are the truth).
-        let notified = listener.drain(&c, "submission_scored").await;
+        let notified = listener.drain(c, "submission_scored").await;
         let wanted: &[&str] = if expected.is_empty() { &[] } else { &[""] };
         assert_eq!(notified, wanted, "notifications after: {sql}");
     }

@@ -15,6 +15,7 @@ mod handover;
 mod harness;
 mod hostile;
 mod logical;
+mod native;
 mod observe;
 mod partitioned;
 mod prometheus;

@@ -1,0 +1,39 @@
+-- mvrefresh_capture 1.0: see mvrefresh_capture.c.
+\echo Use "CREATE EXTENSION mvrefresh_capture" to load this file. \quit
+
+DO $$
+BEGIN
+    IF to_regnamespace('mvrefresh') IS NULL THEN
+        RAISE EXCEPTION 'mvrefresh_capture: schema mvrefresh does not exist'
+            USING HINT = 'Run `mvrefresh install` first, then CREATE EXTENSION mvrefresh_capture, then `mvrefresh install` again.';
+    END IF;
+END
+$$;
+
+-- One function per capture slot: a capture's triggers call their own, whose OID tells the
+-- captures apart. Anyone may call them (they run in the writers' WHEN clauses); they only read
+-- the calling session's memory.
+DO $$
+BEGIN
+    FOR slot IN 0..63 LOOP
+        EXECUTE format('CREATE FUNCTION mvrefresh.%I(anyelement, anyelement) RETURNS boolean
+                            LANGUAGE c VOLATILE PARALLEL UNSAFE
+                            AS %L, %L',
+                       'native_unseen_' || slot, 'MODULE_PATHNAME', 'mvrefresh_native_unseen');
+    END LOOP;
+END
+$$;
+
+-- Remembers a key as dirty in the calling session: only the capture triggers' functions (run
+-- as the role that installed mvrefresh) may, so that no writer can hide a change.
+CREATE FUNCTION mvrefresh.native_remember(pg_catalog.regprocedure, anyelement, pg_catalog.int8)
+RETURNS void LANGUAGE c VOLATILE PARALLEL UNSAFE
+AS 'MODULE_PATHNAME', 'mvrefresh_native_remember';
+REVOKE ALL ON FUNCTION mvrefresh.native_remember(pg_catalog.regprocedure, anyelement, pg_catalog.int8) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION mvrefresh.native_remember(pg_catalog.regprocedure, anyelement, pg_catalog.int8) TO @extowner@;
+DO $$
+BEGIN
+    EXECUTE format('GRANT EXECUTE ON FUNCTION mvrefresh.native_remember(pg_catalog.regprocedure, anyelement, pg_catalog.int8) TO %s',
+                   (SELECT n.nspowner::regrole FROM pg_namespace AS n WHERE n.nspname = 'mvrefresh'));
+END
+$$;
