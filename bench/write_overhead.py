@@ -290,8 +290,9 @@ def report(path, update=False):
             json.dump(r, fh, indent=1)
         os.replace(tmp, path)
     daemons = (["capture+daemon"] if r.get("daemon", {}).get("enabled") else []) \
-        + (["capture+daemon-base"] if r.get("daemon", {}).get("baseline_bin") else [])
-    order_c = {c: i for i, c in enumerate(r["contenders"] + ["capture+daemon", "capture+daemon-base"])}
+        + (["capture+daemon-base"] if r.get("daemon", {}).get("baseline_bin") else []) \
+        + (["native+daemon"] if "native+daemon" in r.get("setup", {}) else [])
+    order_c = {c: i for i, c in enumerate(r["contenders"] + ["capture+daemon", "capture+daemon-base", "native+daemon"])}
     order_w = {w: i for i, w in enumerate(["rescore", "score", "judge", "skewed", "bulk"])}
     m, d, s = r["machine"], r["data"], r["settings"]
     out = []
