@@ -367,12 +367,26 @@ BEGIN
     END IF;
 
     -- Nothing to do for this row: every key it makes dirty is remembered as dirty already.
-    EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {fc}(n {t}, o {t})
-        RETURNS boolean LANGUAGE sql VOLATILE
-        RETURN {clean}$mvrefresh_f$, when_new, when_old);
-    EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {fco}(n {t}, o {t})
-        RETURNS boolean LANGUAGE sql VOLATILE
-        RETURN {clean_old}$mvrefresh_f$, when_new, when_old);
+    -- With mvrefresh_capture the triggers' WHEN asks the native memory first: a row that got
+    -- here has a key it does not hold, so the session's settings are not asked again (a key
+    -- they hold would otherwise never reach the path that tells the native memory); only an
+    -- irrelevant row needs nothing.
+    IF native IS NULL THEN
+        EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {fc}(n {t}, o {t})
+            RETURNS boolean LANGUAGE sql VOLATILE
+            RETURN {clean}$mvrefresh_f$, when_new, when_old);
+        EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {fco}(n {t}, o {t})
+            RETURNS boolean LANGUAGE sql VOLATILE
+            RETURN {clean_old}$mvrefresh_f$, when_new, when_old);
+    ELSE
+        EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {fc}(n {t}, o {t})
+            RETURNS boolean LANGUAGE sql VOLATILE
+            RETURN false$mvrefresh_f$);
+        EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {fco}(n {t}, o {t})
+            RETURNS boolean LANGUAGE sql VOLATILE
+            RETURN NOT coalesce(%1$s, false) AND NOT coalesce(%2$s, false)$mvrefresh_f$,
+            when_new, when_old);
+    END IF;
     EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {frel}(n {t}, o {t})
         RETURNS boolean LANGUAGE sql VOLATILE
         RETURN {rel}$mvrefresh_f$, when_new, when_old);
