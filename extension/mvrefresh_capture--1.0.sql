@@ -11,8 +11,9 @@ END
 $$;
 
 -- One function per capture slot: a capture's triggers call their own, whose OID tells the
--- captures apart. Anyone may call them (they run in the writers' WHEN clauses); they only read
--- the calling session's memory.
+-- captures apart. They run in the writers' WHEN clauses (as the writer: EXECUTE stays granted to
+-- PUBLIC, but a writer needs no USAGE on schema mvrefresh for that); a direct call only reads
+-- the caller's own memory, and checks the generation again at its next statement.
 DO $$
 BEGIN
     FOR slot IN 0..63 LOOP
@@ -25,12 +26,12 @@ END
 $$;
 
 -- Remembers a key as dirty in the calling session: only the capture triggers' functions (run
--- as the role that installed mvrefresh) may, so that no writer can hide a change.
+-- as the owner of schema mvrefresh, the role that installed it) may, so that no writer can hide
+-- a change.
 CREATE FUNCTION mvrefresh.native_remember(pg_catalog.regprocedure, anyelement, pg_catalog.int8)
 RETURNS void LANGUAGE c VOLATILE PARALLEL UNSAFE
 AS 'MODULE_PATHNAME', 'mvrefresh_native_remember';
 REVOKE ALL ON FUNCTION mvrefresh.native_remember(pg_catalog.regprocedure, anyelement, pg_catalog.int8) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION mvrefresh.native_remember(pg_catalog.regprocedure, anyelement, pg_catalog.int8) TO @extowner@;
 DO $$
 BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION mvrefresh.native_remember(pg_catalog.regprocedure, anyelement, pg_catalog.int8) TO %s',

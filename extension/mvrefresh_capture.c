@@ -14,9 +14,14 @@
  *    row in mvrefresh.dirty. Writers cannot write this memory, so they cannot hide a change.
  *  - Keys are compared as the binary image of the typed value, per capture (the unseen
  *    function's own OID identifies the capture: each capture's triggers use their own slot).
- *  - The daemon moves the sequence mvrefresh.generation on whenever it takes dirty keys: once
- *    per transaction the memory is checked against it and dropped when it moved, exactly as the
- *    settings of the PL/pgSQL path are.
+ *  - The daemon moves the sequence mvrefresh.generation on whenever it takes dirty keys (and
+ *    `mvrefresh install` does, since it may give a slot to another capture): the memory is
+ *    checked against it once per statement and trigger (per call site: the WHEN's own function
+ *    call state), and dropped when it moved. A statement whose WHEN asks holds its write lock on
+ *    the captured table from before the check to the end of its transaction, which is what the
+ *    daemon's hand-over guard waits for; so a row skipped on a generation read at the start of
+ *    the statement is covered. (Not per transaction: a session could then read the generation
+ *    before it writes, holding no such lock, and rely on it after the daemon took its key.)
  *  - An aborted transaction or subtransaction, or a prepared one, drops everything (the dirty row
  *    written with it may be gone). Forgetting is always safe: the next row takes the trigger.
  *  - Bounded: at most MAX_ENTRIES keys and MAX_BYTES of them; past that the memory starts over.
@@ -30,7 +35,6 @@
 #include "common/hashfn.h"
 #include "fmgr.h"
 #include "miscadmin.h"
-#include "storage/proc.h"
 #include "utils/datum.h"
 #include "utils/fmgrprotos.h"
 #include "utils/inval.h"
@@ -45,12 +49,6 @@ PG_MODULE_MAGIC;
 #define MAX_BYTES (64 * 1024)
 #define MAX_KEY_BYTES 1024		/* longer keys always take the trigger */
 
-#if PG_VERSION_NUM >= 170000
-#define CURRENT_LXID (MyProc->vxid.lxid)
-#else
-#define CURRENT_LXID (MyProc->lxid)
-#endif
-
 typedef struct Entry
 {
 	uint32		hash;
@@ -58,11 +56,13 @@ typedef struct Entry
 	char	   *bytes;			/* capture OID, then the key's image; NULL: empty */
 } Entry;
 
+/* Per call site (fn_extra): the key's type, and whether this statement checked the generation. */
 typedef struct KeyType
 {
 	Oid			type;
 	int16		typlen;
 	bool		typbyval;
+	bool		checked;
 } KeyType;
 
 static Entry table[TABLE_SLOTS];
@@ -71,7 +71,6 @@ static Size bytes = 0;
 static MemoryContext keys_cxt = NULL;
 static bool valid = false;		/* the memory belongs to generation `generation` */
 static int64 generation = 0;
-static LocalTransactionId checked_lxid = InvalidLocalTransactionId;
 
 /* mvrefresh.generation and its owner, looked up once, forgotten on an invalidation of it. */
 static Oid	generation_seq = InvalidOid;
@@ -184,15 +183,12 @@ read_generation(int64 *out)
 	return true;
 }
 
-/* Once per transaction: drop the memory if the generation moved on. */
+/* Drops the memory if the generation moved on. */
 static void
 check_generation(void)
 {
 	int64		current;
 
-	if (CURRENT_LXID == checked_lxid)
-		return;
-	checked_lxid = CURRENT_LXID;
 	if (!read_generation(&current))
 		forget();
 	else if (!valid || current != generation)
@@ -304,7 +300,11 @@ mvrefresh_native_unseen(PG_FUNCTION_ARGS)
 	Oid			capture = fcinfo->flinfo->fn_oid;
 	KeyType    *kt = key_type(fcinfo, 0);
 
-	check_generation();
+	if (!kt->checked)
+	{
+		check_generation();
+		kt->checked = true;
+	}
 	if (!valid || entries == 0)
 		PG_RETURN_BOOL(true);
 	if (!PG_ARGISNULL(0) && !remembered(capture, PG_GETARG_DATUM(0), kt))
@@ -346,7 +346,6 @@ mvrefresh_native_remember(PG_FUNCTION_ARGS)
 		forget();
 		generation = read;
 		valid = true;
-		checked_lxid = CURRENT_LXID;
 	}
 	if (entries >= MAX_ENTRIES || bytes + len > MAX_BYTES)
 	{

@@ -353,18 +353,28 @@ async fn check_capture(
         )
         .await?
         .get(0);
-    // mvrefresh_capture: in the database, and the capture's triggers use it (their insert and
-    // delete triggers exist only then).
+    // mvrefresh_capture: whether `install` would put this capture on it (in the database and
+    // usable, the capture does not say `native = false`, a slot is free), and whether the
+    // capture's triggers use it (their insert and delete triggers exist only then).
+    let (ins, del) = crate::install::native_trigger_names(c);
     let native: (bool, i64) = {
         let r = client
             .query_one(
-                "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'mvrefresh_capture'),
-                        (SELECT count(*) FROM pg_trigger
-                         WHERE tgrelid = to_regclass($1) AND tgname = ANY($2) AND tgenabled <> 'D')",
-                &[
-                    &c.table.quoted(),
-                    &vec![format!("{row}_insert"), format!("{row}_delete")],
-                ],
+                &format!(
+                    "SELECT $3 AND EXISTS (SELECT FROM pg_extension WHERE extname = 'mvrefresh_capture')
+                            AND {usable}
+                            AND EXISTS (SELECT FROM pg_proc AS p
+                                        WHERE p.pronamespace = 'mvrefresh'::regnamespace
+                                          AND p.proname ~ '^native_unseen_[0-9]+$'
+                                          AND NOT EXISTS (SELECT FROM pg_depend AS d
+                                                          WHERE d.classid = 'pg_trigger'::regclass
+                                                            AND d.refclassid = 'pg_proc'::regclass
+                                                            AND d.refobjid = p.oid)),
+                            (SELECT count(*) FROM pg_trigger
+                             WHERE tgrelid = to_regclass($1) AND tgname = ANY($2) AND tgenabled <> 'D')",
+                    usable = crate::install::NATIVE_USABLE
+                ),
+                &[&c.table.quoted(), &vec![ins, del], &c.native],
             )
             .await?;
         (r.get(0), r.get(1))

@@ -143,6 +143,15 @@ pub fn script(config: &Config, options: Options) -> Vec<Step> {
         name: "subscriptions".into(),
         sql: subscriptions_sql(config, options.prune),
     });
+    // Every session forgets the keys it remembers as dirty: a capture may have changed its
+    // channel or table, or (mvrefresh_capture) a slot may now belong to another capture.
+    // Odd: writers notify until the daemon's next collect.
+    steps.push(Step {
+        name: "a new generation".into(),
+        sql: "SELECT setval('mvrefresh.generation',
+                 (('x' || substr(md5(gen_random_uuid()::text), 1, 15))::bit(60)::bigint + 2) | 1);"
+            .into(),
+    });
     steps
 }
 
@@ -200,6 +209,25 @@ pub fn trigger_name(c: &CaptureConfig) -> String {
     format!("mvrefresh_capture_{}", c.name)
 }
 
+/// The insert and delete triggers a capture has with mvrefresh_capture (its update trigger keeps
+/// [`trigger_name`]). `$`: no capture name has one, so no other capture's trigger is named so.
+pub fn native_trigger_names(c: &CaptureConfig) -> (String, String) {
+    let row = trigger_name(c);
+    (format!("{row}$insert"), format!("{row}$delete"))
+}
+
+/// SQL: true when mvrefresh_capture (known to be there) may be used: owned by the owner of
+/// schema mvrefresh (the installing role) or by a superuser (a role with CREATE on the database
+/// could otherwise create it, and drop it with CASCADE, and the triggers with it), and that
+/// owner may call `native_remember` (the trigger functions run as it).
+pub const NATIVE_USABLE: &str = "(SELECT (e.extowner = n.nspowner
+             OR (SELECT r.rolsuper FROM pg_roles AS r WHERE r.oid = e.extowner))
+            AND has_function_privilege(n.nspowner,
+                    'mvrefresh.native_remember(pg_catalog.regprocedure, pg_catalog.anyelement, pg_catalog.int8)',
+                    'EXECUTE')
+       FROM pg_extension AS e, pg_namespace AS n
+      WHERE e.extname = 'mvrefresh_capture' AND n.nspname = 'mvrefresh')";
+
 /// The session setting in which writers remember the keys they found dirty.
 fn seen_setting(c: &CaptureConfig) -> String {
     format!("mvrefresh.seen_{}", c.name)
@@ -234,11 +262,12 @@ pub fn capture_sql(c: &CaptureConfig) -> String {
     );
     let t_row = trigger_name(c);
     let t_trunc = format!("{t_row}_truncate");
-    let (t_ins, t_del) = (format!("{t_row}_insert"), format!("{t_row}_delete"));
+    let (t_ins, t_del) = native_trigger_names(c);
     // With mvrefresh_capture: the trigger function's inline slow path also remembers the key in
     // the session's native memory (read by the triggers' WHEN). `%L`: the capture's slot.
     let remember = literal(&format!(
-        "PERFORM mvrefresh.native_remember(%L::pg_catalog.regprocedure, NEW.{key}, g);"
+        "PERFORM mvrefresh.native_remember(%L::pg_catalog.regprocedure, NEW.{}, g);",
+        key.replace('%', "%%")
     ));
     let channel = literal(&c.channel);
     let mut listed = vec![literal(&c.key)];
@@ -307,6 +336,7 @@ DECLARE
     previous regclass;
     had      regproc;      -- the native slot this capture's triggers use now
     native   regproc;      -- the one they are to use (NULL: no mvrefresh_capture)
+    native_name name;
     remember text := '';
 BEGIN
     -- mvrefresh_capture (see extension/): each capture's triggers use a slot of their own, a
@@ -320,6 +350,9 @@ BEGIN
        AND p.pronamespace = 'mvrefresh'::regnamespace AND p.proname ~ '^native_unseen_[0-9]+$'
      LIMIT 1;
     IF {native_allowed} AND EXISTS (SELECT FROM pg_extension WHERE extname = 'mvrefresh_capture') THEN
+      IF NOT {usable} THEN
+        RAISE WARNING 'capture %: mvrefresh_capture is not used: it must be owned by the owner of schema mvrefresh or by a superuser, and that owner needs EXECUTE on mvrefresh.native_remember', {name};
+      ELSE
         native := had;
         IF native IS NULL THEN
             SELECT p.oid::regproc INTO native
@@ -335,8 +368,11 @@ BEGIN
         IF native IS NULL THEN
             RAISE WARNING 'capture %: every slot of mvrefresh_capture is taken; its triggers run without it', {name};
         ELSE
-            remember := format({remember}, native::oid::regprocedure);
+            remember := format({remember},
+                               format('mvrefresh.%I(pg_catalog.anyelement,pg_catalog.anyelement)',
+                                      (SELECT p.proname FROM pg_proc AS p WHERE p.oid = native)));
         END IF;
+      END IF;
     END IF;
     CREATE TEMP VIEW mvrefresh_capture_when_n AS
         SELECT ({when})::boolean AS mvrefresh_when FROM {table} AS n, (SELECT) AS mvrefresh_x;
@@ -474,6 +510,7 @@ BEGIN
           <> (CASE WHEN native IS NULL THEN 2 ELSE 4 END)
        OR had IS DISTINCT FROM native
     THEN
+        native_name := (SELECT p.proname FROM pg_proc AS p WHERE p.oid = native);
         IF native IS NULL THEN
             EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', {t_ins_lit}, {table_lit});
             EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', {t_del_lit}, {table_lit});
@@ -486,15 +523,15 @@ BEGIN
             -- The trigger is queued only for a row with a key the session does not remember
             -- (whatever the predicate: a remembered key is dirty already).
             EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER UPDATE%s ON %s FOR EACH ROW
-                                WHEN (%s(NEW.%s, OLD.%s)) EXECUTE FUNCTION %s()',
+                                WHEN (mvrefresh.%I(NEW.%s, OLD.%s)) EXECUTE FUNCTION %s()',
                            {t_row_lit}, CASE WHEN whole THEN '' ELSE ' OF ' || cols END,
-                           {table_lit}, native, {key_lit}, {key_lit}, {f_row_lit});
+                           {table_lit}, native_name, {key_lit}, {key_lit}, {f_row_lit});
             EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER INSERT ON %s FOR EACH ROW
-                                WHEN (%s(NEW.%s, NEW.%s)) EXECUTE FUNCTION %s()',
-                           {t_ins_lit}, {table_lit}, native, {key_lit}, {key_lit}, {f_row_lit});
+                                WHEN (mvrefresh.%I(NEW.%s, NEW.%s)) EXECUTE FUNCTION %s()',
+                           {t_ins_lit}, {table_lit}, native_name, {key_lit}, {key_lit}, {f_row_lit});
             EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER DELETE ON %s FOR EACH ROW
-                                WHEN (%s(OLD.%s, OLD.%s)) EXECUTE FUNCTION %s()',
-                           {t_del_lit}, {table_lit}, native, {key_lit}, {key_lit}, {f_row_lit});
+                                WHEN (mvrefresh.%I(OLD.%s, OLD.%s)) EXECUTE FUNCTION %s()',
+                           {t_del_lit}, {table_lit}, native_name, {key_lit}, {key_lit}, {f_row_lit});
         END IF;
         EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER TRUNCATE ON %s
                             FOR EACH STATEMENT EXECUTE FUNCTION %s()',
@@ -516,6 +553,7 @@ REVOKE ALL ON FUNCTION {f_row}(), {f_trunc}(), {f_clean}({table}, {table}),
         t_del_lit = literal(&t_del),
         key_lit = literal(&key),
         native_allowed = c.native,
+        usable = NATIVE_USABLE,
         f_row_lit = literal(&f_row),
         f_trunc_lit = literal(&f_trunc),
         comment = literal(&format!(
@@ -595,8 +633,8 @@ BEGIN
     LOOP
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'mvrefresh_capture_' || c.name, c.table_name);
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'mvrefresh_capture_' || c.name || '_truncate', c.table_name);
-        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'mvrefresh_capture_' || c.name || '_insert', c.table_name);
-        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'mvrefresh_capture_' || c.name || '_delete', c.table_name);
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'mvrefresh_capture_' || c.name || '$insert', c.table_name);
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'mvrefresh_capture_' || c.name || '$delete', c.table_name);
         FOR f IN SELECT p.oid::regprocedure AS fn FROM pg_proc AS p
                  WHERE p.pronamespace = 'mvrefresh'::regnamespace
                    AND p.proname IN ({functions})

@@ -109,8 +109,8 @@ BEGIN
              WHERE NOT tg.tgisinternal
                AND tg.tgname IN ('mvrefresh_capture_' || {name_lit},
                                  'mvrefresh_capture_' || {name_lit} || '_truncate',
-                                 'mvrefresh_capture_' || {name_lit} || '_insert',
-                                 'mvrefresh_capture_' || {name_lit} || '_delete')
+                                 'mvrefresh_capture_' || {name_lit} || '$insert',
+                                 'mvrefresh_capture_' || {name_lit} || '$delete')
     LOOP
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', t.tgname, t.rel);
     END LOOP;

@@ -80,10 +80,10 @@ async fn the_native_capture_marks_exactly_what_the_trigger_capture_marks() {
         [
             ("mvrefresh_capture_submissions".to_owned(), slot.clone()),
             (
-                "mvrefresh_capture_submissions_delete".to_owned(),
+                "mvrefresh_capture_submissions$delete".to_owned(),
                 slot.clone()
             ),
-            ("mvrefresh_capture_submissions_insert".to_owned(), slot),
+            ("mvrefresh_capture_submissions$insert".to_owned(), slot),
             ("mvrefresh_capture_submissions_truncate".to_owned(), None),
         ]
     );
@@ -332,6 +332,8 @@ async fn install_and_check_follow_the_extension() {
     let install = mvrefresh(&path, &["install"]);
     assert!(install.status.success(), "{}", text(&install));
     assert_eq!(triggers(&c, "submissions").await.len(), 2);
+    let check = mvrefresh(&path, &["check"]);
+    assert!(check.status.success(), "native = false: {}", text(&check));
     c.batch_execute("DROP EXTENSION mvrefresh_capture")
         .await
         .unwrap();
@@ -366,4 +368,206 @@ async fn uninstall_drops_the_extension_and_leaves_writers_working() {
     c.batch_execute("UPDATE submissions SET score = 0; DELETE FROM submissions;")
         .await
         .unwrap();
+}
+
+/// A writer that asks the memory itself (it has USAGE on schema mvrefresh here) before it writes,
+/// holding no lock on the captured table then (so no hand-over guard waits for it), must not
+/// make its later write rely on what it read before the daemon took its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_cannot_pin_the_generation_before_it_writes() {
+    let (db, c, _config) = setup(harness::VIEW_COUNTS).await;
+    let role = format!("native_pin_{}", harness::unique());
+    c.batch_execute(&format!(
+        "CREATE ROLE {role} LOGIN;
+         GRANT USAGE ON SCHEMA public TO {role};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON submissions TO {role};
+         GRANT USAGE ON SEQUENCE submissions_id_seq TO {role};
+         GRANT USAGE ON SCHEMA mvrefresh TO {role};"
+    ))
+    .await
+    .unwrap();
+    harness::take_dirty(&c, None).await;
+    let w = harness::connect(&db.url.replace("postgres@", &format!("{role}@"))).await;
+    harness::score(&w, 8, 1).await; // marked and remembered
+    w.batch_execute("BEGIN; SELECT mvrefresh.native_unseen_0(8, 8)")
+        .await
+        .unwrap();
+    // The daemon collects key 8 (new generation); a guard taken now has no holder.
+    assert_eq!(harness::take_dirty(&c, None).await, ["8"]);
+    let holders: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'relation'
+               AND relation = 'submissions'::regclass AND mode = 'RowExclusiveLock'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(holders, 0, "the guard would wait for nobody");
+    w.batch_execute("UPDATE submissions SET score = 999 WHERE challenge_id = 8; COMMIT")
+        .await
+        .unwrap();
+    assert_eq!(
+        harness::take_dirty(&c, None).await,
+        ["8"],
+        "the committed change to key 8 is neither dirty nor pending"
+    );
+}
+
+/// A slot freed by --prune (or native = false, or method = "logical") is taken by a later
+/// capture: what sessions remembered under it for the old capture must not hide the new one's
+/// keys (install moves the generation on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_slot_does_not_hide_keys_of_the_new_capture() {
+    let (db, c, _config) = setup(harness::VIEW_COUNTS).await;
+    c.batch_execute("CREATE TABLE bouts (id serial PRIMARY KEY, challenge_id int, winner int)")
+        .await
+        .unwrap();
+    harness::take_dirty(&c, None).await;
+    let w = db.client().await;
+    harness::score(&w, 1, 1).await; // remembered under native_unseen_0 (capture submissions)
+    let bouts = |name: &str, channel: &str| {
+        format!(
+            "\n[[capture]]\nname = \"{name}\"\ntable = \"bouts\"\nchannel = \"{channel}\"\nkey = \"challenge_id\"\ncolumns = [\"winner\"]\n"
+        )
+    };
+    let view = "\n[[view]]\nname = \"mv_counts\"\nmode = \"concurrently\"\nchannels = [\"bout_decided\", \"bout2\"]\n";
+    // Drop the submissions capture (prune); a later install adds a capture, which takes slot 0.
+    let one = harness::config(
+        &db.url,
+        &format!("{}{view}", bouts("bouts", "bout_decided")),
+    );
+    let db_ = mvrefresh::db::Db::new(&one.database).unwrap();
+    let mut client = db_.connect_simple("test-install").await.unwrap();
+    let steps = mvrefresh::install::script(
+        &one,
+        mvrefresh::install::Options {
+            prune: true,
+            ..Default::default()
+        },
+    );
+    mvrefresh::install::run(&mut client, &steps).await.unwrap();
+    let two = harness::config(
+        &db.url,
+        &format!(
+            "{}{}{view}",
+            bouts("bouts", "bout_decided"),
+            bouts("bouts2", "bout2")
+        ),
+    );
+    harness::install(&two).await;
+    assert_eq!(
+        triggers(&c, "bouts")
+            .await
+            .iter()
+            .filter(|(_, s)| s.as_deref() == Some("native_unseen_0"))
+            .count(),
+        3
+    );
+    w.batch_execute("INSERT INTO bouts (challenge_id, winner) VALUES (1, 7)")
+        .await
+        .unwrap();
+    assert_eq!(harness::take_dirty(&c, Some("bout2")).await, ["1"]);
+}
+
+/// Captures `s` and `s_insert` on one table: `s`'s insert trigger must not be `s_insert`'s row
+/// trigger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn captures_whose_names_share_a_prefix_keep_their_triggers() {
+    let db = Cluster::shared().create_db().await;
+    let c = db.client().await;
+    c.batch_execute(harness::SCHEMA).await.unwrap();
+    let body = r#"
+[[capture]]
+name = "s"
+table = "submissions"
+channel = "chan_s"
+key = "challenge_id"
+
+[[capture]]
+name = "s_insert"
+table = "submissions"
+channel = "chan_si"
+key = "id"
+
+[[view]]
+name = "mv_counts"
+mode = "concurrently"
+channels = ["chan_s", "chan_si"]
+"#;
+    let config = harness::config(&db.url, body);
+    harness::install(&config).await;
+    create_extension(&c).await;
+    harness::install(&config).await;
+    harness::take_dirty(&c, None).await;
+    c.batch_execute("INSERT INTO submissions (challenge_id, status) VALUES (42, 'scored')")
+        .await
+        .unwrap();
+    assert_eq!(harness::take_dirty(&c, Some("chan_s")).await, ["42"]);
+}
+
+/// Installed with mvrefresh first on its search_path (names the install writes into the trigger
+/// function must not depend on it), and a key column whose name needs quoting and has a `%`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_with_mvrefresh_on_its_search_path_and_an_odd_key_name() {
+    let db = Cluster::shared().create_db().await;
+    let c = db.client().await;
+    c.batch_execute(harness::SCHEMA).await.unwrap();
+    c.batch_execute("CREATE TABLE odd (id serial PRIMARY KEY, \"K%ey\" int, v int)")
+        .await
+        .unwrap();
+    let body = format!(
+        "{}\n[[capture]]\nname = \"odd\"\ntable = \"odd\"\nchannel = \"odd\"\nkey = \"K%ey\"\n{}",
+        harness::CAPTURE,
+        harness::VIEW_COUNTS
+    );
+    let url = format!("{}&options=-csearch_path%3Dmvrefresh,public", db.url);
+    let config = harness::config(&url, &body);
+    harness::install(&config).await;
+    create_extension(&c).await;
+    harness::install(&config).await;
+    assert_eq!(triggers(&c, "odd").await.len(), 4);
+    harness::take_dirty(&c, None).await;
+    harness::score(&c, 3, 2).await;
+    c.batch_execute("INSERT INTO odd (\"K%ey\", v) VALUES (5, 1), (5, 2); UPDATE odd SET v = 3;")
+        .await
+        .unwrap();
+    assert_eq!(
+        harness::take_dirty(&c, Some("submission_scored")).await,
+        ["3"]
+    );
+    assert_eq!(harness::take_dirty(&c, Some("odd")).await, ["5"]);
+}
+
+/// A role that may only create objects in the database can create the (trusted) extension; it
+/// could then drop it with CASCADE, and the capture triggers with it: install does not use an
+/// extension owned by anyone but the owner of schema mvrefresh or a superuser.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extension_created_by_another_role_is_not_used() {
+    let (db, c, config) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
+    let role = format!("native_dbo_{}", harness::unique());
+    let dbname = db
+        .url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    c.batch_execute(&format!(
+        "CREATE ROLE {role} LOGIN; GRANT CREATE ON DATABASE {dbname} TO {role};"
+    ))
+    .await
+    .unwrap();
+    let other = harness::connect(&db.url.replace("postgres@", &format!("{role}@"))).await;
+    other
+        .batch_execute("CREATE EXTENSION mvrefresh_capture")
+        .await
+        .unwrap();
+    harness::install(&config).await;
+    assert_eq!(triggers(&c, "submissions").await.len(), 2);
+    harness::take_dirty(&c, None).await;
+    harness::score(&c, 1, 1).await;
+    assert_eq!(harness::take_dirty(&c, None).await, ["1"]);
 }
