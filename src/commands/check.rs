@@ -361,20 +361,25 @@ async fn check_capture(
         let r = client
             .query_one(
                 &format!(
-                    "SELECT $3 AND EXISTS (SELECT FROM pg_extension WHERE extname = 'mvrefresh_capture')
-                            AND {usable}
-                            AND EXISTS (SELECT FROM pg_proc AS p
-                                        WHERE p.pronamespace = 'mvrefresh'::regnamespace
-                                          AND p.proname ~ '^native_unseen_[0-9]+$'
-                                          AND NOT EXISTS (SELECT FROM pg_depend AS d
-                                                          WHERE d.classid = 'pg_trigger'::regclass
-                                                            AND d.refclassid = 'pg_proc'::regclass
-                                                            AND d.refobjid = p.oid)),
+                    "SELECT CASE WHEN $3 AND $4
+                                      AND EXISTS (SELECT FROM pg_extension
+                                                  WHERE extname = 'mvrefresh_capture')
+                            THEN {usable}
+                                 AND EXISTS (SELECT FROM pg_proc AS p
+                                             WHERE p.pronamespace = (SELECT n.oid FROM pg_namespace AS n
+                                                                     WHERE n.nspname = 'mvrefresh')
+                                               AND p.proname ~ '^native_unseen_[0-9]+$'
+                                               AND NOT EXISTS (
+                                                   SELECT FROM pg_depend AS d
+                                                   WHERE d.classid = 'pg_trigger'::regclass
+                                                     AND d.refclassid = 'pg_proc'::regclass
+                                                     AND d.refobjid = p.oid))
+                            ELSE false END,
                             (SELECT count(*) FROM pg_trigger
                              WHERE tgrelid = to_regclass($1) AND tgname = ANY($2) AND tgenabled <> 'D')",
                     usable = crate::install::NATIVE_USABLE
                 ),
-                &[&c.table.quoted(), &vec![ins, del], &c.native],
+                &[&c.table.quoted(), &vec![ins, del], &c.native, &installed],
             )
             .await?;
         (r.get(0), r.get(1))
