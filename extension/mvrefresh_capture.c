@@ -341,13 +341,8 @@ mvrefresh_native_remember(PG_FUNCTION_ARGS)
 	kt = key_type(fcinfo, 1);
 	if (!key_image(capture, PG_GETARG_DATUM(1), kt, buf, &len))
 		PG_RETURN_VOID();
-	if (!valid || read != generation)
-	{
-		forget();
-		generation = read;
-		valid = true;
-	}
-	if (entries >= MAX_ENTRIES || bytes + len > MAX_BYTES)
+	/* Another generation's memory, or a full one: start over. */
+	if (!valid || read != generation || entries >= MAX_ENTRIES || bytes + len > MAX_BYTES)
 	{
 		forget();
 		generation = read;

@@ -345,45 +345,34 @@ async fn check_capture(
 ) -> Result<(), tokio_postgres::Error> {
     let row = crate::install::trigger_name(c);
     let names = vec![format!("{row}_truncate"), row.clone()];
-    let found: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pg_trigger
-             WHERE tgrelid = to_regclass($1) AND tgname = ANY($2) AND tgenabled <> 'D'",
-            &[&c.table.quoted(), &names],
-        )
-        .await?
-        .get(0);
-    // mvrefresh_capture: whether `install` would put this capture on it (in the database and
-    // usable, the capture does not say `native = false`, a slot is free), and whether the
-    // capture's triggers use it (their insert and delete triggers exist only then).
+    // And mvrefresh_capture: whether the capture's triggers use it (their insert and delete
+    // triggers exist only then), and whether `install` would put it on it (in the database and
+    // usable, the capture does not say `native = false`, a slot is free).
     let (ins, del) = crate::install::native_trigger_names(c);
-    let native: (bool, i64) = {
-        let r = client
-            .query_one(
-                &format!(
-                    "SELECT CASE WHEN $3 AND $4
-                                      AND EXISTS (SELECT FROM pg_extension
-                                                  WHERE extname = 'mvrefresh_capture')
-                            THEN {usable}
-                                 AND EXISTS (SELECT FROM pg_proc AS p
-                                             WHERE p.pronamespace = (SELECT n.oid FROM pg_namespace AS n
-                                                                     WHERE n.nspname = 'mvrefresh')
-                                               AND p.proname ~ '^native_unseen_[0-9]+$'
-                                               AND NOT EXISTS (
-                                                   SELECT FROM pg_depend AS d
-                                                   WHERE d.classid = 'pg_trigger'::regclass
-                                                     AND d.refclassid = 'pg_proc'::regclass
-                                                     AND d.refobjid = p.oid))
-                            ELSE false END,
-                            (SELECT count(*) FROM pg_trigger
-                             WHERE tgrelid = to_regclass($1) AND tgname = ANY($2) AND tgenabled <> 'D')",
-                    usable = crate::install::NATIVE_USABLE
-                ),
-                &[&c.table.quoted(), &vec![ins, del], &c.native, &installed],
-            )
-            .await?;
-        (r.get(0), r.get(1))
-    };
+    let r = client
+        .query_one(
+            &format!(
+                "SELECT count(*) FILTER (WHERE tgname = ANY($2)),
+                        count(*) FILTER (WHERE tgname = ANY($3)),
+                        CASE WHEN $4 AND $5
+                                  AND EXISTS (SELECT FROM pg_extension
+                                              WHERE extname = 'mvrefresh_capture')
+                             THEN {usable} AND EXISTS ({free_slots})
+                             ELSE false END
+                 FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgenabled <> 'D'",
+                usable = crate::install::NATIVE_USABLE,
+                free_slots = crate::install::NATIVE_FREE_SLOTS,
+            ),
+            &[
+                &c.table.quoted(),
+                &names,
+                &vec![ins, del],
+                &c.native,
+                &installed,
+            ],
+        )
+        .await?;
+    let (found, native): (i64, (bool, i64)) = (r.get(0), (r.get(2), r.get(1)));
     let current = installed
         && crate::store::capture_is_current(client, &c.name, &crate::install::fingerprint(c))
             .await?;

@@ -228,6 +228,15 @@ pub const NATIVE_USABLE: &str = "(SELECT (e.extowner = n.nspowner
        FROM pg_extension AS e, pg_namespace AS n
       WHERE e.extname = 'mvrefresh_capture' AND n.nspname = 'mvrefresh')";
 
+/// SQL: the OIDs of mvrefresh_capture's slot functions that no trigger uses, lowest slot first.
+pub const NATIVE_FREE_SLOTS: &str = "SELECT p.oid FROM pg_proc AS p
+      WHERE p.pronamespace = (SELECT n.oid FROM pg_namespace AS n WHERE n.nspname = 'mvrefresh')
+        AND p.proname ~ '^native_unseen_[0-9]+$'
+        AND NOT EXISTS (SELECT FROM pg_depend AS d
+                        WHERE d.classid = 'pg_trigger'::regclass
+                          AND d.refclassid = 'pg_proc'::regclass AND d.refobjid = p.oid)
+      ORDER BY substring(p.proname FROM '[0-9]+$')::int";
+
 /// The session setting in which writers remember the keys they found dirty.
 fn seen_setting(c: &CaptureConfig) -> String {
     format!("mvrefresh.seen_{}", c.name)
@@ -355,15 +364,7 @@ BEGIN
       ELSE
         native := had;
         IF native IS NULL THEN
-            SELECT p.oid::regproc INTO native
-              FROM pg_proc AS p
-             WHERE p.pronamespace = 'mvrefresh'::regnamespace
-               AND p.proname ~ '^native_unseen_[0-9]+$'
-               AND NOT EXISTS (SELECT FROM pg_depend AS d
-                               WHERE d.classid = 'pg_trigger'::regclass
-                                 AND d.refclassid = 'pg_proc'::regclass AND d.refobjid = p.oid)
-             ORDER BY substring(p.proname FROM '[0-9]+$')::int
-             LIMIT 1;
+            native := ({free_slots} LIMIT 1);
         END IF;
         IF native IS NULL THEN
             RAISE WARNING 'capture %: every slot of mvrefresh_capture is taken; its triggers run without it', {name};
@@ -554,6 +555,7 @@ REVOKE ALL ON FUNCTION {f_row}(), {f_trunc}(), {f_clean}({table}, {table}),
         key_lit = literal(&key),
         native_allowed = c.native,
         usable = NATIVE_USABLE,
+        free_slots = NATIVE_FREE_SLOTS,
         f_row_lit = literal(&f_row),
         f_trunc_lit = literal(&f_trunc),
         comment = literal(&format!(

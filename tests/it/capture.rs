@@ -280,12 +280,7 @@ async fn uninstall_leaves_writers_working() {
     c.query_one("SELECT analytics_generate_sample(200, 3, 10)", &[])
         .await
         .unwrap();
-    c.batch_execute(&format!(
-        "BEGIN; {} COMMIT;",
-        include_str!("../../sql/uninstall.sql")
-    ))
-    .await
-    .unwrap();
+    harness::uninstall(&c).await;
     let left: i64 = c
         .query_one(
             "SELECT (SELECT count(*) FROM pg_namespace WHERE nspname = 'mvrefresh')
@@ -337,12 +332,7 @@ async fn uninstall_removes_only_this_databases_pg_cron_jobs() {
         .await
         .unwrap();
     }
-    cron.batch_execute(&format!(
-        "BEGIN; {} COMMIT;",
-        include_str!("../../sql/uninstall.sql")
-    ))
-    .await
-    .unwrap();
+    harness::uninstall(&cron).await;
     let left: Vec<(String, String)> = cron
         .query(
             "SELECT jobname, database FROM cron.job ORDER BY jobname",

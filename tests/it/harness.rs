@@ -752,6 +752,40 @@ pub async fn take_dirty(client: &Client, channel: Option<&str>) -> Vec<String> {
     rows.iter().map(|r| r.get(0)).collect()
 }
 
+/// A role that may log in, write `submissions` and create objects, connected to `db` (`admin`
+/// creates it).
+pub async fn writer(db: &TestDb, admin: &Client) -> Client {
+    let role = format!("writer_{}", unique());
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN;
+             GRANT USAGE ON SCHEMA public TO {role};
+             GRANT CREATE ON SCHEMA public TO {role};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON submissions TO {role};
+             GRANT USAGE ON SEQUENCE submissions_id_seq TO {role};
+             DO $$ BEGIN
+                 EXECUTE format('GRANT CREATE ON DATABASE %I TO {role}', current_database());
+             END $$;"
+        ))
+        .await
+        .unwrap();
+    let url = db
+        .url
+        .replace("postgres://postgres@", &format!("postgres://{role}@"));
+    connect(&url).await
+}
+
+/// Runs sql/uninstall.sql in one transaction, as its header says to.
+pub async fn uninstall(client: &Client) {
+    client
+        .batch_execute(&format!(
+            "BEGIN;\n{}\nCOMMIT;",
+            include_str!("../../sql/uninstall.sql")
+        ))
+        .await
+        .unwrap();
+}
+
 /// Sets up a database with [`SCHEMA`], installs mvrefresh with the capture and `views`, and
 /// returns the database, a client and the config.
 pub async fn setup(cluster: &Cluster, views: &str) -> (TestDb, Client, Config) {

@@ -5,7 +5,7 @@
 
 use tokio_postgres::Client;
 
-use crate::harness::{self, Cluster, TestDb};
+use crate::harness::{self, Cluster};
 
 /// A table `docs` captured by `tenant`, and `mv_docs` refreshed from it.
 const DOCS: &str = r#"
@@ -19,28 +19,6 @@ name = "mv_docs"
 mode = "concurrently"
 channels = ["docs_changed"]
 "#;
-
-/// A role that may log in and write `submissions`, connected to `db`.
-async fn writer(db: &TestDb, admin: &Client) -> Client {
-    let role = format!("writer_{}", harness::unique());
-    admin
-        .batch_execute(&format!(
-            "CREATE ROLE {role} LOGIN;
-             GRANT USAGE ON SCHEMA public TO {role};
-             GRANT CREATE ON SCHEMA public TO {role};
-             GRANT SELECT, INSERT, UPDATE, DELETE ON submissions TO {role};
-             GRANT USAGE ON SEQUENCE submissions_id_seq TO {role};
-             DO $$ BEGIN
-                 EXECUTE format('GRANT CREATE ON DATABASE %I TO {role}', current_database());
-             END $$;"
-        ))
-        .await
-        .unwrap();
-    let url = db
-        .url
-        .replace("postgres://postgres@", &format!("postgres://{role}@"));
-    harness::connect(&url).await
-}
 
 /// Puts a schema of `w`'s own first on its search_path, before pg_catalog, with each
 /// (operator, type, result): a binary operator on that type that always gives that result.
@@ -85,7 +63,7 @@ fn denied(result: Result<impl Sized, tokio_postgres::Error>, what: &str) {
 async fn a_writer_cannot_mark_or_touch_keys_except_by_writing() {
     let (db, admin, _config) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
     harness::take_dirty(&admin, None).await;
-    let w = writer(&db, &admin).await;
+    let w = harness::writer(&db, &admin).await;
     denied(
         w.execute(
             "SELECT mvrefresh.mark('submission_scored', 'x', ARRAY['*'])",
@@ -133,7 +111,7 @@ async fn a_writer_cannot_mark_or_touch_keys_except_by_writing() {
 async fn a_writers_own_operators_do_not_change_what_is_captured() {
     let (db, admin, _config) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
     harness::take_dirty(&admin, None).await;
-    let w = writer(&db, &admin).await;
+    let w = harness::writer(&db, &admin).await;
     // An `=` on text and int that is never true, and a `>` on int that always is (it would make
     // the slow path believe every key remembered), found before pg_catalog's on the writer's
     // path.
@@ -178,7 +156,7 @@ async fn a_writers_own_equality_cannot_hide_a_key_turning_dirty() {
         )
         .await
         .unwrap();
-    let w = writer(&db, &admin).await;
+    let w = harness::writer(&db, &admin).await;
     // An `=` on text that is always true, found before pg_catalog's: a lookup in the dirty set
     // that used it would find key 7's row for any key, and record nothing.
     shadow_on_path(&w, &[("=", "text", true)]).await;
@@ -281,7 +259,7 @@ async fn a_notification_on_a_captured_channel_forces_nothing() {
         || async { whole().await == 1 },
     )
     .await;
-    let w = writer(&db, &c).await;
+    let w = harness::writer(&db, &c).await;
     let before = daemon.stats.notifications_received.get();
     w.batch_execute(
         r#"NOTIFY submission_scored, '{"challenge_id":"*"}';

@@ -613,12 +613,7 @@ async fn switching_methods_and_uninstall_leave_nothing_behind() {
     harness::install(&config).await;
     assert_eq!(objects().await, (1, 1, 0));
     // Uninstall removes the publication and this database's mvrefresh_ slots.
-    c.batch_execute(&format!(
-        "BEGIN;\n{}\nCOMMIT;",
-        include_str!("../../sql/uninstall.sql")
-    ))
-    .await
-    .unwrap();
+    harness::uninstall(&c).await;
     assert_eq!(objects().await, (0, 0, 0));
     // Writers keep working.
     harness::score(&c, 1, 1).await;

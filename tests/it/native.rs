@@ -50,6 +50,21 @@ async fn triggers(c: &Client, table: &str) -> Vec<(String, Option<String>)> {
     .collect()
 }
 
+/// A writer ([`harness::writer`]) that may also use schema mvrefresh (and so name its functions).
+async fn writer_seeing_mvrefresh(db: &TestDb, admin: &Client) -> Client {
+    let w = harness::writer(db, admin).await;
+    let role: String = w
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    admin
+        .batch_execute(&format!("GRANT USAGE ON SCHEMA mvrefresh TO {role}"))
+        .await
+        .unwrap();
+    w
+}
+
 /// What the server said.
 fn message(e: &tokio_postgres::Error) -> String {
     e.as_db_error()
@@ -181,19 +196,10 @@ async fn a_session_forgets_at_every_collect_and_on_rollback() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_cannot_write_the_memory_or_read_the_generation() {
     let (db, c, _config) = setup(harness::VIEW_COUNTS).await;
-    let role = format!("native_writer_{}", harness::unique());
-    c.batch_execute(&format!(
-        "CREATE ROLE {role} LOGIN;
-         GRANT USAGE ON SCHEMA public TO {role};
-         GRANT SELECT, INSERT, UPDATE, DELETE ON submissions TO {role};
-         GRANT USAGE ON SEQUENCE submissions_id_seq TO {role};
-         -- Not needed to write; given so that what is refused below is the function itself.
-         GRANT USAGE ON SCHEMA mvrefresh TO {role};"
-    ))
-    .await
-    .unwrap();
+    // USAGE on schema mvrefresh is not needed to write; given so that what is refused below is
+    // the function itself.
+    let w = writer_seeing_mvrefresh(&db, &c).await;
     harness::take_dirty(&c, None).await;
-    let w = harness::connect(&db.url.replace("postgres@", &format!("{role}@"))).await;
 
     // The writer's rows are captured (its WHEN reads the generation it may not read itself).
     harness::score(&w, 8, 3).await;
@@ -347,12 +353,7 @@ async fn install_and_check_follow_the_extension() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uninstall_drops_the_extension_and_leaves_writers_working() {
     let (_db, c, _config) = setup(harness::VIEW_COUNTS).await;
-    c.batch_execute(&format!(
-        "BEGIN; {} COMMIT;",
-        include_str!("../../sql/uninstall.sql")
-    ))
-    .await
-    .unwrap();
+    harness::uninstall(&c).await;
     let left: i64 = c
         .query_one(
             "SELECT (SELECT count(*) FROM pg_extension WHERE extname = 'mvrefresh_capture')
@@ -376,18 +377,8 @@ async fn uninstall_drops_the_extension_and_leaves_writers_working() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_cannot_pin_the_generation_before_it_writes() {
     let (db, c, _config) = setup(harness::VIEW_COUNTS).await;
-    let role = format!("native_pin_{}", harness::unique());
-    c.batch_execute(&format!(
-        "CREATE ROLE {role} LOGIN;
-         GRANT USAGE ON SCHEMA public TO {role};
-         GRANT SELECT, INSERT, UPDATE, DELETE ON submissions TO {role};
-         GRANT USAGE ON SEQUENCE submissions_id_seq TO {role};
-         GRANT USAGE ON SCHEMA mvrefresh TO {role};"
-    ))
-    .await
-    .unwrap();
+    let w = writer_seeing_mvrefresh(&db, &c).await;
     harness::take_dirty(&c, None).await;
-    let w = harness::connect(&db.url.replace("postgres@", &format!("{role}@"))).await;
     harness::score(&w, 8, 1).await; // marked and remembered
     w.batch_execute("BEGIN; SELECT mvrefresh.native_unseen_0(8, 8)")
         .await
