@@ -21,7 +21,15 @@ BEGIN
     LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
     END LOOP;
-    -- mvrefresh_capture (its functions live in schema mvrefresh; none is used any more).
+    -- mvrefresh_capture (its functions live in schema mvrefresh; once its triggers on
+    -- mvrefresh.dirty are gone, none is used any more).
+    FOR t IN
+        SELECT tg.tgrelid::regclass AS rel, tg.tgname
+        FROM pg_trigger tg
+        WHERE tg.tgrelid = to_regclass('mvrefresh.dirty') AND tg.tgname LIKE 'mvrefresh\_forget$%'
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
+    END LOOP;
     DROP EXTENSION IF EXISTS mvrefresh_capture;
     IF to_regprocedure('mvrefresh_capture_bout_results()') IS NOT NULL THEN
         DROP FUNCTION mvrefresh_capture_bout_results();

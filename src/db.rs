@@ -360,6 +360,30 @@ impl Db {
         Ok(client)
     }
 
+    /// A connection whose server warnings (`RAISE WARNING`, severity WARNING) are printed on
+    /// standard error, for commands a person runs (`install`).
+    pub async fn connect_showing_warnings(&self, app: &str) -> Result<Client, DbError> {
+        let (client, mut conn) = self.connect(app).await?;
+        tokio::spawn(async move {
+            loop {
+                match futures_util::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                    Some(Ok(tokio_postgres::AsyncMessage::Notice(n)))
+                        if n.severity() == "WARNING" =>
+                    {
+                        eprintln!("warning: {}", n.message());
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "connection closed");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        });
+        Ok(client)
+    }
+
     /// The refresh pool: every wait bounded (the pool's defaults are "forever").
     pub fn pool(&self, size: usize) -> Pool {
         // Bookkeeping statements (collects, reads, status) end server-side after this, even when

@@ -345,23 +345,32 @@ async fn check_capture(
 ) -> Result<(), tokio_postgres::Error> {
     let row = crate::install::trigger_name(c);
     let names = vec![format!("{row}_truncate"), row.clone()];
-    // And mvrefresh_capture: whether the capture's triggers use it (their insert and delete
-    // triggers exist only then), and whether `install` would put it on it (in the database and
-    // usable, the capture does not say `native = false`, a slot is free).
+    // And mvrefresh_capture: whether the capture's row trigger is its native_capture (then the
+    // statement triggers on mvrefresh.dirty must be there too), whether 1.0's triggers are
+    // still there, and whether `install` would put the capture on it (in the database at 1.1
+    // or later and usable, the capture does not say `native = false`).
     let (ins, del) = crate::install::native_trigger_names(c);
     let r = client
         .query_one(
             &format!(
                 "SELECT count(*) FILTER (WHERE tgname = ANY($2)),
+                        coalesce(bool_or(tgname = $6
+                                 AND tgfoid = to_regprocedure('mvrefresh.native_capture()')), false),
                         count(*) FILTER (WHERE tgname = ANY($3)),
                         CASE WHEN $4 AND $5
                                   AND EXISTS (SELECT FROM pg_extension
                                               WHERE extname = 'mvrefresh_capture')
-                             THEN {usable} AND EXISTS ({free_slots})
-                             ELSE false END
+                             THEN {current} AND {usable}
+                             ELSE false END,
+                        (SELECT count(*) FROM pg_trigger AS d
+                         WHERE d.tgrelid = to_regclass('mvrefresh.dirty')
+                           AND d.tgfoid = to_regprocedure('mvrefresh.native_dirty_changed()')
+                           AND d.tgenabled <> 'D'),
+                        $4 AND EXISTS (SELECT FROM pg_extension WHERE extname = 'mvrefresh_capture')
+                           AND NOT {current}
                  FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgenabled <> 'D'",
+                current = crate::install::NATIVE_CURRENT,
                 usable = crate::install::NATIVE_USABLE,
-                free_slots = crate::install::NATIVE_FREE_SLOTS,
             ),
             &[
                 &c.table.quoted(),
@@ -369,23 +378,43 @@ async fn check_capture(
                 &vec![ins, del],
                 &c.native,
                 &installed,
+                &row,
             ],
         )
         .await?;
-    let (found, native): (i64, (bool, i64)) = (r.get(0), (r.get(2), r.get(1)));
+    let found: i64 = r.get(0);
+    let (uses, old, wanted, forgets, outdated): (bool, i64, bool, i64, bool) =
+        (r.get(1), r.get(2), r.get(3), r.get(4), r.get(5));
     let current = installed
         && crate::store::capture_is_current(client, &c.name, &crate::install::fingerprint(c))
             .await?;
     let (name, table) = (&c.name, &c.table);
-    if found == names.len() as i64 && current && native.0 && native.1 != 2 {
+    if found == names.len() as i64 && current && (old > 0 || outdated) {
         report.say(
             false,
             format!(
-                "capture {name} on {table}: installed without mvrefresh_capture, which this database has; fix: run `mvrefresh install`"
+                "capture {name} on {table}: the database has mvrefresh_capture 1.0, which this version does not use; fix: run ALTER EXTENSION mvrefresh_capture UPDATE, then `mvrefresh install`"
             ),
         );
+    } else if found == names.len() as i64 && current && uses && forgets != 3 {
+        report.say(
+            false,
+            format!(
+                "capture {name} on {table}: uses mvrefresh_capture, but {forgets} of the 3 triggers on mvrefresh.dirty that make sessions forget are there and enabled; fix: run `mvrefresh install`"
+            ),
+        );
+    } else if found == names.len() as i64 && current && wanted != uses {
+        let fix = if uses {
+            "installed with mvrefresh_capture, which it may not use (native = false, or the extension is not usable)"
+        } else {
+            "installed without mvrefresh_capture, which this database has"
+        };
+        report.say(
+            false,
+            format!("capture {name} on {table}: {fix}; fix: run `mvrefresh install`"),
+        );
     } else if found == names.len() as i64 && current {
-        let with = if native.1 == 2 {
+        let with = if uses {
             " (with mvrefresh_capture)"
         } else {
             ""

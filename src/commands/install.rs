@@ -33,7 +33,7 @@ pub async fn execute(
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let mut client = db.connect_simple("mvrefresh-install").await?;
+    let mut client = db.connect_showing_warnings("mvrefresh-install").await?;
     db.ensure_primary(&client).await?;
     install::run(&mut client, &steps).await?;
     // Slots are not transactional, and one cannot be created in a transaction that wrote.

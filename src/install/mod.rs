@@ -143,9 +143,12 @@ pub fn script(config: &Config, options: Options) -> Vec<Step> {
         name: "subscriptions".into(),
         sql: subscriptions_sql(config, options.prune),
     });
+    steps.push(Step {
+        name: "mvrefresh_capture: the triggers on mvrefresh.dirty".into(),
+        sql: native_dirty_sql(),
+    });
     // Every session forgets the keys it remembers as dirty: a capture may have changed its
-    // channel or table, or (mvrefresh_capture) a slot may now belong to another capture.
-    // Odd: writers notify until the daemon's next collect.
+    // channel or table. Odd: writers notify until the daemon's next collect.
     steps.push(Step {
         name: "a new generation".into(),
         sql: "SELECT setval('mvrefresh.generation',
@@ -153,6 +156,46 @@ pub fn script(config: &Config, options: Options) -> Vec<Step> {
             .into(),
     });
     steps
+}
+
+/// mvrefresh_capture's statement triggers on `mvrefresh.dirty` ([`NATIVE_DIRTY_TRIGGERS`]),
+/// there exactly when some capture's row trigger is native_capture: what a session remembers
+/// stays true only while rows do not leave `mvrefresh.dirty` unseen. Then every session forgets
+/// (with the extension: a capture may have changed its channel).
+fn native_dirty_sql() -> String {
+    let [del, upd, trunc] = NATIVE_DIRTY_TRIGGERS.map(ident);
+    let [del_lit, upd_lit, trunc_lit] = NATIVE_DIRTY_TRIGGERS.map(literal);
+    format!(
+        r#"DO $mvrefresh$
+BEGIN
+    IF EXISTS (SELECT FROM pg_trigger
+               WHERE tgfoid = to_regprocedure('mvrefresh.native_capture()')) THEN
+        IF (SELECT count(*) FROM pg_trigger
+            WHERE tgrelid = 'mvrefresh.dirty'::regclass
+              AND tgfoid = to_regprocedure('mvrefresh.native_dirty_changed()')) <> 3 THEN
+            CREATE OR REPLACE TRIGGER {del} AFTER DELETE ON mvrefresh.dirty
+                REFERENCING OLD TABLE AS gone FOR EACH STATEMENT
+                EXECUTE FUNCTION mvrefresh.native_dirty_changed();
+            CREATE OR REPLACE TRIGGER {upd} AFTER UPDATE ON mvrefresh.dirty
+                REFERENCING OLD TABLE AS gone FOR EACH STATEMENT
+                EXECUTE FUNCTION mvrefresh.native_dirty_changed();
+            CREATE OR REPLACE TRIGGER {trunc} AFTER TRUNCATE ON mvrefresh.dirty
+                FOR EACH STATEMENT EXECUTE FUNCTION mvrefresh.native_dirty_changed();
+        END IF;
+    ELSIF EXISTS (SELECT FROM pg_trigger
+                  WHERE tgrelid = 'mvrefresh.dirty'::regclass
+                    AND tgname IN ({del_lit}, {upd_lit}, {trunc_lit})) THEN
+        DROP TRIGGER IF EXISTS {del} ON mvrefresh.dirty;
+        DROP TRIGGER IF EXISTS {upd} ON mvrefresh.dirty;
+        DROP TRIGGER IF EXISTS {trunc} ON mvrefresh.dirty;
+    END IF;
+    IF coalesce(has_function_privilege(to_regprocedure('mvrefresh.native_forget()'), 'EXECUTE'),
+                false) THEN
+        PERFORM mvrefresh.native_forget();
+    END IF;
+END
+$mvrefresh$;"#
+    )
 }
 
 /// The script as one SQL text, for `--dry-run`.
@@ -209,33 +252,39 @@ pub fn trigger_name(c: &CaptureConfig) -> String {
     format!("mvrefresh_capture_{}", c.name)
 }
 
-/// The insert and delete triggers a capture has with mvrefresh_capture (its update trigger keeps
-/// [`trigger_name`]). `$`: no capture name has one, so no other capture's trigger is named so.
+/// The insert and delete triggers a capture had with mvrefresh_capture 1.0 (install drops them).
+/// `$`: no capture name has one, so no other capture's trigger is named so.
 pub fn native_trigger_names(c: &CaptureConfig) -> (String, String) {
     let row = trigger_name(c);
     (format!("{row}$insert"), format!("{row}$delete"))
 }
 
-/// SQL: true when mvrefresh_capture (known to be there) may be used: owned by the owner of
-/// schema mvrefresh (the installing role) or by a superuser (a role with CREATE on the database
-/// could otherwise create it, and drop it with CASCADE, and the triggers with it), and that
-/// owner may call `native_remember` (the trigger functions run as it).
+/// SQL: true when the database's mvrefresh_capture is version 1.1 or later (1.0's triggers
+/// called `native_unseen_<slot>` in a `WHEN`; see extension/mvrefresh_capture.c).
+pub const NATIVE_CURRENT: &str = "(to_regprocedure('mvrefresh.native_capture()') IS NOT NULL)";
+
+/// SQL: true when mvrefresh_capture (known to be there, [`NATIVE_CURRENT`]) may be used: owned
+/// by the owner of schema mvrefresh (the installing role) or by a superuser (a role with CREATE
+/// on the database could otherwise create it, and drop it with CASCADE, and the triggers with
+/// it), and that owner may create its triggers and call `native_keep` (the capture functions
+/// run as it).
 pub const NATIVE_USABLE: &str = "(SELECT (e.extowner = n.nspowner
              OR (SELECT r.rolsuper FROM pg_roles AS r WHERE r.oid = e.extowner))
-            AND has_function_privilege(n.nspowner,
-                    'mvrefresh.native_remember(pg_catalog.regprocedure, pg_catalog.anyelement, pg_catalog.int8)',
+            AND coalesce(has_function_privilege(n.nspowner,
+                    to_regprocedure('mvrefresh.native_keep(pg_catalog.regprocedure, pg_catalog.anyelement, pg_catalog.int8)'),
                     'EXECUTE')
+                AND has_function_privilege(n.nspowner,
+                    to_regprocedure('mvrefresh.native_capture()'), 'EXECUTE'), false)
        FROM pg_extension AS e, pg_namespace AS n
       WHERE e.extname = 'mvrefresh_capture' AND n.nspname = 'mvrefresh')";
 
-/// SQL: the OIDs of mvrefresh_capture's slot functions that no trigger uses, lowest slot first.
-pub const NATIVE_FREE_SLOTS: &str = "SELECT p.oid FROM pg_proc AS p
-      WHERE p.pronamespace = (SELECT n.oid FROM pg_namespace AS n WHERE n.nspname = 'mvrefresh')
-        AND p.proname ~ '^native_unseen_[0-9]+$'
-        AND NOT EXISTS (SELECT FROM pg_depend AS d
-                        WHERE d.classid = 'pg_trigger'::regclass
-                          AND d.refclassid = 'pg_proc'::regclass AND d.refobjid = p.oid)
-      ORDER BY substring(p.proname FROM '[0-9]+$')::int";
+/// The statement triggers on `mvrefresh.dirty` that make every session forget what
+/// mvrefresh_capture remembers when rows leave it (a collect): on delete, update, truncate.
+pub const NATIVE_DIRTY_TRIGGERS: [&str; 3] = [
+    "mvrefresh_forget$delete",
+    "mvrefresh_forget$update",
+    "mvrefresh_forget$truncate",
+];
 
 /// The session setting in which writers remember the keys they found dirty.
 fn seen_setting(c: &CaptureConfig) -> String {
@@ -272,11 +321,13 @@ pub fn capture_sql(c: &CaptureConfig) -> String {
     let t_row = trigger_name(c);
     let t_trunc = format!("{t_row}_truncate");
     let (t_ins, t_del) = native_trigger_names(c);
-    // With mvrefresh_capture: the trigger function's inline slow path also remembers the key in
-    // the session's native memory (read by the triggers' WHEN). `%L`: the capture's slot.
+    // With mvrefresh_capture: the trigger function's inline slow path also keeps the key in the
+    // session's native memory (read by the row trigger, native_capture), with the memory's epoch
+    // read before the key was looked up. The capture function's OID names the capture.
+    let epoch = literal("e := mvrefresh.native_epoch();");
     let remember = literal(&format!(
-        "PERFORM mvrefresh.native_remember(%L::pg_catalog.regprocedure, NEW.{}, g);",
-        key.replace('%', "%%")
+        "PERFORM mvrefresh.native_keep({}::pg_catalog.regprocedure, NEW.{key}, e);",
+        literal(&format!("{f_row}()"))
     ));
     let channel = literal(&c.channel);
     let mut listed = vec![literal(&c.key)];
@@ -343,36 +394,21 @@ DECLARE
     cols     text;
     whole    boolean;
     previous regclass;
-    had      regproc;      -- the native slot this capture's triggers use now
-    native   regproc;      -- the one they are to use (NULL: no mvrefresh_capture)
-    native_name name;
+    native   boolean := false; -- the row trigger is mvrefresh_capture's native_capture
+    epoch    text := '';
     remember text := '';
 BEGIN
-    -- mvrefresh_capture (see extension/): each capture's triggers use a slot of their own, a
-    -- function native_unseen_<n>; keep the one in use, else take the lowest free one.
-    SELECT p.oid::regproc INTO had
-      FROM pg_trigger AS tg
-      JOIN pg_depend AS d ON d.classid = 'pg_trigger'::regclass AND d.objid = tg.oid
-                         AND d.refclassid = 'pg_proc'::regclass
-      JOIN pg_proc AS p ON p.oid = d.refobjid
-     WHERE tg.tgname IN ({t_row_lit}, {t_ins_lit}, {t_del_lit})
-       AND p.pronamespace = 'mvrefresh'::regnamespace AND p.proname ~ '^native_unseen_[0-9]+$'
-     LIMIT 1;
+    -- mvrefresh_capture (see extension/): used when the database has it (1.1 or later), it is
+    -- trustworthy, and the capture does not say `native = false`.
     IF {native_allowed} AND EXISTS (SELECT FROM pg_extension WHERE extname = 'mvrefresh_capture') THEN
-      IF NOT {usable} THEN
-        RAISE WARNING 'capture %: mvrefresh_capture is not used: it must be owned by the owner of schema mvrefresh or by a superuser, and that owner needs EXECUTE on mvrefresh.native_remember', {name};
+      IF NOT {current} THEN
+        RAISE WARNING 'capture %: mvrefresh_capture 1.0 is not used; run ALTER EXTENSION mvrefresh_capture UPDATE, then mvrefresh install again', {name};
+      ELSIF NOT {usable} THEN
+        RAISE WARNING 'capture %: mvrefresh_capture is not used: it must be owned by the owner of schema mvrefresh or by a superuser, and that owner needs EXECUTE on mvrefresh.native_capture and mvrefresh.native_keep', {name};
       ELSE
-        native := had;
-        IF native IS NULL THEN
-            native := ({free_slots} LIMIT 1);
-        END IF;
-        IF native IS NULL THEN
-            RAISE WARNING 'capture %: every slot of mvrefresh_capture is taken; its triggers run without it', {name};
-        ELSE
-            remember := format({remember},
-                               format('mvrefresh.%I(pg_catalog.anyelement,pg_catalog.anyelement)',
-                                      (SELECT p.proname FROM pg_proc AS p WHERE p.oid = native)));
-        END IF;
+        native := true;
+        epoch := {epoch};
+        remember := {remember};
       END IF;
     END IF;
     CREATE TEMP VIEW mvrefresh_capture_when_n AS
@@ -404,11 +440,11 @@ BEGIN
     END IF;
 
     -- Nothing to do for this row: every key it makes dirty is remembered as dirty already.
-    -- With mvrefresh_capture the triggers' WHEN asks the native memory first: a row that got
-    -- here has a key it does not hold, so the session's settings are not asked again (a key
-    -- they hold would otherwise never reach the path that tells the native memory); only an
+    -- With mvrefresh_capture its row trigger asks the native memory first: a row that got here
+    -- has a key it does not hold, so the session's settings are not asked again (a key they
+    -- hold would otherwise never reach the path that tells the native memory); only an
     -- irrelevant row needs nothing.
-    IF native IS NULL THEN
+    IF NOT native THEN
         EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {fc}(n {t}, o {t})
             RETURNS boolean LANGUAGE sql VOLATILE
             RETURN {clean}$mvrefresh_f$, when_new, when_old);
@@ -435,6 +471,7 @@ BEGIN
         LANGUAGE plpgsql SECURITY DEFINER AS $mvrefresh_b$
         DECLARE
             added   pg_catalog.int4;
+            e       pg_catalog.int8;
             g       pg_catalog.int8;
             k       pg_catalog.text;
             h       pg_catalog.text;
@@ -453,6 +490,7 @@ BEGIN
                     added := mvrefresh.mark_keys(%1$L, %2$L, ARRAY[k]);
                     RETURN NULL;
                 END IF;
+                %4$s
                 g := pg_catalog.pg_sequence_last_value('mvrefresh.generation'::pg_catalog.regclass);
                 -- From the typed value, as `clean` builds it (not from k: see capture_sql).
                 h := pg_catalog.md5(pg_catalog.format('%%s:%%s', NEW.{k}, g));
@@ -483,7 +521,7 @@ BEGIN
             added := mvrefresh.mark_keys(%1$L, %2$L, {fk}(NEW, OLD));
             RETURN NULL;
         END
-        $mvrefresh_b$$mvrefresh_f$, {channel}, {seen}, remember);
+        $mvrefresh_b$$mvrefresh_f$, {channel}, {seen}, remember, epoch);
     EXECUTE format($mvrefresh_f$CREATE OR REPLACE FUNCTION {ftr}() RETURNS trigger
         LANGUAGE plpgsql SECURITY DEFINER AS $mvrefresh_b$
         DECLARE
@@ -507,32 +545,27 @@ BEGIN
                       WHERE c.name = {name} AND c.fingerprint = {fingerprint})
        OR (SELECT count(*) FROM pg_trigger AS tg
            WHERE tg.tgrelid = {table_lit}::regclass
-             AND tg.tgname IN ({t_row_lit}, {t_trunc_lit}, {t_ins_lit}, {t_del_lit}))
-          <> (CASE WHEN native IS NULL THEN 2 ELSE 4 END)
-       OR had IS DISTINCT FROM native
+             AND tg.tgname IN ({t_row_lit}, {t_trunc_lit}, {t_ins_lit}, {t_del_lit})) <> 2
+       OR (SELECT tg.tgfoid FROM pg_trigger AS tg
+           WHERE tg.tgrelid = {table_lit}::regclass AND tg.tgname = {t_row_lit})
+          IS DISTINCT FROM (CASE WHEN native THEN to_regprocedure('mvrefresh.native_capture()')::oid
+                                 ELSE to_regproc({f_row_lit})::oid END)
     THEN
-        native_name := (SELECT p.proname FROM pg_proc AS p WHERE p.oid = native);
-        IF native IS NULL THEN
-            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', {t_ins_lit}, {table_lit});
-            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', {t_del_lit}, {table_lit});
+        -- (mvrefresh_capture 1.0's insert and delete triggers.)
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', {t_ins_lit}, {table_lit});
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', {t_del_lit}, {table_lit});
+        IF NOT native THEN
             EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER INSERT OR UPDATE%s OR DELETE ON %s
                                 FOR EACH ROW EXECUTE FUNCTION %s()',
                            {t_row_lit}, CASE WHEN whole THEN '' ELSE ' OF ' || cols END,
                            {table_lit}, {f_row_lit});
         ELSE
-            -- One trigger per event: a WHEN may name OLD only for UPDATE, NEW only for INSERT.
-            -- The trigger is queued only for a row with a key the session does not remember
-            -- (whatever the predicate: a remembered key is dirty already).
-            EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER UPDATE%s ON %s FOR EACH ROW
-                                WHEN (mvrefresh.%I(NEW.%s, OLD.%s)) EXECUTE FUNCTION %s()',
+            -- native_capture calls the capture function only for a row with a key the session
+            -- does not remember (whatever the predicate: a remembered key is dirty already).
+            EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER INSERT OR UPDATE%s OR DELETE ON %s
+                                FOR EACH ROW EXECUTE FUNCTION mvrefresh.native_capture(%L, %L)',
                            {t_row_lit}, CASE WHEN whole THEN '' ELSE ' OF ' || cols END,
-                           {table_lit}, native_name, {key_lit}, {key_lit}, {f_row_lit});
-            EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER INSERT ON %s FOR EACH ROW
-                                WHEN (mvrefresh.%I(NEW.%s, NEW.%s)) EXECUTE FUNCTION %s()',
-                           {t_ins_lit}, {table_lit}, native_name, {key_lit}, {key_lit}, {f_row_lit});
-            EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER DELETE ON %s FOR EACH ROW
-                                WHEN (mvrefresh.%I(OLD.%s, OLD.%s)) EXECUTE FUNCTION %s()',
-                           {t_del_lit}, {table_lit}, native_name, {key_lit}, {key_lit}, {f_row_lit});
+                           {table_lit}, {f_row_lit} || '()', {key_raw_lit});
         END IF;
         EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER TRUNCATE ON %s
                             FOR EACH STATEMENT EXECUTE FUNCTION %s()',
@@ -552,10 +585,10 @@ REVOKE ALL ON FUNCTION {f_row}(), {f_trunc}(), {f_clean}({table}, {table}),
         t_trunc_lit = literal(&t_trunc),
         t_ins_lit = literal(&t_ins),
         t_del_lit = literal(&t_del),
-        key_lit = literal(&key),
         native_allowed = c.native,
+        current = NATIVE_CURRENT,
         usable = NATIVE_USABLE,
-        free_slots = NATIVE_FREE_SLOTS,
+        key_raw_lit = literal(&c.key),
         f_row_lit = literal(&f_row),
         f_trunc_lit = literal(&f_trunc),
         comment = literal(&format!(
@@ -613,7 +646,7 @@ pub fn fingerprint(c: &CaptureConfig) -> String {
 }
 
 /// Bumped whenever [`capture_sql`] changes what it generates.
-const TRIGGER_TEMPLATE_VERSION: u32 = 7;
+const TRIGGER_TEMPLATE_VERSION: u32 = 8;
 
 /// Bumped whenever a logical capture's install ([`crate::logical::install_sql`]) changes what it
 /// creates. It shared the trigger's version up to 5; kept apart since, so that a new trigger

@@ -1,0 +1,43 @@
+-- mvrefresh_capture 1.1: see mvrefresh_capture.c.
+\echo Use "CREATE EXTENSION mvrefresh_capture" to load this file. \quit
+
+DO $$
+BEGIN
+    IF to_regnamespace('mvrefresh') IS NULL THEN
+        RAISE EXCEPTION 'mvrefresh_capture: schema mvrefresh does not exist'
+            USING HINT = 'Run `mvrefresh install` first, then CREATE EXTENSION mvrefresh_capture, then `mvrefresh install` again.';
+    END IF;
+END
+$$;
+
+-- A capture's row trigger: native_capture('<capture function>()', '<key column>'). Only the
+-- owner of schema mvrefresh (the role that installs the captures) may create such a trigger.
+CREATE FUNCTION mvrefresh.native_capture() RETURNS trigger
+LANGUAGE c VOLATILE PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'mvrefresh_native_capture';
+
+-- Statement triggers on mvrefresh.dirty: rows leaving it make every session forget.
+CREATE FUNCTION mvrefresh.native_dirty_changed() RETURNS trigger
+LANGUAGE c VOLATILE PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'mvrefresh_native_dirty_changed';
+
+-- The memory's epoch, and keeping a key in it (only the capture functions, which run as the
+-- owner of schema mvrefresh, may: no writer can hide a change).
+CREATE FUNCTION mvrefresh.native_epoch() RETURNS pg_catalog.int8
+LANGUAGE c VOLATILE PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'mvrefresh_native_epoch';
+CREATE FUNCTION mvrefresh.native_keep(pg_catalog.regprocedure, anyelement, pg_catalog.int8)
+RETURNS void LANGUAGE c VOLATILE PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'mvrefresh_native_keep';
+
+-- Every session forgets once the calling transaction commits (`mvrefresh install` calls it).
+CREATE FUNCTION mvrefresh.native_forget() RETURNS void
+LANGUAGE c VOLATILE PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'mvrefresh_native_forget';
+
+REVOKE ALL ON FUNCTION mvrefresh.native_capture(), mvrefresh.native_dirty_changed(),
+    mvrefresh.native_epoch(), mvrefresh.native_keep(pg_catalog.regprocedure, anyelement, pg_catalog.int8),
+    mvrefresh.native_forget() FROM PUBLIC;
+DO $$
+BEGIN
+    EXECUTE format('GRANT EXECUTE ON FUNCTION mvrefresh.native_capture(), mvrefresh.native_dirty_changed(),
+                        mvrefresh.native_epoch(), mvrefresh.native_keep(pg_catalog.regprocedure, anyelement, pg_catalog.int8),
+                        mvrefresh.native_forget() TO %s',
+                   (SELECT n.nspowner::regrole FROM pg_namespace AS n WHERE n.nspname = 'mvrefresh'));
+END
+$$;
