@@ -23,6 +23,11 @@
 //! that changes nothing): comparing every captured value on every row costs writers more than
 //! the occasional extra refresh.
 //!
+//! With the mvrefresh_capture extension (extension/), the same row trigger runs its C function
+//! `native_capture`, which calls the trigger function above only for a row with a key the
+//! session does not remember; three statement triggers on `mvrefresh.dirty` then make sessions
+//! forget whenever rows leave it ([`NATIVE_DIRTY_TRIGGERS`]).
+//!
 //! The trigger functions are `SECURITY DEFINER` (writers have no privilege on mvrefresh's
 //! tables) with EXECUTE revoked from PUBLIC, and read nothing through the writer's
 //! `search_path`: the predicate and the key are parsed once, at install, into SQL-standard
