@@ -4,7 +4,9 @@
 \echo Use "ALTER EXTENSION mvrefresh_capture UPDATE" to load this file. \quit
 
 -- A capture's row trigger: native_capture('<capture function>()', '<key column>'). Only the
--- owner of schema mvrefresh (the role that installs the captures) may create such a trigger.
+-- owner of schema mvrefresh (the role that installs the captures) may create such a trigger,
+-- and the function it names must be a capture function: a trigger function capture_* of
+-- schema mvrefresh owned by that owner (checked when the trigger fires).
 CREATE FUNCTION mvrefresh.native_capture() RETURNS trigger
 LANGUAGE c VOLATILE PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'mvrefresh_native_capture';
 

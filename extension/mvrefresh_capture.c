@@ -39,6 +39,9 @@
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_namespace.h"
+#include "catalog/pg_proc.h"
+#include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/tuptable.h"
 #include "pgstat.h"
@@ -438,6 +441,11 @@ PG_FUNCTION_INFO_V1(mvrefresh_native_epoch);
 Datum
 mvrefresh_native_epoch(PG_FUNCTION_ARGS)
 {
+	/*
+	 * The sequence first: an invalidation of it is noticed only once it is known, and one taken
+	 * in after this epoch was read must move it on. (Unknown, the memory is empty.)
+	 */
+	(void) watched();
 	PG_RETURN_INT64((int64) epoch);
 }
 
@@ -490,6 +498,40 @@ mvrefresh_native_keep(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
+/*
+ * The function a native_capture trigger names must be a capture function: a trigger function in
+ * schema mvrefresh owned by that schema's owner (whoever may create such a trigger is that
+ * owner or a superuser, and may run that function as a trigger anyway). Anything else, e.g. a
+ * function its creator may not execute, or one that is not a trigger function, is refused.
+ */
+static void
+check_capture_function(Trigger *tg, Oid func)
+{
+	HeapTuple	proc = SearchSysCache1(PROCOID, ObjectIdGetDatum(func));
+	HeapTuple	nsp;
+	Form_pg_proc p;
+	bool		ok;
+
+	if (!HeapTupleIsValid(proc))
+		elog(ERROR, "cache lookup failed for function %u", func);
+	p = (Form_pg_proc) GETSTRUCT(proc);
+	nsp = SearchSysCache1(NAMESPACEOID, ObjectIdGetDatum(p->pronamespace));
+	ok = HeapTupleIsValid(nsp) &&
+		strcmp(NameStr(((Form_pg_namespace) GETSTRUCT(nsp))->nspname), "mvrefresh") == 0 &&
+		((Form_pg_namespace) GETSTRUCT(nsp))->nspowner == p->proowner &&
+		p->prorettype == TRIGGEROID && p->pronargs == 0 &&
+		strncmp(NameStr(p->proname), "capture_", strlen("capture_")) == 0;
+	if (HeapTupleIsValid(nsp))
+		ReleaseSysCache(nsp);
+	ReleaseSysCache(proc);
+	if (!ok)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("mvrefresh_capture: trigger \"%s\" names %s, which is not a capture function",
+						tg->tgname, tg->tgargs[0]),
+				 errdetail("A capture function is a trigger function named capture_* in schema mvrefresh, owned by that schema's owner.")));
+}
+
 /* The capture a native_capture trigger stands for (its arguments resolved once, cached). */
 static Capture *
 capture_of(TriggerData *td)
@@ -510,6 +552,7 @@ capture_of(TriggerData *td)
 						tg->tgname)));
 	/* May process invalidations, and so change the cache. */
 	func = DatumGetObjectId(DirectFunctionCall1(regprocedurein, CStringGetDatum(tg->tgargs[0])));
+	check_capture_function(tg, func);
 	memset(&c, 0, sizeof(c));
 	c.trigger = tg->tgoid;
 	c.relid = RelationGetRelid(td->tg_relation);

@@ -17,7 +17,8 @@ BEGIN
     FOR t IN
         SELECT tg.tgrelid::regclass AS rel, tg.tgname
         FROM pg_trigger tg
-        WHERE NOT tg.tgisinternal AND tg.tgname LIKE 'mvrefresh\_capture\_%'
+        -- (Not the partitions' clones of a partitioned table's trigger: they go with it.)
+        WHERE NOT tg.tgisinternal AND tg.tgparentid = 0 AND tg.tgname LIKE 'mvrefresh\_capture\_%'
     LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
     END LOOP;

@@ -365,10 +365,10 @@ async fn check_capture(
                         (SELECT count(*) FROM pg_trigger AS d
                          WHERE d.tgrelid = to_regclass('mvrefresh.dirty')
                            AND d.tgfoid = to_regprocedure('mvrefresh.native_dirty_changed()')
-                           AND d.tgenabled <> 'D'),
+                           AND d.tgenabled IN ('O', 'A')),
                         $4 AND EXISTS (SELECT FROM pg_extension WHERE extname = 'mvrefresh_capture')
                            AND NOT {current}
-                 FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgenabled <> 'D'",
+                 FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgenabled IN ('O', 'A')",
                 current = crate::install::NATIVE_CURRENT,
                 usable = crate::install::NATIVE_USABLE,
             ),

@@ -175,8 +175,10 @@ fn native_dirty_sql() -> String {
 BEGIN
     IF EXISTS (SELECT FROM pg_trigger
                WHERE tgfoid = to_regprocedure('mvrefresh.native_capture()')) THEN
+        -- (Re)created when one is missing, disabled or fires only for replication: CREATE OR
+        -- REPLACE enables it again.
         IF (SELECT count(*) FROM pg_trigger
-            WHERE tgrelid = 'mvrefresh.dirty'::regclass
+            WHERE tgrelid = 'mvrefresh.dirty'::regclass AND tgenabled IN ('O', 'A')
               AND tgfoid = to_regprocedure('mvrefresh.native_dirty_changed()')) <> 3 THEN
             CREATE OR REPLACE TRIGGER {del} AFTER DELETE ON mvrefresh.dirty
                 REFERENCING OLD TABLE AS gone FOR EACH STATEMENT
@@ -544,13 +546,16 @@ BEGIN
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', {t_ins_lit}, previous);
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', {t_del_lit}, previous);
     END IF;
-    -- (Re)created only when missing or changed: CREATE TRIGGER locks the table against writers.
+    -- (Re)created only when missing, changed, disabled or firing only for replication (CREATE OR
+    -- REPLACE enables them again): CREATE TRIGGER locks the table against writers.
     IF previous IS DISTINCT FROM {table_lit}::regclass
        OR NOT EXISTS (SELECT FROM mvrefresh.capture AS c
                       WHERE c.name = {name} AND c.fingerprint = {fingerprint})
        OR (SELECT count(*) FROM pg_trigger AS tg
            WHERE tg.tgrelid = {table_lit}::regclass
-             AND tg.tgname IN ({t_row_lit}, {t_trunc_lit}, {t_ins_lit}, {t_del_lit})) <> 2
+             AND tg.tgname IN ({t_row_lit}, {t_trunc_lit}) AND tg.tgenabled IN ('O', 'A')) <> 2
+       OR EXISTS (SELECT FROM pg_trigger AS tg
+                  WHERE tg.tgrelid = {table_lit}::regclass AND tg.tgname IN ({t_ins_lit}, {t_del_lit}))
        OR (SELECT tg.tgfoid FROM pg_trigger AS tg
            WHERE tg.tgrelid = {table_lit}::regclass AND tg.tgname = {t_row_lit})
           IS DISTINCT FROM (CASE WHEN native THEN to_regprocedure('mvrefresh.native_capture()')::oid

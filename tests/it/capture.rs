@@ -258,6 +258,44 @@ async fn one_wake_up_and_one_dirty_row_per_key_per_transaction() {
     assert_eq!(logged(&c).await, ["0", "1", "2", "3", "4", "5", "6"]);
 }
 
+/// A partitioned captured table: its partitions carry clones of the capture's triggers, which
+/// go with the parent's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uninstall_drops_the_triggers_of_a_partitioned_table() {
+    let db = Cluster::shared().create_db().await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE parted (id int, challenge_id int, status text, score int)
+             PARTITION BY RANGE (challenge_id);
+         CREATE TABLE parted_low PARTITION OF parted FOR VALUES FROM (0) TO (100);
+         CREATE TABLE parted_high PARTITION OF parted FOR VALUES FROM (100) TO (MAXVALUE);",
+    )
+    .await
+    .unwrap();
+    let config = harness::config(
+        &db.url,
+        &format!(
+            "{}{}",
+            harness::CAPTURE.replace("table = \"submissions\"", "table = \"parted\""),
+            harness::VIEW_COUNTS
+        ),
+    );
+    harness::install(&config).await;
+    harness::uninstall(&c).await;
+    let left: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'mvrefresh%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    c.batch_execute("INSERT INTO parted VALUES (1, 1, 'scored', 1), (2, 200, 'scored', 2)")
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uninstall_leaves_writers_working() {
     let db = Cluster::shared().create_db().await;

@@ -54,6 +54,22 @@ async fn trigger_functions(c: &Client, table: &str) -> Vec<String> {
     triggers(c, table).await.into_iter().map(|t| t.1).collect()
 }
 
+/// The extension's objects.
+async fn members(c: &Client) -> Vec<String> {
+    c.query(
+        "SELECT pg_describe_object(d.classid, d.objid, d.objsubid) FROM pg_depend AS d
+         WHERE d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e'
+           AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'mvrefresh_capture')
+         ORDER BY 1",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
 /// The triggers on mvrefresh.dirty that make sessions forget.
 async fn forgetting(c: &Client) -> Vec<String> {
     triggers(c, "mvrefresh.dirty")
@@ -264,6 +280,68 @@ async fn a_writer_cannot_write_the_memory_or_make_a_native_trigger() {
     assert_eq!(harness::take_dirty(&c, None).await, ["9"]);
 }
 
+/// Whoever may create a native_capture trigger (the owner of schema mvrefresh) could name any
+/// function in it: only a capture function is called, anything else is refused (a function its
+/// creator may not execute, one that is not a trigger function, one that would read the
+/// trigger's data as something else and crash the server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_trigger_calls_nothing_but_a_capture_function() {
+    let (_db, c, _config) = setup(harness::VIEW_COUNTS).await;
+    c.batch_execute(
+        "CREATE TABLE mine (a int);
+         CREATE FUNCTION public.capture_elsewhere() RETURNS trigger LANGUAGE plpgsql
+             AS 'BEGIN RETURN NULL; END';",
+    )
+    .await
+    .unwrap();
+    for (i, named) in [
+        "pg_catalog.pg_switch_wal()",
+        "pg_catalog.rank()",
+        "mvrefresh.native_capture()",
+        "public.capture_elsewhere()",
+    ]
+    .iter()
+    .enumerate()
+    {
+        c.batch_execute(&format!(
+            "CREATE TRIGGER t{i} AFTER INSERT ON mine FOR EACH ROW
+             EXECUTE FUNCTION mvrefresh.native_capture('{named}', 'a')"
+        ))
+        .await
+        .unwrap();
+        let err = c
+            .batch_execute("INSERT INTO mine VALUES (1)")
+            .await
+            .unwrap_err();
+        assert!(
+            message(&err).contains("which is not a capture function"),
+            "{named}: {err:?}"
+        );
+        c.batch_execute(&format!("DROP TRIGGER t{i} ON mine"))
+            .await
+            .unwrap();
+    }
+    // A capture function owned by another role than the schema's owner is refused too.
+    c.batch_execute(
+        "CREATE ROLE native_other_owner;
+         CREATE FUNCTION mvrefresh.capture_other() RETURNS trigger LANGUAGE plpgsql
+             AS 'BEGIN RETURN NULL; END';
+         ALTER FUNCTION mvrefresh.capture_other() OWNER TO native_other_owner;
+         CREATE TRIGGER t AFTER INSERT ON mine FOR EACH ROW
+             EXECUTE FUNCTION mvrefresh.native_capture('mvrefresh.capture_other()', 'a');",
+    )
+    .await
+    .unwrap();
+    let err = c
+        .batch_execute("INSERT INTO mine VALUES (1)")
+        .await
+        .unwrap_err();
+    assert!(
+        message(&err).contains("which is not a capture function"),
+        "{err:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn captures_keep_their_memories_apart() {
     let db = Cluster::shared().create_db().await;
@@ -361,9 +439,28 @@ async fn install_and_check_follow_the_extension() {
         "{}",
         text(&check)
     );
-    c.batch_execute("ALTER TABLE mvrefresh.dirty ENABLE TRIGGER \"mvrefresh_forget$delete\"")
-        .await
-        .unwrap();
+    // install enables it again; the same for a trigger that fires only for replication.
+    let install = mvrefresh(&path, &["install"]);
+    assert!(install.status.success(), "{}", text(&install));
+    let check = mvrefresh(&path, &["check"]);
+    assert!(check.status.success(), "{}", text(&check));
+    c.batch_execute(
+        "ALTER TABLE submissions ENABLE REPLICA TRIGGER mvrefresh_capture_submissions;
+         ALTER TABLE mvrefresh.dirty ENABLE REPLICA TRIGGER \"mvrefresh_forget$update\"",
+    )
+    .await
+    .unwrap();
+    let check = mvrefresh(&path, &["check"]);
+    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
+    assert!(
+        text(&check).contains("1 of 2 triggers installed and enabled"),
+        "{}",
+        text(&check)
+    );
+    let install = mvrefresh(&path, &["install"]);
+    assert!(install.status.success(), "{}", text(&install));
+    let check = mvrefresh(&path, &["check"]);
+    assert!(check.status.success(), "{}", text(&check));
 
     // The extension cannot be dropped while triggers use it; `native = false` moves the capture
     // off it first, and writers are captured all along.
@@ -508,6 +605,10 @@ async fn captures_move_off_version_1_0_after_the_update() {
     c.batch_execute("ALTER EXTENSION mvrefresh_capture UPDATE")
         .await
         .unwrap();
+    // An updated 1.1 has what a fresh one has (a dump of one restores into the other).
+    let (_fresh, f, _) = setup(harness::VIEW_COUNTS).await;
+    assert_eq!(members(&c).await, members(&f).await);
+    assert!(members(&c).await.len() > 64);
     let install = mvrefresh(&path, &["install"]);
     assert!(install.status.success(), "{}", text(&install));
     assert_eq!(
