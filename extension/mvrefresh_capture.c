@@ -383,9 +383,9 @@ mvrefresh_native_unseen(PG_FUNCTION_ARGS)
 }
 
 /*
- * Version 1.0. native_remember(unseen function, key, generation): the trigger found or wrote the key's row
- * in mvrefresh.dirty, having read `generation` before it looked. Kept only while the
- * generation stays that one.
+ * Version 1.0. native_remember(unseen function, key, generation): the trigger found or wrote
+ * the key's row in mvrefresh.dirty, having read `generation` before it looked. Kept only while
+ * the generation stays that one.
  */
 PG_FUNCTION_INFO_V1(mvrefresh_native_remember);
 Datum
