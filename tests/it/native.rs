@@ -389,6 +389,31 @@ columns = ["winner"]
         ["1"]
     );
     assert_eq!(harness::take_dirty(&c, Some("bout_decided")).await, ["1"]);
+
+    // --prune drops the bouts capture; the submissions capture keeps the extension, and so
+    // the triggers on mvrefresh.dirty stay.
+    let one = harness::config(
+        &db.url,
+        &format!("{}{}", harness::CAPTURE, harness::VIEW_COUNTS),
+    );
+    let d = mvrefresh::db::Db::new(&one.database).unwrap();
+    let mut client = d.connect_simple("test-install").await.unwrap();
+    let steps = mvrefresh::install::script(
+        &one,
+        mvrefresh::install::Options {
+            prune: true,
+            ..Default::default()
+        },
+    );
+    mvrefresh::install::run(&mut client, &steps).await.unwrap();
+    assert!(triggers(&c, "bouts").await.is_empty());
+    assert_eq!(
+        trigger_functions(&c, "submissions").await,
+        ["native_capture", "capture_submissions_truncate"]
+    );
+    assert_eq!(forgetting(&c).await.len(), 3);
+    harness::score(&c, 2, 1).await;
+    assert_eq!(harness::take_dirty(&c, None).await, ["2"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
