@@ -1,6 +1,8 @@
 -- mvrefresh_capture 1.0 to 1.1: a C row trigger instead of the WHEN of PL/pgSQL triggers, and
 -- invalidations instead of a read of the generation at every statement (see mvrefresh_capture.c).
--- Version 1.0's functions stay until `mvrefresh install` has replaced the triggers using them.
+-- Version 1.0's functions stay, for triggers `mvrefresh install` has not replaced yet. There is
+-- no script of 1.1 alone: CREATE EXTENSION runs 1.0's, then this one, so a fresh 1.1 and an
+-- updated one are the same (a dump of either restores into the other).
 \echo Use "ALTER EXTENSION mvrefresh_capture UPDATE" to load this file. \quit
 
 -- A capture's row trigger: native_capture('<capture function>()', '<key column>'). Only the

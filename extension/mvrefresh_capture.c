@@ -351,6 +351,28 @@ remembered(Oid capture, Datum value, KeyType *kt)
 	return lookup(buf, len, hash_bytes((const unsigned char *) buf, len)) >= 0;
 }
 
+/* Adds the entry (a capture's OID and a key's image) unless it is there. */
+static void
+insert(const char *buf, uint32 len)
+{
+	uint32		hash = hash_bytes((const unsigned char *) buf, len);
+	int			at = lookup(buf, len, hash);
+	Entry	   *e;
+
+	if (at >= 0)
+		return;
+	if (keys_cxt == NULL)
+		keys_cxt = AllocSetContextCreate(TopMemoryContext, "mvrefresh_capture keys",
+										 ALLOCSET_SMALL_SIZES);
+	e = &table[-1 - at];
+	e->bytes = MemoryContextAlloc(keys_cxt, len);
+	memcpy(e->bytes, buf, len);
+	e->len = len;
+	e->hash = hash;
+	entries++;
+	bytes += len;
+}
+
 /*
  * Version 1.0, kept for triggers not yet replaced by `mvrefresh install`.
  *
@@ -396,8 +418,6 @@ mvrefresh_native_remember(PG_FUNCTION_ARGS)
 	KeyType    *kt;
 	char		buf[sizeof(Oid) + MAX_KEY_BYTES];
 	uint32		len;
-	uint32		hash;
-	int			at;
 
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
 		PG_RETURN_VOID();
@@ -413,22 +433,7 @@ mvrefresh_native_remember(PG_FUNCTION_ARGS)
 		generation = read;
 		valid = true;
 	}
-	hash = hash_bytes((const unsigned char *) buf, len);
-	at = lookup(buf, len, hash);
-	if (at < 0)
-	{
-		Entry	   *e = &table[-1 - at];
-
-		if (keys_cxt == NULL)
-			keys_cxt = AllocSetContextCreate(TopMemoryContext, "mvrefresh_capture keys",
-											 ALLOCSET_SMALL_SIZES);
-		e->bytes = MemoryContextAlloc(keys_cxt, len);
-		memcpy(e->bytes, buf, len);
-		e->len = len;
-		e->hash = hash;
-		entries++;
-		bytes += len;
-	}
+	insert(buf, len);
 	PG_RETURN_VOID();
 }
 
@@ -462,8 +467,6 @@ mvrefresh_native_keep(PG_FUNCTION_ARGS)
 	KeyType    *kt;
 	char		buf[sizeof(Oid) + MAX_KEY_BYTES];
 	uint32		len;
-	uint32		hash;
-	int			at;
 
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
 		PG_RETURN_VOID();
@@ -477,24 +480,7 @@ mvrefresh_native_keep(PG_FUNCTION_ARGS)
 	if (entries >= MAX_ENTRIES || bytes + len > MAX_BYTES)
 		forget();				/* full: start over (the key is not kept this time) */
 	else
-	{
-		hash = hash_bytes((const unsigned char *) buf, len);
-		at = lookup(buf, len, hash);
-		if (at < 0)
-		{
-			Entry	   *e = &table[-1 - at];
-
-			if (keys_cxt == NULL)
-				keys_cxt = AllocSetContextCreate(TopMemoryContext, "mvrefresh_capture keys",
-												 ALLOCSET_SMALL_SIZES);
-			e->bytes = MemoryContextAlloc(keys_cxt, len);
-			memcpy(e->bytes, buf, len);
-			e->len = len;
-			e->hash = hash;
-			entries++;
-			bytes += len;
-		}
-	}
+		insert(buf, len);
 	PG_RETURN_VOID();
 }
 

@@ -6,6 +6,8 @@
 //! The extension must be installed for the test cluster's PostgreSQL (`scripts/test` builds and
 //! installs it).
 
+use std::path::PathBuf;
+
 use tokio_postgres::Client;
 
 use crate::capture::marks_exactly_the_changed_challenges;
@@ -93,6 +95,20 @@ async fn writer_seeing_mvrefresh(db: &TestDb, admin: &Client) -> Client {
         .await
         .unwrap();
     w
+}
+
+/// `mvrefresh <args>` with the config at `path`, which must succeed: what it printed.
+fn succeeds(path: &PathBuf, args: &[&str]) -> String {
+    let out = mvrefresh(path, args);
+    assert!(out.status.success(), "{args:?}: {}", text(&out));
+    text(&out)
+}
+
+/// `mvrefresh check` with the config at `path` finds a problem (exit 1) and says `needle`.
+fn check_says(path: &PathBuf, needle: &str) {
+    let check = mvrefresh(path, &["check"]);
+    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
+    assert!(text(&check).contains(needle), "{}", text(&check));
 }
 
 /// What the server said.
@@ -425,28 +441,19 @@ async fn install_and_check_follow_the_extension() {
         &format!("native-{}.toml", harness::unique()),
         &config_text(&db.url, harness::VIEW_COUNTS),
     );
-    let install = mvrefresh(&path, &["install"]);
-    assert!(install.status.success(), "{}", text(&install));
+    succeeds(&path, &["install"]);
     let plain = ["capture_submissions", "capture_submissions_truncate"];
     assert_eq!(trigger_functions(&c, "submissions").await, plain);
 
     // The extension appears: check says the capture does not use it yet, install moves it on.
     create_extension(&c).await;
-    let check = mvrefresh(&path, &["check"]);
-    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
+    check_says(&path, "installed without mvrefresh_capture");
+    succeeds(&path, &["install"]);
+    let current = succeeds(&path, &["check"]);
     assert!(
-        text(&check).contains("installed without mvrefresh_capture"),
+        current.contains("installed and current (with mvrefresh_capture)"),
         "{}",
-        text(&check)
-    );
-    let install = mvrefresh(&path, &["install"]);
-    assert!(install.status.success(), "{}", text(&install));
-    let check = mvrefresh(&path, &["check"]);
-    assert!(check.status.success(), "{}", text(&check));
-    assert!(
-        text(&check).contains("installed and current (with mvrefresh_capture)"),
-        "{}",
-        text(&check)
+        current
     );
     assert_eq!(
         trigger_functions(&c, "submissions").await,
@@ -457,35 +464,19 @@ async fn install_and_check_follow_the_extension() {
     c.batch_execute("ALTER TABLE mvrefresh.dirty DISABLE TRIGGER \"mvrefresh_forget$delete\"")
         .await
         .unwrap();
-    let check = mvrefresh(&path, &["check"]);
-    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
-    assert!(
-        text(&check).contains("2 of the 3 triggers on mvrefresh.dirty"),
-        "{}",
-        text(&check)
-    );
+    check_says(&path, "2 of the 3 triggers on mvrefresh.dirty");
     // install enables it again; the same for a trigger that fires only for replication.
-    let install = mvrefresh(&path, &["install"]);
-    assert!(install.status.success(), "{}", text(&install));
-    let check = mvrefresh(&path, &["check"]);
-    assert!(check.status.success(), "{}", text(&check));
+    succeeds(&path, &["install"]);
+    succeeds(&path, &["check"]);
     c.batch_execute(
         "ALTER TABLE submissions ENABLE REPLICA TRIGGER mvrefresh_capture_submissions;
          ALTER TABLE mvrefresh.dirty ENABLE REPLICA TRIGGER \"mvrefresh_forget$update\"",
     )
     .await
     .unwrap();
-    let check = mvrefresh(&path, &["check"]);
-    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
-    assert!(
-        text(&check).contains("1 of 2 triggers installed and enabled"),
-        "{}",
-        text(&check)
-    );
-    let install = mvrefresh(&path, &["install"]);
-    assert!(install.status.success(), "{}", text(&install));
-    let check = mvrefresh(&path, &["check"]);
-    assert!(check.status.success(), "{}", text(&check));
+    check_says(&path, "1 of 2 triggers installed and enabled");
+    succeeds(&path, &["install"]);
+    succeeds(&path, &["check"]);
 
     // The extension cannot be dropped while triggers use it; `native = false` moves the capture
     // off it first, and writers are captured all along.
@@ -501,20 +492,17 @@ async fn install_and_check_follow_the_extension() {
             "columns = [\"score\"]\nnative = false\n",
         ),
     );
-    let install = mvrefresh(&path, &["install"]);
-    assert!(install.status.success(), "{}", text(&install));
+    succeeds(&path, &["install"]);
     assert_eq!(trigger_functions(&c, "submissions").await, plain);
     assert!(forgetting(&c).await.is_empty());
-    let check = mvrefresh(&path, &["check"]);
-    assert!(check.status.success(), "native = false: {}", text(&check));
+    succeeds(&path, &["check"]);
     c.batch_execute("DROP EXTENSION mvrefresh_capture")
         .await
         .unwrap();
     harness::take_dirty(&c, None).await;
     harness::score(&c, 2, 1).await;
     assert_eq!(harness::take_dirty(&c, None).await, ["2"]);
-    let check = mvrefresh(&path, &["check"]);
-    assert!(check.status.success(), "{}", text(&check));
+    succeeds(&path, &["check"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -595,17 +583,15 @@ async fn captures_move_off_version_1_0_after_the_update() {
         &format!("native-1.0-{}.toml", harness::unique()),
         &config_text(&db.url, harness::VIEW_COUNTS),
     );
-    let install = mvrefresh(&path, &["install"]);
-    assert!(install.status.success(), "{}", text(&install));
+    succeeds(&path, &["install"]);
     c.batch_execute("CREATE EXTENSION mvrefresh_capture VERSION '1.0'")
         .await
         .unwrap();
-    let install = mvrefresh(&path, &["install"]);
-    assert!(install.status.success(), "{}", text(&install));
+    let warned = succeeds(&path, &["install"]);
     assert!(
-        text(&install).contains("mvrefresh_capture 1.0 is not used"),
+        warned.contains("mvrefresh_capture 1.0 is not used"),
         "{}",
-        text(&install)
+        warned
     );
     let plain = ["capture_submissions", "capture_submissions_truncate"];
     assert_eq!(trigger_functions(&c, "submissions").await, plain);
@@ -620,13 +606,7 @@ async fn captures_move_off_version_1_0_after_the_update() {
     )
     .await
     .unwrap();
-    let check = mvrefresh(&path, &["check"]);
-    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
-    assert!(
-        text(&check).contains("ALTER EXTENSION mvrefresh_capture UPDATE"),
-        "{}",
-        text(&check)
-    );
+    check_says(&path, "ALTER EXTENSION mvrefresh_capture UPDATE");
     c.batch_execute("ALTER EXTENSION mvrefresh_capture UPDATE")
         .await
         .unwrap();
@@ -634,14 +614,12 @@ async fn captures_move_off_version_1_0_after_the_update() {
     let (_fresh, f, _) = setup(harness::VIEW_COUNTS).await;
     assert_eq!(members(&c).await, members(&f).await);
     assert!(members(&c).await.len() > 64);
-    let install = mvrefresh(&path, &["install"]);
-    assert!(install.status.success(), "{}", text(&install));
+    succeeds(&path, &["install"]);
     assert_eq!(
         trigger_functions(&c, "submissions").await,
         ["native_capture", "capture_submissions_truncate"]
     );
-    let check = mvrefresh(&path, &["check"]);
-    assert!(check.status.success(), "{}", text(&check));
+    succeeds(&path, &["check"]);
     harness::take_dirty(&c, None).await;
     harness::score(&c, 4, 2).await;
     c.batch_execute("DELETE FROM submissions WHERE challenge_id = 4")
@@ -755,15 +733,7 @@ async fn install_with_mvrefresh_on_its_search_path_and_an_odd_key_name() {
 async fn an_extension_created_by_another_role_is_not_used() {
     let (db, c, config) = harness::setup(Cluster::shared(), harness::VIEW_COUNTS).await;
     let role = format!("native_dbo_{}", harness::unique());
-    let dbname = db
-        .url
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .split('?')
-        .next()
-        .unwrap()
-        .to_owned();
+    let dbname = mvrefresh::db::Db::new(&config.database).unwrap().dbname();
     c.batch_execute(&format!(
         "CREATE ROLE {role} LOGIN; GRANT CREATE ON DATABASE {dbname} TO {role};"
     ))
