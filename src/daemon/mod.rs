@@ -373,6 +373,7 @@ impl Daemon {
                     tracker: Tracker::new(self.config.alert.repeat_after, self.replica.clone()),
                     stats: self.stats.clone(),
                     recorded: self.recorded.clone(),
+                    hold: reader_hold(&self.config, &capture.channel),
                 },
                 self.tasks.intake.token(),
             ));
@@ -547,4 +548,52 @@ async fn sleep_until(at: Option<Instant>) {
 /// Half the systemd watchdog period, when the service manager asked for one.
 fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled().map(|period| period / 2)
+}
+
+/// How long a logical capture's reader keeps back a key it recorded (see
+/// [`crate::logical::reader::Wiring::hold`]): the shortest `quiet` of the views its channel
+/// feeds (none: nothing is held).
+fn reader_hold(config: &Config, channel: &str) -> Duration {
+    config
+        .views
+        .iter()
+        .filter(|v| v.channels.iter().any(|c| c == channel))
+        .map(|v| v.debounce(config.debounce).quiet)
+        .min()
+        .unwrap_or(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reader_holds_keys_for_the_shortest_quiet_of_the_views_its_channel_feeds() {
+        let config = Config::from_str_with_env(
+            r#"
+[database]
+url = "postgres://localhost/app"
+[[view]]
+name = "mv_a"
+mode = "concurrently"
+channels = ["c"]
+[[view]]
+name = "mv_b"
+mode = "concurrently"
+channels = ["d", "c"]
+quiet = "500ms"
+[[view]]
+name = "mv_c"
+mode = "concurrently"
+channels = ["d"]
+quiet = "100ms"
+"#,
+            std::path::Path::new("test.toml"),
+            &std::collections::HashMap::new(),
+        )
+        .unwrap();
+        assert_eq!(reader_hold(&config, "c"), Duration::from_millis(500));
+        assert_eq!(reader_hold(&config, "d"), Duration::from_millis(100));
+        assert_eq!(reader_hold(&config, "e"), Duration::ZERO);
+    }
 }

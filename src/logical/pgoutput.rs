@@ -1,6 +1,6 @@
-//! The messages of PostgreSQL's built-in `pgoutput` plugin (protocol version 1, text values),
-//! as `pg_logical_slot_peek_binary_changes` returns them: one message per row. Only what the
-//! capture needs is kept: relations' column names, the tuples of inserts, updates and deletes,
+//! The messages of PostgreSQL's built-in `pgoutput` plugin (protocol version 1; values as text,
+//! or in binary with `binary 'true'`), one message per row. Only what the
+//! capture needs is kept: relations' column names and types, the tuples of inserts, updates and deletes,
 //! truncates, commits' end positions and non-transactional messages' positions (the places the
 //! slot may be advanced to).
 
@@ -15,6 +15,8 @@ pub enum Value {
     Unchanged,
     /// The value's text representation.
     Text(Vec<u8>),
+    /// The value's binary representation (its type's send function), with `binary 'true'`.
+    Binary(Vec<u8>),
 }
 
 /// One decoded message.
@@ -29,9 +31,11 @@ pub enum Message {
     Commit {
         end: Lsn,
     },
+    /// A relation's columns: names and type OIDs.
     Relation {
         oid: u32,
         columns: Vec<String>,
+        types: Vec<u32>,
     },
     Insert {
         oid: u32,
@@ -135,9 +139,13 @@ impl<'a> Reader<'a> {
             values.push(match self.u8()? {
                 b'n' => Value::Null,
                 b'u' => Value::Unchanged,
-                b't' | b'b' => {
+                b't' => {
                     let len = self.u32()? as usize;
                     Value::Text(self.take(len)?.to_vec())
+                }
+                b'b' => {
+                    let len = self.u32()? as usize;
+                    Value::Binary(self.take(len)?.to_vec())
                 }
                 _ => return Err(self.err("unknown tuple value kind")),
             });
@@ -178,13 +186,18 @@ pub fn parse(data: &[u8]) -> Result<Message, ParseError> {
             let _identity = r.u8()?;
             let n = r.u16()?;
             let mut columns = Vec::with_capacity(usize::from(n));
+            let mut types = Vec::with_capacity(usize::from(n));
             for _ in 0..n {
                 let _flags = r.u8()?;
                 columns.push(r.string()?);
-                let _type = r.u32()?;
+                types.push(r.u32()?);
                 let _typmod = r.u32()?;
             }
-            Message::Relation { oid, columns }
+            Message::Relation {
+                oid,
+                columns,
+                types,
+            }
         }
         b'I' => {
             let oid = r.u32()?;
@@ -298,7 +311,8 @@ mod tests {
             parse(&rel).unwrap(),
             Message::Relation {
                 oid: 16_384,
-                columns: vec!["id".into(), "challenge_id".into()]
+                columns: vec!["id".into(), "challenge_id".into()],
+                types: vec![23, 23],
             }
         );
 
@@ -327,6 +341,23 @@ mod tests {
                 old: Some(vec![Value::Text(b"1".to_vec()), Value::Null]),
                 key_only: false,
                 new: vec![Value::Text(b"1".to_vec()), Value::Unchanged],
+            }
+        );
+
+        // With `binary 'true'`: a value in binary.
+        let mut bin = vec![b'I'];
+        bin.extend(16_384u32.to_be_bytes());
+        bin.push(b'N');
+        bin.extend(2u16.to_be_bytes());
+        bin.push(b'b');
+        bin.extend(4u32.to_be_bytes());
+        bin.extend(7i32.to_be_bytes());
+        bin.push(b'n');
+        assert_eq!(
+            parse(&bin).unwrap(),
+            Message::Insert {
+                oid: 16_384,
+                new: vec![Value::Binary(7i32.to_be_bytes().to_vec()), Value::Null]
             }
         );
 

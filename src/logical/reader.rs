@@ -1,5 +1,6 @@
 //! The daemon's reader of one logical capture's slot (the steps are in [`super`]'s doc).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,6 +61,12 @@ pub struct Wiring {
     /// Told after every write of keys, so the daemon collects them at once rather than at its
     /// next collect (up to `quiet / 2` later: added to every key's lag).
     pub recorded: Arc<tokio::sync::Notify>,
+    /// A key recorded less than this long ago is kept back (and the slot not confirmed past
+    /// its change) until this long after that record: the shortest `quiet` of the views the
+    /// capture's channel feeds. Under a steady stream a key is then written, collected and
+    /// refreshed about once per `quiet`, not once per `poll_interval`; it adds no lag, as a
+    /// held key is recorded with its commit time and is due at once. Zero: nothing is held.
+    pub hold: Duration,
 }
 
 /// Reads the slot of `capture` until `cancel`: streams, and every `poll_interval` records the
@@ -141,6 +148,8 @@ pub struct Reader {
     session: Option<Session>,
     extractor: Option<Extractor>,
     batch: Batch,
+    /// Keys recorded less than `hold` ago, and when (at most [`super::MAX_BATCH_KEYS`]).
+    recent: HashMap<String, Instant>,
     /// Everything up to here was delivered (commits, keepalives) and is recorded once the
     /// batch is.
     received: Lsn,
@@ -163,6 +172,7 @@ impl Reader {
             session: None,
             extractor: None,
             batch: Batch::default(),
+            recent: HashMap::new(),
             received: 0,
             confirmed: 0,
             last_message: None,
@@ -234,11 +244,24 @@ impl Reader {
             let compared = super::compared_columns(&mut client, &self.w.capture).await?;
             self.extractor = Some(Extractor::new(&self.w.capture.key, compared));
         }
+        // Values in binary when the key's binary form is one the extractor reads.
+        let key_type: Option<i64> = client
+            .query_opt(
+                "SELECT a.atttypid::int8 FROM pg_attribute AS a
+                 WHERE a.attrelid = $1::text::regclass AND a.attname = $2
+                   AND NOT a.attisdropped",
+                &[&self.w.capture.table.quoted(), &self.w.capture.key],
+            )
+            .await?
+            .map(|r| r.get(0));
+        let binary = key_type
+            .and_then(|t| u32::try_from(t).ok())
+            .is_some_and(|t| super::BINARY_KEY_TYPES.contains(&t));
         self.check_slot(&client).await?;
         let mut stream = Replication::connect(&self.w.db, APPLICATION).await?;
         // A slot streams to one connection at a time: that is what keeps replicas apart. One
         // whose connection broke is freed once the server's wal_sender_timeout passes.
-        match stream.start(&self.slot, &self.publication).await {
+        match stream.start(&self.slot, &self.publication, binary).await {
             Ok(()) => {}
             Err(StreamError::Server { code, .. }) if code == SLOT_IN_USE => return Ok(false),
             Err(e) => return Err(e.into()),
@@ -324,8 +347,19 @@ impl Reader {
         let Some(session) = self.session.as_mut() else {
             return Ok(());
         };
-        let batch = std::mem::take(&mut self.batch);
+        let mut batch = std::mem::take(&mut self.batch);
         self.w.stats.logical_messages.add(batch.messages);
+        let now = Instant::now();
+        let hold = self.w.hold;
+        self.recent.retain(|_, at| now.duration_since(*at) < hold);
+        if !batch.is_empty() {
+            // Also when every key is held: not again at the next commit.
+            session.last_flush = now;
+        }
+        // Keys recorded within `hold` wait in the next batch, which starts here.
+        let recent = &self.recent;
+        self.batch = batch.split_off_held(|k| recent.contains_key(k), self.received);
+        let bound = self.batch.bound();
         if batch.without_old_row > 0 {
             tracing::warn!(
                 slot = %self.slot, updates = batch.without_old_row,
@@ -335,9 +369,16 @@ impl Reader {
         }
         if !batch.is_empty() {
             super::record(&session.client, &self.w.capture.channel, &batch.dirty()).await?;
-            session.last_flush = Instant::now();
             session.released = false;
             self.w.recorded.notify_one();
+            if !hold.is_zero() {
+                for key in batch.key_names() {
+                    if self.recent.len() >= super::MAX_BATCH_KEYS {
+                        break;
+                    }
+                    self.recent.insert(key.to_owned(), now);
+                }
+            }
         }
         // At most once per poll_interval: what is committed reaches the slot within it.
         if !self.flush_denied && session.last_nudge.elapsed() >= self.w.capture.poll_interval {
@@ -376,9 +417,13 @@ impl Reader {
             }
         }
         let ping = silent >= STREAM_PING && session.ping_sent.is_none();
-        if self.received > self.confirmed || session.reply_wanted || ping {
-            session.stream.confirm(self.received, ping).await?;
-            self.confirmed = self.confirmed.max(self.received);
+        // Not past a held key's change; never back.
+        let to = bound
+            .map_or(self.received, |b| b.min(self.received))
+            .max(self.confirmed);
+        if to > self.confirmed || session.reply_wanted || ping {
+            session.stream.confirm(to, ping).await?;
+            self.confirmed = to;
             session.reply_wanted = false;
             if ping {
                 session.ping_sent = Some(Instant::now());

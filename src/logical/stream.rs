@@ -20,6 +20,8 @@ use crate::sql::{ident, literal};
 
 /// No message of the protocol is larger (a row of 1 GB values is not delivered whole either).
 const MAX_FRAME: usize = 1 << 30;
+/// Free room in the read buffer before a read.
+const READ_AHEAD: usize = 64 * 1024;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -157,13 +159,21 @@ impl Replication {
     }
 
     /// Starts streaming slot `slot` from where it confirmed (`0/0`: the server starts at the
-    /// slot's confirmed position), pgoutput protocol 1 for `publication`, with logical messages.
-    pub async fn start(&mut self, slot: &str, publication: &str) -> Result<(), StreamError> {
+    /// slot's confirmed position), pgoutput protocol 1 for `publication`, with logical messages;
+    /// with `binary`, values in binary (their types' send functions: no output function turns a
+    /// uuid, a number or a timestamp into text in the walsender).
+    pub async fn start(
+        &mut self,
+        slot: &str,
+        publication: &str,
+        binary: bool,
+    ) -> Result<(), StreamError> {
         let query = format!(
-            "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {}, messages 'true')",
+            "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {}, messages 'true'{})",
             ident(slot),
             format_lsn(0),
             literal(&ident(publication)),
+            if binary { ", binary 'true'" } else { "" },
         );
         frontend::query(&query, &mut self.output)?;
         self.send().await?;
@@ -248,6 +258,11 @@ impl Replication {
                     return Ok((tag, frame));
                 }
                 self.input.reserve(len + 1 - self.input.len());
+            }
+            // Room for whatever has arrived (the walsender sends every message on its own):
+            // one read takes many messages, not one header and then one body.
+            if self.input.capacity() - self.input.len() < READ_AHEAD / 4 {
+                self.input.reserve(READ_AHEAD);
             }
             if self.io.read_buf(&mut self.input).await? == 0 {
                 return Err(StreamError::Io(std::io::ErrorKind::UnexpectedEof.into()));

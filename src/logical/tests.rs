@@ -20,6 +20,7 @@ fn extractor_comparing(compared: Option<Vec<String>>) -> Extractor {
             columns: ["id", "challenge_id", "score", "note"]
                 .map(String::from)
                 .to_vec(),
+            types: vec![23, 23, 23, 25],
         },
         &mut b,
     );
@@ -224,4 +225,126 @@ fn a_key_is_dirty_since_the_commit_of_the_first_transaction_that_changed_it() {
     // Everything: since the earliest change it stands for.
     x.apply(Message::Truncate { oids: vec![1] }, &mut b);
     assert_eq!(b.dirty(), [(ALL.to_owned(), Some(unix))]);
+}
+
+fn insert(id: &str, key: &str) -> Message {
+    Message::Insert {
+        oid: 1,
+        new: vec![t(id), t(key), t("1"), Value::Null],
+    }
+}
+
+#[test]
+fn held_keys_bound_the_slot_to_the_position_before_their_first_change() {
+    let mut x = extractor();
+    let mut b = Batch::starting_at(100);
+    x.apply(Message::Begin { commit_time: 1 }, &mut b);
+    x.apply(insert("1", "7"), &mut b);
+    x.apply(Message::Commit { end: 110 }, &mut b);
+    x.apply(Message::Begin { commit_time: 2 }, &mut b);
+    x.apply(insert("2", "8"), &mut b);
+    x.apply(insert("3", "7"), &mut b);
+    x.apply(Message::Commit { end: 120 }, &mut b);
+    x.apply(Message::Begin { commit_time: 3 }, &mut b);
+    x.apply(insert("4", "9"), &mut b);
+    x.apply(Message::Commit { end: 130 }, &mut b);
+
+    // 7 and 9 were recorded a moment ago: kept back; 8 is recorded now.
+    let held = b.split_off_held(|k| k == "7" || k == "9", 130);
+    assert_eq!(b.keys(), ["8"]);
+    assert_eq!(held.keys(), ["7", "9"]);
+    // 7 turned dirty in the first transaction: the slot stays before it.
+    assert_eq!(held.bound(), Some(100));
+    // 7 keeps the commit time of its first transaction, older than 8's.
+    assert!(held.dirty()[0].1 < b.dirty()[0].1);
+
+    // Nothing held: no bound. A held batch goes on collecting; a new key's bound is where the
+    // held batch started, or the last commit delivered into it.
+    let mut only_9 = Batch::starting_at(100);
+    x.apply(Message::Begin { commit_time: 3 }, &mut only_9);
+    x.apply(Message::Commit { end: 110 }, &mut only_9);
+    x.apply(Message::Begin { commit_time: 4 }, &mut only_9);
+    x.apply(insert("5", "9"), &mut only_9);
+    x.apply(Message::Commit { end: 120 }, &mut only_9);
+    let mut held = only_9.split_off_held(|_| true, 120);
+    assert_eq!(only_9.bound(), None);
+    assert_eq!(held.bound(), Some(110));
+    x.apply(Message::Begin { commit_time: 5 }, &mut held);
+    x.apply(insert("6", "10"), &mut held);
+    x.apply(Message::Commit { end: 140 }, &mut held);
+    assert_eq!(held.keys(), ["10", "9"]);
+    assert_eq!(held.bound(), Some(110));
+    let rest = held.split_off_held(|k| k == "10", 140);
+    assert_eq!(held.keys(), ["9"]);
+    assert_eq!(rest.bound(), Some(120));
+}
+
+#[test]
+fn everything_dirty_is_never_held() {
+    let mut x = extractor();
+    let mut b = Batch::starting_at(100);
+    x.apply(Message::Begin { commit_time: 1 }, &mut b);
+    x.apply(insert("1", "7"), &mut b);
+    x.apply(Message::Truncate { oids: vec![1] }, &mut b);
+    x.apply(Message::Commit { end: 110 }, &mut b);
+    let held = b.split_off_held(|_| true, 110);
+    assert_eq!(b.keys(), ["*"]);
+    assert!(held.is_empty());
+    assert_eq!(held.bound(), None);
+}
+
+#[test]
+fn binary_keys_read_as_the_trigger_writes_them() {
+    assert_eq!(binary_key_text(21, &(-3i16).to_be_bytes()).unwrap(), "-3");
+    assert_eq!(binary_key_text(23, &7i32.to_be_bytes()).unwrap(), "7");
+    assert_eq!(
+        binary_key_text(20, &i64::MIN.to_be_bytes()).unwrap(),
+        "-9223372036854775808"
+    );
+    let uuid = [
+        0x0f, 0x1e, 0x2d, 0x3c, 0x4b, 0x5a, 0x69, 0x78, 0x87, 0x96, 0xa5, 0xb4, 0xc3, 0xd2, 0xe1,
+        0xf0,
+    ];
+    assert_eq!(
+        binary_key_text(2950, &uuid).unwrap(),
+        "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+    );
+    assert_eq!(binary_key_text(25, "défi".as_bytes()).unwrap(), "défi");
+    // A length or a type it does not read: no key (the batch then marks everything).
+    assert_eq!(binary_key_text(23, &[0, 0, 7]), None);
+    assert_eq!(binary_key_text(1700, &[0, 1]), None);
+    assert_eq!(binary_key_text(25, &[0xff]), None);
+    for t in BINARY_KEY_TYPES {
+        assert!(t == 25 || t == 1043 || t == 1042 || t == 19 || binary_key_text(t, &[]).is_none());
+    }
+
+    // A binary key in a change, and one that cannot be read, through the extractor.
+    let mut x = extractor();
+    let mut b = Batch::default();
+    x.apply(
+        Message::Insert {
+            oid: 1,
+            new: vec![
+                Value::Binary(1i32.to_be_bytes().to_vec()),
+                Value::Binary(42i32.to_be_bytes().to_vec()),
+                Value::Null,
+                Value::Null,
+            ],
+        },
+        &mut b,
+    );
+    assert_eq!(b.keys(), ["42"]);
+    x.apply(
+        Message::Insert {
+            oid: 1,
+            new: vec![
+                Value::Null,
+                Value::Binary(vec![1]),
+                Value::Null,
+                Value::Null,
+            ],
+        },
+        &mut b,
+    );
+    assert_eq!(b.keys(), ["*"]);
 }

@@ -42,6 +42,11 @@ async fn setup() -> (TestDb, Client, Config) {
 }
 
 fn reader(config: &Config) -> Reader {
+    reader_holding(config, std::time::Duration::ZERO)
+}
+
+/// A reader that keeps back keys it recorded less than `hold` ago.
+fn reader_holding(config: &Config, hold: std::time::Duration) -> Reader {
     let stats = Arc::new(Stats::default());
     Reader::new(Wiring {
         db: mvrefresh::db::Db::new(&config.database).unwrap(),
@@ -50,6 +55,7 @@ fn reader(config: &Config) -> Reader {
         tracker: Tracker::new(std::time::Duration::from_secs(3600), "test"),
         stats,
         recorded: Arc::default(),
+        hold,
     })
 }
 
@@ -326,6 +332,116 @@ async fn changes_received_but_not_confirmed_are_delivered_again_and_only_once_co
     let mut after = reader(&config);
     catch_up(&mut after, &sync("b").await).await;
     assert_eq!(harness::take_dirty(&c, None).await, Vec::<String>::new());
+}
+
+/// Writes a non-transactional logical message `content`: a reader that received it has
+/// received everything committed before.
+async fn mark_position(c: &Client, content: &str) -> Vec<u8> {
+    c.execute(
+        "SELECT pg_logical_emit_message(false, 'mvrefresh-test', $1)",
+        &[&content],
+    )
+    .await
+    .unwrap();
+    content.as_bytes().to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_recorded_a_moment_ago_is_held_back_and_the_slot_waits_for_it() {
+    let (_db, c, config) = setup().await;
+    harness::take_dirty(&c, None).await;
+    c.batch_execute("SET synchronous_commit = on")
+        .await
+        .unwrap();
+    // A hold far longer than the test: what is held stays held.
+    let mut held = reader_holding(&config, std::time::Duration::from_secs(3600));
+    harness::score(&c, 1, 1).await;
+    catch_up(&mut held, &mark_position(&c, "a").await).await;
+    assert_eq!(harness::take_dirty(&c, None).await, ["1"]);
+    // Challenge 1 again: recorded a moment ago, so held; challenge 2 is new: recorded.
+    harness::score(&c, 1, 1).await;
+    harness::score(&c, 2, 1).await;
+    catch_up(&mut held, &mark_position(&c, "b").await).await;
+    assert_eq!(harness::take_dirty(&c, None).await, ["2"]);
+    drop(held);
+    // Nothing is lost: the slot stayed before 1's second change, so the next reader (holding
+    // nothing) receives it again, and 2's behind it.
+    let mut next = reader(&config);
+    catch_up(&mut next, &mark_position(&c, "c").await).await;
+    assert_eq!(harness::take_dirty(&c, None).await, ["1", "2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_read_in_binary_are_the_text_the_trigger_writes() {
+    // uuid, int8 and text keys: each read from the slot in binary (no output function in the
+    // walsender) and recorded as `key::text`, as a trigger writes it.
+    for (ty, values) in [
+        (
+            "uuid",
+            "'0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0', '00000000-0000-0000-0000-000000000000'",
+        ),
+        ("int8", "-9223372036854775808, 42"),
+        ("text", "'défi', 'a b'"),
+    ] {
+        let db = Cluster::logical().create_db().await;
+        let c = db.client().await;
+        c.batch_execute(&format!(
+            "CREATE TABLE keyed (id serial PRIMARY KEY, k {ty}, v int);
+             CREATE MATERIALIZED VIEW mv_keyed AS SELECT k, count(*) AS n FROM keyed GROUP BY k;
+             CREATE UNIQUE INDEX ON mv_keyed (k)"
+        ))
+        .await
+        .unwrap();
+        let config = harness::config(
+            &db.url,
+            &format!(
+                r#"
+[[capture]]
+name = "keyed"
+table = "keyed"
+channel = "keyed_changed"
+key = "k"
+columns = ["v"]
+method = "logical"
+slot = "mvrefresh_it_{}"
+
+[[view]]
+name = "mv_keyed"
+mode = "concurrently"
+channels = ["keyed_changed"]
+"#,
+                harness::unique()
+            ),
+        );
+        harness::install(&config).await;
+        harness::take_dirty(&c, None).await; // the slot's creation marked everything
+        c.batch_execute(&format!(
+            "INSERT INTO keyed (k, v) SELECT x::{ty}, 1 FROM (VALUES ({})) AS v(x)",
+            values.replace(", ", "), (")
+        ))
+        .await
+        .unwrap();
+        let mut r = reader(&config);
+        catch_up(&mut r, &mark_position(&c, ty).await).await;
+        let expected: Vec<String> = c
+            .query("SELECT k::text FROM keyed ORDER BY k::text", &[])
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|row| row.get(0))
+            .collect();
+        let recorded: Vec<String> = c
+            .query(
+                "SELECT key FROM mvrefresh.dirty WHERE channel = 'keyed_changed' ORDER BY key",
+                &[],
+            )
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert_eq!(recorded, expected, "{ty}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
