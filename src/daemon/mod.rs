@@ -550,9 +550,14 @@ fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled().map(|period| period / 2)
 }
 
+/// The longest a logical capture's reader keeps back a key: the slot holds write-ahead log for
+/// that long (at a busy server's 15 MB/s, a second is 15 MB; a `quiet` of minutes would be
+/// gigabytes), and once a second is already ten times less often than `poll_interval`.
+const MAX_READER_HOLD: Duration = Duration::from_secs(1);
+
 /// How long a logical capture's reader keeps back a key it recorded (see
 /// [`crate::logical::reader::Wiring::hold`]): the shortest `quiet` of the views its channel
-/// feeds (none: nothing is held).
+/// feeds, at most [`MAX_READER_HOLD`] (no view: nothing is held).
 fn reader_hold(config: &Config, channel: &str) -> Duration {
     config
         .views
@@ -561,6 +566,7 @@ fn reader_hold(config: &Config, channel: &str) -> Duration {
         .map(|v| v.debounce(config.debounce).quiet)
         .min()
         .unwrap_or(Duration::ZERO)
+        .min(MAX_READER_HOLD)
 }
 
 #[cfg(test)]
@@ -595,5 +601,11 @@ quiet = "100ms"
         assert_eq!(reader_hold(&config, "c"), Duration::from_millis(500));
         assert_eq!(reader_hold(&config, "d"), Duration::from_millis(100));
         assert_eq!(reader_hold(&config, "e"), Duration::ZERO);
+        // mv_a alone (the default quiet, 2 s): a second at most.
+        let only_a = Config {
+            views: config.views[..1].to_vec(),
+            ..config.clone()
+        };
+        assert_eq!(reader_hold(&only_a, "c"), MAX_READER_HOLD);
     }
 }

@@ -30,10 +30,10 @@
 //!    on they go the way a trigger's keys go (collect, hand-over, refresh). The hand-over also
 //!    covers a decoded commit not yet visible to other sessions: the writer holds its table lock
 //!    until it is, and a guard waits for it. A key written less than `hold` ago (the shortest
-//!    `quiet` of the channel's views) waits in the next batch until `hold` has passed since that
-//!    write: under a steady stream a key is written about once per `quiet`, not once per
-//!    `poll_interval` (each write is a collect, a pending row re-stamped, often a refresh);
-//!    it is written with its commit time, so it is due at once;
+//!    `quiet` of the channel's views, at most a second) waits in the next batch until `hold`
+//!    has passed since that write: under a steady stream a key is written about once per
+//!    `hold`, not once per `poll_interval` (each write is a collect, a pending row re-stamped,
+//!    often a refresh); it is written with its commit time, so it is due at once;
 //! 5. only then confirms to the server the position up to which everything was delivered (the
 //!    last commit, or a keepalive's position: the server sends one when it has caught up, also
 //!    past transactions that touched nothing captured), so the slot moves on; never past the

@@ -63,9 +63,10 @@ pub struct Wiring {
     pub recorded: Arc<tokio::sync::Notify>,
     /// A key recorded less than this long ago is kept back (and the slot not confirmed past
     /// its change) until this long after that record: the shortest `quiet` of the views the
-    /// capture's channel feeds. Under a steady stream a key is then written, collected and
-    /// refreshed about once per `quiet`, not once per `poll_interval`; it adds no lag, as a
-    /// held key is recorded with its commit time and is due at once. Zero: nothing is held.
+    /// capture's channel feeds, at most a second (the slot holds WAL meanwhile). Under a steady
+    /// stream a key is then written, collected and refreshed about once per `hold`, not once per
+    /// `poll_interval`; it adds no lag, as a held key is recorded with its commit time and is
+    /// due at once. Zero: nothing is held.
     pub hold: Duration,
 }
 
