@@ -33,6 +33,8 @@ const STEP_PATIENCE: Duration = Duration::from_secs(15);
 const RELEASE_GATHER: Duration = Duration::from_millis(2);
 /// SQLSTATE `object_in_use`: the slot is streamed by another connection (another replica).
 const SLOT_IN_USE: &str = "55006";
+/// SQLSTATE `undefined_function`: pgoutput found no binary output function for a value.
+const UNDEFINED_FUNCTION: &str = "42883";
 /// The replication connection's and the reader's `application_name`.
 pub const APPLICATION: &str = "mvrefresh-logical";
 
@@ -85,6 +87,7 @@ pub async fn run(w: Wiring, cancel: CancellationToken) {
             // Another replica reads this slot: try again later.
             Ok(()) => failures = 0,
             Err(e) => {
+                reader.after_error(&e);
                 if failures == 0 {
                     tracing::warn!(slot = %reader.slot, error = %e,
                                    "logical capture: reading the slot failed; retrying with backoff");
@@ -157,6 +160,11 @@ pub struct Reader {
     confirmed: Lsn,
     /// The content of the last non-transactional logical message received (tests wait on it).
     last_message: Option<Vec<u8>>,
+    /// The stream sends values in binary ([`Reader::reads_binary`]).
+    binary: bool,
+    /// The server could not send a value in binary (a type without a send function inside an
+    /// array, composite or range that [`super::BINARY_SAFE`] did not catch): text from then on.
+    text_only: bool,
     /// The role may not write logical messages ([`FLUSH_WAL`] was denied): asynchronous commits
     /// reach the slot at the WAL writer's pace (said once, in a warning with the fix).
     flush_denied: bool,
@@ -177,8 +185,15 @@ impl Reader {
             received: 0,
             confirmed: 0,
             last_message: None,
+            binary: false,
+            text_only: false,
             flush_denied: false,
         }
+    }
+
+    /// Whether the stream being read sends values in binary.
+    pub fn reads_binary(&self) -> bool {
+        self.session.is_some() && self.binary
     }
 
     /// Whether this reader holds the slot (another replica's reader does otherwise).
@@ -216,10 +231,25 @@ impl Reader {
             self.flush().await
         }
         .await;
-        if result.is_err() {
+        if let Err(e) = &result {
+            self.after_error(e);
             self.session = None;
         }
         result
+    }
+
+    /// After a failure: a server that could not send a value in binary (SQLSTATE
+    /// `undefined_function`, "no binary output function available for type …") is read with
+    /// values as text from then on, as it would fail the same way at every attempt.
+    fn after_error(&mut self, e: &ReadError) {
+        if let ReadError::Stream(StreamError::Server { code, message }) = e {
+            if self.binary && code == UNDEFINED_FUNCTION && !self.text_only {
+                tracing::warn!(slot = %self.slot, error = %message,
+                               "logical capture: a column cannot be sent in binary; \
+                                reading values as text");
+                self.text_only = true;
+            }
+        }
     }
 
     /// Steps 1 and 2, and the start of streaming: false when another replica streams the slot.
@@ -255,13 +285,19 @@ impl Reader {
             )
             .await?
             .map(|r| r.get(0));
-        let binary = key_type
-            .and_then(|t| u32::try_from(t).ok())
-            .is_some_and(|t| super::BINARY_KEY_TYPES.contains(&t));
+        let binary = !self.text_only
+            && key_type
+                .and_then(|t| u32::try_from(t).ok())
+                .is_some_and(|t| super::BINARY_KEY_TYPES.contains(&t))
+            && client
+                .query_one(super::BINARY_SAFE, &[&self.w.capture.table.quoted()])
+                .await?
+                .get::<_, bool>(0);
         self.check_slot(&client).await?;
         let mut stream = Replication::connect(&self.w.db, APPLICATION).await?;
         // A slot streams to one connection at a time: that is what keeps replicas apart. One
         // whose connection broke is freed once the server's wal_sender_timeout passes.
+        self.binary = binary;
         match stream.start(&self.slot, &self.publication, binary).await {
             Ok(()) => {}
             Err(StreamError::Server { code, .. }) if code == SLOT_IN_USE => return Ok(false),
@@ -513,5 +549,62 @@ impl Reader {
             self.w.alerts.send_opt(self.w.tracker.recover(event));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reader() -> Reader {
+        let config = crate::config::Config::from_str_with_env(
+            r#"
+[database]
+url = "postgres://localhost/app"
+[[capture]]
+name = "s"
+table = "s"
+channel = "c"
+key = "k"
+method = "logical"
+[[view]]
+name = "mv_a"
+mode = "concurrently"
+channels = ["c"]
+"#,
+            std::path::Path::new("test.toml"),
+            &HashMap::new(),
+        )
+        .unwrap();
+        let stats = Arc::new(Stats::default());
+        Reader::new(Wiring {
+            db: Db::new(&config.database).unwrap(),
+            capture: config.captures[0].clone(),
+            alerts: Alerts::log_only(stats.clone()),
+            tracker: Tracker::new(Duration::from_secs(60), "test"),
+            stats,
+            recorded: Arc::default(),
+            hold: Duration::ZERO,
+        })
+    }
+
+    fn server(code: &str) -> ReadError {
+        ReadError::Stream(StreamError::Server {
+            code: code.into(),
+            message: "no binary output function available for type aclitem".into(),
+        })
+    }
+
+    #[test]
+    fn a_value_the_server_cannot_send_in_binary_turns_the_reader_to_text() {
+        let mut r = reader();
+        // Reading as text already, or another error: nothing changes.
+        r.after_error(&server(UNDEFINED_FUNCTION));
+        assert!(!r.text_only);
+        r.binary = true;
+        r.after_error(&server(SLOT_IN_USE));
+        assert!(!r.text_only);
+        r.after_error(&server(UNDEFINED_FUNCTION));
+        assert!(r.text_only);
     }
 }

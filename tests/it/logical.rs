@@ -372,21 +372,85 @@ async fn a_key_recorded_a_moment_ago_is_held_back_and_the_slot_waits_for_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_key_is_written_once_its_hold_has_passed_and_the_slot_moves_on() {
+    let (_db, c, config) = setup().await;
+    c.batch_execute("SET synchronous_commit = on")
+        .await
+        .unwrap();
+    let mut r = reader_holding(&config, std::time::Duration::from_millis(200));
+    harness::score(&c, 1, 1).await;
+    catch_up(&mut r, &mark_position(&c, "first").await).await;
+    harness::take_dirty(&c, None).await;
+    // Challenge 1 again, at once: held (unless this machine took 200 ms to get here).
+    harness::score(&c, 1, 1).await;
+    let after: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // The reader reads on: the key is written once its hold has passed, and the slot moves
+    // past its change.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut written = Vec::new();
+    for n in 0.. {
+        catch_up(&mut r, &mark_position(&c, &format!("poll {n}")).await).await;
+        written.extend(harness::take_dirty(&c, None).await);
+        let past: bool = c
+            .query_one(
+                "SELECT $1::text::pg_lsn >= $2::text::pg_lsn",
+                &[&confirmed(&c, &config).await, &after],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if written.contains(&"1".to_owned()) && past {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the held key was never written (written: {written:?}) or the slot never moved past it"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_read_in_binary_are_the_text_the_trigger_writes() {
-    // uuid, int8 and text keys: each read from the slot in binary (no output function in the
-    // walsender) and recorded as `key::text`, as a trigger writes it.
-    for (ty, values) in [
+    // Keys of each type the reader reads in binary (no output function in the walsender),
+    // recorded as `key::text`, as a trigger writes them; a table with a column that cannot be
+    // sent in binary (an array of a type without a send function) is read as text.
+    for (ty, values, extra, binary) in [
         (
             "uuid",
             "'0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0', '00000000-0000-0000-0000-000000000000'",
+            "",
+            true,
         ),
-        ("int8", "-9223372036854775808, 42"),
-        ("text", "'défi', 'a b'"),
+        ("int2", "-32768, 7", "", true),
+        ("int4", "-2147483648, 42", "", true),
+        ("int8", "-9223372036854775808, 42", "", true),
+        ("text", "'défi', 'a b'", "", true),
+        ("varchar(8)", "'défi', ''", "", true),
+        ("name", "'défi', 'n'", "", true),
+        ("char(4)", "'ab', 'abcd', 'a\tb'", "", true),
+        (
+            "int4",
+            "1, 2",
+            ", acl aclitem[] DEFAULT acldefault('r', 10)",
+            false,
+        ),
+        // Read as text, a character(n) key is trimmed as `key::text` trims it too.
+        (
+            "char(4)",
+            "'ab', 'a\\tb'",
+            ", acl aclitem[] DEFAULT acldefault('r', 10)",
+            false,
+        ),
     ] {
         let db = Cluster::logical().create_db().await;
         let c = db.client().await;
         c.batch_execute(&format!(
-            "CREATE TABLE keyed (id serial PRIMARY KEY, k {ty}, v int);
+            "CREATE TABLE keyed (id serial PRIMARY KEY, k {ty}, v int{extra});
              CREATE MATERIALIZED VIEW mv_keyed AS SELECT k, count(*) AS n FROM keyed GROUP BY k;
              CREATE UNIQUE INDEX ON mv_keyed (k)"
         ))
@@ -417,12 +481,15 @@ channels = ["keyed_changed"]
         harness::take_dirty(&c, None).await; // the slot's creation marked everything
         c.batch_execute(&format!(
             "INSERT INTO keyed (k, v) SELECT x::{ty}, 1 FROM (VALUES ({})) AS v(x)",
-            values.replace(", ", "), (")
+            values
+                .replace(", ", "), (")
+                .replace("\\t", "' || chr(9) || '")
         ))
         .await
         .unwrap();
         let mut r = reader(&config);
         catch_up(&mut r, &mark_position(&c, ty).await).await;
+        assert_eq!(r.reads_binary(), binary, "{ty}{extra}");
         let expected: Vec<String> = c
             .query("SELECT k::text FROM keyed ORDER BY k::text", &[])
             .await
