@@ -20,8 +20,7 @@
 //!    again at every call; values in binary when the key's type is one [`binary_key_text`]
 //!    reads and every column can be sent so ([`BINARY_SAFE`]), so the walsender runs no output
 //!    function: a sixth less of its decoding CPU on the bench's rows of uuids, numbers and
-//!    timestamps) and turns the messages into keys
-//!    ([`Extractor`]): inserted and deleted
+//!    timestamps) and turns the messages into keys ([`Extractor`]): inserted and deleted
 //!    rows' keys; for an update, the old and the new key when the key, `columns` or a column of
 //!    `when` changed (the row filter turns an update into an insert or a delete when the row
 //!    starts or stops matching `when`); TRUNCATE → `*`;
