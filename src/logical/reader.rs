@@ -163,7 +163,7 @@ pub struct Reader {
     /// The stream sends values in binary ([`Reader::reads_binary`]).
     binary: bool,
     /// The server could not send a value in binary (a type without a send function inside an
-    /// array, composite or range that [`super::BINARY_SAFE`] did not catch): text from then on.
+    /// array, composite or range that [`super::binary_readable`] did not catch): text from then on.
     text_only: bool,
     /// The role may not write logical messages ([`FLUSH_WAL`] was denied): asynchronous commits
     /// reach the slot at the WAL writer's pace (said once, in a warning with the fix).
@@ -275,24 +275,7 @@ impl Reader {
             let compared = super::compared_columns(&mut client, &self.w.capture).await?;
             self.extractor = Some(Extractor::new(&self.w.capture.key, compared));
         }
-        // Values in binary when the key's binary form is one the extractor reads.
-        let key_type: Option<i64> = client
-            .query_opt(
-                "SELECT a.atttypid::int8 FROM pg_attribute AS a
-                 WHERE a.attrelid = $1::text::regclass AND a.attname = $2
-                   AND NOT a.attisdropped",
-                &[&self.w.capture.table.quoted(), &self.w.capture.key],
-            )
-            .await?
-            .map(|r| r.get(0));
-        let binary = !self.text_only
-            && key_type
-                .and_then(|t| u32::try_from(t).ok())
-                .is_some_and(|t| super::BINARY_KEY_TYPES.contains(&t))
-            && client
-                .query_one(super::BINARY_SAFE, &[&self.w.capture.table.quoted()])
-                .await?
-                .get::<_, bool>(0);
+        let binary = !self.text_only && super::binary_readable(&client, &self.w.capture).await?;
         self.check_slot(&client).await?;
         let mut stream = Replication::connect(&self.w.db, APPLICATION).await?;
         // A slot streams to one connection at a time: that is what keeps replicas apart. One

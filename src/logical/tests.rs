@@ -234,20 +234,28 @@ fn insert(id: &str, key: &str) -> Message {
     }
 }
 
+/// One transaction committed at `commit_time`, ending at `end`, delivered into `b`.
+fn txn(x: &mut Extractor, b: &mut Batch, commit_time: i64, changes: Vec<Message>, end: Lsn) {
+    x.apply(Message::Begin { commit_time }, b);
+    for change in changes {
+        x.apply(change, b);
+    }
+    x.apply(Message::Commit { end }, b);
+}
+
 #[test]
 fn held_keys_bound_the_slot_to_the_position_before_their_first_change() {
     let mut x = extractor();
     let mut b = Batch::starting_at(100);
-    x.apply(Message::Begin { commit_time: 1 }, &mut b);
-    x.apply(insert("1", "7"), &mut b);
-    x.apply(Message::Commit { end: 110 }, &mut b);
-    x.apply(Message::Begin { commit_time: 2 }, &mut b);
-    x.apply(insert("2", "8"), &mut b);
-    x.apply(insert("3", "7"), &mut b);
-    x.apply(Message::Commit { end: 120 }, &mut b);
-    x.apply(Message::Begin { commit_time: 3 }, &mut b);
-    x.apply(insert("4", "9"), &mut b);
-    x.apply(Message::Commit { end: 130 }, &mut b);
+    txn(&mut x, &mut b, 1, vec![insert("1", "7")], 110);
+    txn(
+        &mut x,
+        &mut b,
+        2,
+        vec![insert("2", "8"), insert("3", "7")],
+        120,
+    );
+    txn(&mut x, &mut b, 3, vec![insert("4", "9")], 130);
 
     // 7 and 9 were recorded a moment ago: kept back; 8 is recorded now.
     let held = b.split_off_held(|k| k == "7" || k == "9", 130);
@@ -261,17 +269,12 @@ fn held_keys_bound_the_slot_to_the_position_before_their_first_change() {
     // Nothing held: no bound. A held batch goes on collecting; a new key's bound is where the
     // held batch started, or the last commit delivered into it.
     let mut only_9 = Batch::starting_at(100);
-    x.apply(Message::Begin { commit_time: 3 }, &mut only_9);
-    x.apply(Message::Commit { end: 110 }, &mut only_9);
-    x.apply(Message::Begin { commit_time: 4 }, &mut only_9);
-    x.apply(insert("5", "9"), &mut only_9);
-    x.apply(Message::Commit { end: 120 }, &mut only_9);
+    txn(&mut x, &mut only_9, 3, vec![], 110);
+    txn(&mut x, &mut only_9, 4, vec![insert("5", "9")], 120);
     let mut held = only_9.split_off_held(|_| true, 120);
     assert_eq!(only_9.bound(), None);
     assert_eq!(held.bound(), Some(110));
-    x.apply(Message::Begin { commit_time: 5 }, &mut held);
-    x.apply(insert("6", "10"), &mut held);
-    x.apply(Message::Commit { end: 140 }, &mut held);
+    txn(&mut x, &mut held, 5, vec![insert("6", "10")], 140);
     assert_eq!(held.keys(), ["10", "9"]);
     assert_eq!(held.bound(), Some(110));
     let rest = held.split_off_held(|k| k == "10", 140);
@@ -283,12 +286,14 @@ fn held_keys_bound_the_slot_to_the_position_before_their_first_change() {
 fn everything_dirty_is_never_held() {
     let mut x = extractor();
     let mut b = Batch::starting_at(100);
-    x.apply(Message::Begin { commit_time: 1 }, &mut b);
-    x.apply(insert("1", "7"), &mut b);
-    x.apply(Message::Commit { end: 110 }, &mut b);
-    x.apply(Message::Begin { commit_time: 2 }, &mut b);
-    x.apply(Message::Truncate { oids: vec![1] }, &mut b);
-    x.apply(Message::Commit { end: 120 }, &mut b);
+    txn(&mut x, &mut b, 1, vec![insert("1", "7")], 110);
+    txn(
+        &mut x,
+        &mut b,
+        2,
+        vec![Message::Truncate { oids: vec![1] }],
+        120,
+    );
     // `*` stands for 7 too: the slot may not pass 7's transaction until it is recorded.
     assert_eq!(b.bound(), Some(100));
     let held = b.split_off_held(|_| true, 120);

@@ -67,16 +67,12 @@ async fn nothing_pending(c: &Client) -> bool {
 }
 
 async fn failures(c: &Client) -> Vec<String> {
-    c.query(
+    harness::texts(
+        c,
         "SELECT view_name || ': ' || coalesce(error, '') FROM mvrefresh.refresh_history
          WHERE outcome = 'failure'",
-        &[],
     )
     .await
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
 }
 
 /// The shipped config (analytics tables in mode `partitioned`) with the analytics tables in mode

@@ -278,13 +278,7 @@ async fn a_view_named_two_ways_is_one_view() {
         ),
     );
     harness::install(&qualified).await;
-    let subscriptions: Vec<String> = c
-        .query("SELECT view_name FROM mvrefresh.subscription", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let subscriptions = harness::texts(&c, "SELECT view_name FROM mvrefresh.subscription").await;
     assert_eq!(subscriptions, ["mv_counts"]);
     let a = Daemon::start(qualified);
     let b = Daemon::start(harness::counts_config(&db.url));
@@ -295,17 +289,12 @@ async fn a_view_named_two_ways_is_one_view() {
         harness::counts_fresh(&c).await && harness::pending(&c, "mv_counts").await == 0
     })
     .await;
-    let names: Vec<String> = c
-        .query(
-            "SELECT DISTINCT view_name FROM mvrefresh.refresh_history
-             UNION SELECT DISTINCT view_name FROM mvrefresh.pending",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let names = harness::texts(
+        &c,
+        "SELECT DISTINCT view_name FROM mvrefresh.refresh_history
+         UNION SELECT DISTINCT view_name FROM mvrefresh.pending",
+    )
+    .await;
     assert_eq!(names, ["mv_counts"]);
     a.stop().await;
     b.stop().await;

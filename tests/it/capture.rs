@@ -406,16 +406,11 @@ async fn a_capture_name_of_the_longest_length_keeps_every_trigger() {
     );
     harness::install(&config).await;
     harness::install(&config).await;
-    let triggers: Vec<String> = c
-        .query(
-            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'submissions'::regclass ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let triggers = harness::texts(
+        &c,
+        "SELECT tgname FROM pg_trigger WHERE tgrelid = 'submissions'::regclass ORDER BY 1",
+    )
+    .await;
     assert_eq!(
         triggers,
         [

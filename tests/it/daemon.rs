@@ -189,16 +189,11 @@ async fn a_chain_of_three_views_refreshes_in_dependency_order() {
             .is_some()
     })
     .await;
-    let order: Vec<String> = c
-        .query(
-            "SELECT view_name FROM mvrefresh.refresh_history WHERE outcome = 'success' ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let order = harness::texts(
+        &c,
+        "SELECT view_name FROM mvrefresh.refresh_history WHERE outcome = 'success' ORDER BY id",
+    )
+    .await;
     assert_eq!(order, ["mv_counts", "mv_b", "mv_c"]);
     daemon.stop().await;
 }

@@ -371,12 +371,6 @@ async fn a_key_whose_text_cast_is_not_its_output_is_remembered_too() {
     c.batch_execute("COMMIT").await.unwrap();
     // 1,000 rows of 2 keys: one lookup per key, then the rows find their key remembered.
     assert_eq!(probes, 2);
-    let keys: Vec<String> = c
-        .query("SELECT DISTINCT key FROM mvrefresh.dirty ORDER BY key", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let keys = harness::texts(&c, "SELECT DISTINCT key FROM mvrefresh.dirty ORDER BY key").await;
     assert_eq!(keys, ["10.0.0.0/32", "10.0.0.1/32"]);
 }

@@ -728,6 +728,17 @@ pub async fn pending(client: &Client, view: &str) -> i64 {
         .get(0)
 }
 
+/// The first column of `sql`'s rows, as text.
+pub async fn texts(client: &Client, sql: &str) -> Vec<String> {
+    client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// Takes the dirty keys (of `channel`, or all) as the daemon's collect does, sorted and
 /// distinct: deletes them, then changes the generation, so every session forgets the keys it
 /// remembered as dirty.

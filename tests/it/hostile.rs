@@ -37,12 +37,7 @@ async fn shadow_on_path(w: &Client, operators: &[(&str, &str, bool)]) {
 }
 
 async fn dirty(c: &Client) -> Vec<String> {
-    c.query("SELECT key FROM mvrefresh.dirty ORDER BY key", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    harness::texts(c, "SELECT key FROM mvrefresh.dirty ORDER BY key").await
 }
 
 fn denied(result: Result<impl Sized, tokio_postgres::Error>, what: &str) {

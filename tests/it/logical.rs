@@ -89,6 +89,18 @@ async fn confirmed(client: &Client, config: &Config) -> Option<String> {
         .map(|r| r.get(0))
 }
 
+/// Writes a non-transactional logical message `content`: a reader that received it has
+/// received everything committed before.
+async fn mark_position(c: &Client, content: &str) -> Vec<u8> {
+    c.execute(
+        "SELECT pg_logical_emit_message(false, 'mvrefresh-test', $1)",
+        &[&content],
+    )
+    .await
+    .unwrap();
+    content.as_bytes().to_vec()
+}
+
 async fn drop_slot(client: &Client, config: &Config) {
     let slot = config.captures[0].slot_name();
     // The reader holds the slot only while it peeks: retry until it is free.
@@ -121,19 +133,7 @@ async fn the_slot_marks_exactly_the_changed_challenges_and_writers_carry_no_trig
     let mut reader = reader(&config);
     // A logical message written after a statement arrives after everything committed before
     // it: the reader has then received the statement's changes, if any.
-    let sync = |n: usize| {
-        let c = &c;
-        async move {
-            c.execute(
-                "SELECT pg_logical_emit_message(false, 'mvrefresh-test', $1)",
-                &[&n.to_string()],
-            )
-            .await
-            .unwrap();
-            n.to_string().into_bytes()
-        }
-    };
-    let first = sync(0).await;
+    let first = mark_position(&c, "0").await;
     catch_up(&mut reader, &first).await;
     harness::take_dirty(&c, None).await;
 
@@ -191,7 +191,7 @@ async fn the_slot_marks_exactly_the_changed_challenges_and_writers_carry_no_trig
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
         let committed = now().await;
         let before = confirmed(&c, &config).await;
-        let mark = sync(i + 1).await;
+        let mark = mark_position(&c, &(i + 1).to_string()).await;
         catch_up(&mut reader, &mark).await;
         assert!(reader.is_reading());
         // Dirty since the writer's commit, not since the reader recorded it.
@@ -301,21 +301,9 @@ async fn changes_received_but_not_confirmed_are_delivered_again_and_only_once_co
     .await
     .unwrap();
     assert_eq!(confirmed(&c, &config).await, before);
-    let sync = |n: &'static str| {
-        let c = &c;
-        async move {
-            c.execute(
-                "SELECT pg_logical_emit_message(false, 'mvrefresh-test', $1)",
-                &[&n],
-            )
-            .await
-            .unwrap();
-            n.as_bytes().to_vec()
-        }
-    };
     // The next reader receives both again; key 1, dirty already, is not written twice.
     let mut next = reader(&config);
-    catch_up(&mut next, &sync("a").await).await;
+    catch_up(&mut next, &mark_position(&c, "a").await).await;
     let rows: i64 = c
         .query_one("SELECT count(*) FROM mvrefresh.dirty", &[])
         .await
@@ -330,20 +318,8 @@ async fn changes_received_but_not_confirmed_are_delivered_again_and_only_once_co
     drop(next);
     // Confirmed: a reader after that receives nothing of it.
     let mut after = reader(&config);
-    catch_up(&mut after, &sync("b").await).await;
+    catch_up(&mut after, &mark_position(&c, "b").await).await;
     assert_eq!(harness::take_dirty(&c, None).await, Vec::<String>::new());
-}
-
-/// Writes a non-transactional logical message `content`: a reader that received it has
-/// received everything committed before.
-async fn mark_position(c: &Client, content: &str) -> Vec<u8> {
-    c.execute(
-        "SELECT pg_logical_emit_message(false, 'mvrefresh-test', $1)",
-        &[&content],
-    )
-    .await
-    .unwrap();
-    content.as_bytes().to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -490,23 +466,12 @@ channels = ["keyed_changed"]
         let mut r = reader(&config);
         catch_up(&mut r, &mark_position(&c, ty).await).await;
         assert_eq!(r.reads_binary(), binary, "{ty}{extra}");
-        let expected: Vec<String> = c
-            .query("SELECT k::text FROM keyed ORDER BY k::text", &[])
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|row| row.get(0))
-            .collect();
-        let recorded: Vec<String> = c
-            .query(
-                "SELECT key FROM mvrefresh.dirty WHERE channel = 'keyed_changed' ORDER BY key",
-                &[],
-            )
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|row| row.get(0))
-            .collect();
+        let expected = harness::texts(&c, "SELECT k::text FROM keyed ORDER BY k::text").await;
+        let recorded = harness::texts(
+            &c,
+            "SELECT key FROM mvrefresh.dirty WHERE channel = 'keyed_changed' ORDER BY key",
+        )
+        .await;
         assert_eq!(recorded, expected, "{ty}");
     }
 }
@@ -732,13 +697,7 @@ async fn a_reader_that_may_not_flush_the_wal_reads_on() {
     let before = confirmed(&c, &config).await;
     harness::take_dirty(&c, None).await;
     harness::score(&c, 7, 1).await;
-    c.execute(
-        "SELECT pg_logical_emit_message(false, 'mvrefresh-test', 'after')",
-        &[],
-    )
-    .await
-    .unwrap();
-    catch_up(&mut reader, b"after").await;
+    catch_up(&mut reader, &mark_position(&c, "after").await).await;
     assert_eq!(harness::take_dirty(&c, None).await, vec!["7".to_owned()]);
     // The confirmation reaches pg_replication_slots once the walsender has read it.
     harness::wait_for("the slot to move past what was recorded", || async {

@@ -58,18 +58,14 @@ async fn trigger_functions(c: &Client, table: &str) -> Vec<String> {
 
 /// The extension's objects.
 async fn members(c: &Client) -> Vec<String> {
-    c.query(
+    harness::texts(
+        c,
         "SELECT pg_describe_object(d.classid, d.objid, d.objsubid) FROM pg_depend AS d
          WHERE d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e'
            AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'mvrefresh_capture')
          ORDER BY 1",
-        &[],
     )
     .await
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
 }
 
 /// The triggers on mvrefresh.dirty that make sessions forget.
