@@ -29,6 +29,7 @@
 //! | `pg_cron_run:<runid>` | `pg_cron_job_failed` (event) | — |
 //! | `slot:<s>` | `slot_lost` (event) | — |
 //! | `slot_lag:<s>` | `slot_lagging` | `slot_recovered` |
+//! | `partitions:<c>` | `partitions_not_ready` | `partitions_ready` |
 //! | `test` | `test` (`mvrefresh check --test-alert`) | — |
 //!
 //! # Delivery
@@ -105,6 +106,8 @@ pub enum Kind {
     SlotLost,
     SlotLagging,
     SlotRecovered,
+    PartitionsNotReady,
+    PartitionsReady,
     Test,
 }
 
@@ -125,6 +128,8 @@ impl Kind {
             Kind::SlotLost => "slot_lost",
             Kind::SlotLagging => "slot_lagging",
             Kind::SlotRecovered => "slot_recovered",
+            Kind::PartitionsNotReady => "partitions_not_ready",
+            Kind::PartitionsReady => "partitions_ready",
             Kind::Test => "test",
         }
     }
@@ -136,7 +141,8 @@ impl Kind {
             | Kind::ViewFresh
             | Kind::ListenerRecovered
             | Kind::PgCronJobRecovered
-            | Kind::SlotRecovered => AlertStatus::Resolved,
+            | Kind::SlotRecovered
+            | Kind::PartitionsReady => AlertStatus::Resolved,
             Kind::Test => AlertStatus::Test,
             _ => AlertStatus::Firing,
         }
@@ -193,6 +199,8 @@ pub enum Subject {
     Slot(String),
     /// The write-ahead log a logical capture's replication slot holds back.
     SlotLag(String),
+    /// The partitions of a logical capture's table (by capture), not ready for it.
+    Partitions(String),
     /// `check --test-alert`.
     Test,
 }
@@ -209,6 +217,7 @@ impl std::fmt::Display for Subject {
             Subject::PgCronRun(r) => write!(f, "pg_cron_run:{r}"),
             Subject::Slot(s) => write!(f, "slot:{s}"),
             Subject::SlotLag(s) => write!(f, "slot_lag:{s}"),
+            Subject::Partitions(c) => write!(f, "partitions:{c}"),
             Subject::Test => f.write_str("test"),
         }
     }

@@ -484,20 +484,45 @@ async fn check_logical_capture(
     };
     if wal_level != "logical" {
         problem(format!(
-            "wal_level is {wal_level}; fix: ALTER SYSTEM SET wal_level = logical and restart              PostgreSQL (Amazon RDS/Aurora: rds.logical_replication = 1; Cloud SQL:              cloudsql.logical_decoding = on; Azure: wal_level = logical)"
+            "wal_level is {wal_level}; fix: ALTER SYSTEM SET wal_level = logical and restart \
+             PostgreSQL (Amazon RDS/Aurora: rds.logical_replication = 1; Cloud SQL: \
+             cloudsql.logical_decoding = on; Azure: wal_level = logical)"
         ));
     }
     if can_read != Some(true) {
         problem(
-            "the daemon's role may not read replication slots; fix: ALTER ROLE <role>              REPLICATION (Amazon RDS: GRANT rds_replication TO <role>)"
+            "the daemon's role may not read replication slots; fix: ALTER ROLE <role> \
+             REPLICATION (Amazon RDS: GRANT rds_replication TO <role>)"
                 .to_owned(),
         );
     }
     if identity.as_deref() != Some("f") {
         problem(
-            "the table's replica identity is not FULL (old keys of moved and deleted rows              are unknown); fix: run `mvrefresh install`"
+            "the table's replica identity is not FULL (old keys of moved and deleted rows are \
+             unknown); fix: run `mvrefresh install`"
                 .to_owned(),
         );
+    }
+    if identity.is_some() {
+        let unready = crate::logical::unready_partitions(client, c).await?;
+        if !unready.is_empty() {
+            problem(format!(
+                "partitions {} are not ready (replica identity not FULL: PostgreSQL refuses \
+                 UPDATE and DELETE on one without a primary key, and each update marks every \
+                 key dirty; or not filtered by `when`); fix: run `mvrefresh install` (the \
+                 daemon also does it when its role owns them)",
+                unready.join(", ")
+            ));
+        }
+        let undecoded = crate::logical::undecoded_partitions(client, c).await?;
+        if !undecoded.is_empty() {
+            problem(format!(
+                "partitions {} are unlogged or foreign: their changes are not in the \
+                 write-ahead log, so no change to them marks a key; fix: `method = \"trigger\"`, \
+                 or ALTER TABLE … SET LOGGED",
+                undecoded.join(", ")
+            ));
+        }
     }
     if !published {
         problem(format!(
@@ -512,10 +537,13 @@ async fn check_logical_capture(
              run `mvrefresh install`"
         )),
         None => problem(format!(
-            "replication slot {slot} is missing in this database; fix: run `mvrefresh install`              (the daemon also creates it, marking every key dirty)"
+            "replication slot {slot} is missing in this database; fix: run `mvrefresh install` \
+             (the daemon also creates it, marking every key dirty)"
         )),
         Some("lost") => problem(format!(
-            "replication slot {slot} is lost (PostgreSQL removed write-ahead log it needed);              fix: run `mvrefresh install` or start the daemon: it is created again and every              key marked dirty"
+            "replication slot {slot} is lost (PostgreSQL removed write-ahead log it needed); \
+             fix: run `mvrefresh install` or start the daemon: it is created again and every key \
+             marked dirty"
         )),
         Some(_) => {}
     }

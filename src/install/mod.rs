@@ -661,7 +661,7 @@ const TRIGGER_TEMPLATE_VERSION: u32 = 8;
 /// Bumped whenever a logical capture's install ([`crate::logical::install_sql`]) changes what it
 /// creates. It shared the trigger's version up to 5; kept apart since, so that a new trigger
 /// template does not report every logical capture out of date.
-const LOGICAL_TEMPLATE_VERSION: u32 = 5;
+const LOGICAL_TEMPLATE_VERSION: u32 = 6;
 
 /// `--prune`: every registered capture this config does not name goes, triggers and functions.
 fn prune_captures_sql(config: &Config) -> String {

@@ -5,7 +5,10 @@
 //! `when`, PostgreSQL 15+), sets the table's `REPLICA IDENTITY FULL` (an update or delete then
 //! logs the whole old row, so the old key of a row that moved or was deleted is known, and so
 //! is whether a captured column changed), registers the capture like a trigger capture, and
-//! then, outside its transaction, creates the logical replication slot (`pgoutput`).
+//! then, outside its transaction, creates the logical replication slot (`pgoutput`). A
+//! partitioned table: every partition `REPLICA IDENTITY FULL`, each leaf in the publication
+//! with the `when` filter ([`install_sql`], [`partitions_sql`]); the reader does the same for
+//! partitions that come later, and marks everything when leaves with rows come or go.
 //!
 //! The daemon's reader ([`reader::run`]):
 //!
@@ -135,8 +138,14 @@ pub fn binary_key_text(type_oid: u32, bytes: &[u8]) -> Option<String> {
 }
 
 /// The transaction part of a logical capture's install: replica identity, publication (created,
-/// or its table and row filter set again when the capture's definition changed), the trigger
-/// capture's triggers and functions dropped if the capture was one, the registration.
+/// or its table and row filter set again when the capture's definition changed), the partitions
+/// made ready ([`partitions_sql`]), the trigger capture's triggers and functions dropped if the
+/// capture was one, the registration.
+///
+/// A partitioned table's publication holds the table without a row filter (PostgreSQL allows
+/// none on a partitioned table whose partitions publish as themselves) and each leaf partition
+/// with the `when` filter: a partition's changes are then filtered, and a partition's TRUNCATE
+/// is delivered (with `publish_via_partition_root` it would not be).
 pub fn install_sql(c: &CaptureConfig) -> String {
     let table = c.table.quoted();
     let table_lit = literal(&table);
@@ -148,26 +157,180 @@ pub fn install_sql(c: &CaptureConfig) -> String {
         .map(|w| format!(" WHERE ({w})"))
         .unwrap_or_default();
     let fingerprint = literal(&crate::install::fingerprint(c));
+    let partitions = partitions_sql(c, None);
     format!(
         r#"DO $mvrefresh$
+DECLARE
+    partitioned boolean := (SELECT c.relkind = 'p' FROM pg_class AS c
+                            WHERE c.oid = {table_lit}::regclass);
 BEGIN
     IF (SELECT c.relreplident FROM pg_class AS c WHERE c.oid = {table_lit}::regclass) <> 'f' THEN
         ALTER TABLE {table} REPLICA IDENTITY FULL;
     END IF;
     IF NOT EXISTS (SELECT FROM pg_publication WHERE pubname = {pub_lit}) THEN
-        CREATE PUBLICATION {publication} FOR TABLE {table}{filter}
-            WITH (publish = 'insert, update, delete, truncate');
+        IF partitioned THEN
+            CREATE PUBLICATION {publication} FOR TABLE {table}
+                WITH (publish = 'insert, update, delete, truncate');
+        ELSE
+            CREATE PUBLICATION {publication} FOR TABLE {table}{filter}
+                WITH (publish = 'insert, update, delete, truncate');
+        END IF;
     ELSIF NOT EXISTS (SELECT FROM mvrefresh.capture AS c
                       WHERE c.name = {name} AND c.fingerprint = {fingerprint}) THEN
-        ALTER PUBLICATION {publication} SET TABLE {table}{filter};
+        IF partitioned THEN
+            ALTER PUBLICATION {publication} SET TABLE {table};
+        ELSE
+            ALTER PUBLICATION {publication} SET TABLE {table}{filter};
+        END IF;
     END IF;
 END
 $mvrefresh$;
-{drop_trigger}{register}"#,
+{identity}{members}{drop_trigger}{register}"#,
         register = crate::install::register_sql(c),
         pub_lit = literal(&c.publication_name()),
+        identity = partitions[0],
+        members = partitions[1],
         drop_trigger = drop_trigger_capture_sql(&c.name),
     )
+}
+
+/// The partitions of capture `c`'s table that are not ready for logical capture, or only
+/// partly: a replica identity other than FULL (the old row is unknown, so every update marks
+/// everything dirty; and without a primary key PostgreSQL refuses writers' UPDATE and DELETE
+/// on a table a publication holds), or, with `when`, a leaf the publication does not filter
+/// (every change to it marks its key). A partition created or attached after `install` is one.
+/// Also the publication's members that are no longer in the table (a detached partition: its
+/// own TRUNCATE would mark everything). Unlogged and foreign partitions are not decoded at all
+/// ([`undecoded_partitions`]), so nothing is asked of them. `$1`: the table, `$2`: the
+/// publication, `$3`: whether there is a `when`.
+const UNREADY_PARTITIONS: &str = "
+    SELECT t.relid::regclass AS rel, k.relreplident <> 'f' AS identity, false AS stray
+    FROM pg_partition_tree($1::text::regclass) AS t
+    JOIN pg_class AS k ON k.oid = t.relid
+    WHERE t.level > 0 AND k.relkind IN ('r', 'p') AND k.relpersistence = 'p'
+      AND (k.relreplident <> 'f'
+           OR ($3 AND t.isleaf AND NOT EXISTS (
+                   SELECT FROM pg_publication_rel AS pr
+                   JOIN pg_publication AS p ON p.oid = pr.prpubid
+                   WHERE p.pubname = $2 AND pr.prrelid = t.relid)))
+    UNION ALL
+    SELECT pr.prrelid::regclass, false, true
+    FROM pg_publication_rel AS pr
+    JOIN pg_publication AS p ON p.oid = pr.prpubid
+    WHERE p.pubname = $2 AND pr.prrelid <> $1::text::regclass
+      AND pr.prrelid NOT IN (SELECT t.relid FROM pg_partition_tree($1::text::regclass) AS t)";
+
+/// The statements that make the partitions of capture `c`'s table ready ([`UNREADY_PARTITIONS`]),
+/// each waiting at most `lock_timeout` for a table's lock (`None`: as long as the session's
+/// `lock_timeout` says): every partition `REPLICA IDENTITY FULL`; then, in a statement of its
+/// own (so that a failure there does not undo the first, which is what keeps writers working),
+/// the publication's members that left the table dropped and, with `when`, each leaf added with
+/// that row filter. Nothing for a table that is not partitioned.
+pub fn partitions_sql(c: &CaptureConfig, lock_timeout: Option<&str>) -> [String; 2] {
+    let wait = lock_timeout
+        .map(|t| {
+            format!(
+                "\n    PERFORM set_config('lock_timeout', {}, true);",
+                literal(t)
+            )
+        })
+        .unwrap_or_default();
+    let publication = literal(&c.publication_name());
+    let add = match &c.when {
+        Some(w) => format!(
+            "EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s WHERE (%s)', {publication}, \
+             r.rel, {});",
+            literal(w)
+        ),
+        None => "NULL;".to_owned(),
+    };
+    // The values go in last (the table's name may hold a `$`); the publication's name is
+    // `mvrefresh_` and a capture name, which has none.
+    let query = UNREADY_PARTITIONS
+        .replace("$3", if c.when.is_some() { "true" } else { "false" })
+        .replace("$2", &publication)
+        .replace(
+            "$1::text::regclass",
+            &format!("{}::regclass", literal(&c.table.quoted())),
+        );
+    let block = |body: String| {
+        format!(
+            r#"DO $mvrefresh_partitions$
+DECLARE
+    r record;
+BEGIN{wait}
+{body}
+END
+$mvrefresh_partitions$;
+"#
+        )
+    };
+    [
+        block(format!(
+            "    FOR r IN SELECT * FROM ({query}) AS u WHERE u.identity LOOP
+        EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', r.rel);
+    END LOOP;"
+        )),
+        block(format!(
+            "    FOR r IN SELECT * FROM ({query}) AS u WHERE u.stray LOOP
+        EXECUTE format('ALTER PUBLICATION %I DROP TABLE %s', {publication}, r.rel);
+    END LOOP;
+    FOR r IN SELECT * FROM ({query}) AS u WHERE NOT u.identity AND NOT u.stray LOOP
+        {add}
+    END LOOP;"
+        )),
+    ]
+}
+
+/// The partitions of capture `c`'s table that are not ready for logical capture (see
+/// [`UNREADY_PARTITIONS`]), by name.
+pub async fn unready_partitions(
+    client: &impl GenericClient,
+    c: &CaptureConfig,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            &format!("SELECT rel::text FROM ({UNREADY_PARTITIONS}) AS u ORDER BY 1"),
+            &[&c.table.quoted(), &c.publication_name(), &c.when.is_some()],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// The partitions of capture `c`'s table whose changes are never decoded: unlogged tables
+/// (not in the write-ahead log) and foreign tables (stored elsewhere).
+pub async fn undecoded_partitions(
+    client: &impl GenericClient,
+    c: &CaptureConfig,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT t.relid::regclass::text
+             FROM pg_partition_tree($1::text::regclass) AS t
+             JOIN pg_class AS k ON k.oid = t.relid
+             WHERE t.isleaf AND (k.relkind = 'f' OR k.relpersistence <> 'p')
+             ORDER BY 1",
+            &[&c.table.quoted()],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// The leaf partitions of capture `c`'s table (none when it is not partitioned), each with
+/// whether it holds any storage (a partition just created holds none).
+pub async fn leaves(
+    client: &impl GenericClient,
+    c: &CaptureConfig,
+) -> Result<Vec<(u32, bool)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT t.relid::oid, pg_relation_size(t.relid) > 0
+             FROM pg_partition_tree($1::text::regclass) AS t
+             WHERE t.isleaf ORDER BY 1",
+            &[&c.table.quoted()],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Drops the triggers and trigger functions capture `name` had as a trigger capture, in its
@@ -181,7 +344,7 @@ DECLARE
     f record;
 BEGIN
     FOR t IN SELECT tg.tgrelid::regclass AS rel, tg.tgname FROM pg_trigger AS tg
-             WHERE NOT tg.tgisinternal
+             WHERE NOT tg.tgisinternal AND tg.tgparentid = 0
                AND tg.tgname IN ('mvrefresh_capture_' || {name_lit},
                                  'mvrefresh_capture_' || {name_lit} || '_truncate',
                                  'mvrefresh_capture_' || {name_lit} || '$insert',
@@ -358,7 +521,10 @@ pub async fn after_install(
 }
 
 /// Marks every key of `channel` dirty: changes were lost.
-async fn mark_all(client: &impl GenericClient, channel: &str) -> Result<(), tokio_postgres::Error> {
+pub(crate) async fn mark_all(
+    client: &impl GenericClient,
+    channel: &str,
+) -> Result<(), tokio_postgres::Error> {
     record(client, channel, &[(ALL.to_owned(), None)]).await
 }
 

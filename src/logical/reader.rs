@@ -20,6 +20,8 @@ use crate::stats::Stats;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How often the slot's health is checked while streaming.
 const HEALTH_EVERY: Duration = Duration::from_secs(5);
+/// How long the reader waits for a partition's lock to make it ready for the capture.
+const PARTITION_LOCK_WAIT: &str = "100ms";
 /// A stream silent this long is asked for a keepalive; one that stays silent as long again
 /// after that is given up (a frozen or cut connection).
 const STREAM_PING: Duration = Duration::from_secs(10);
@@ -168,6 +170,8 @@ pub struct Reader {
     /// The role may not write logical messages ([`FLUSH_WAL`] was denied): asynchronous commits
     /// reach the slot at the WAL writer's pace (said once, in a warning with the fix).
     flush_denied: bool,
+    /// The table's leaf partitions when they were last looked at (`None`: not yet).
+    leaves: Option<Vec<u32>>,
 }
 
 impl Reader {
@@ -188,6 +192,7 @@ impl Reader {
             binary: false,
             text_only: false,
             flush_denied: false,
+            leaves: None,
         }
     }
 
@@ -529,6 +534,90 @@ impl Reader {
                 ),
             )
             .detail("retained_bytes", retained);
+            self.w.alerts.send_opt(self.w.tracker.recover(event));
+        }
+        self.check_partitions(client).await
+    }
+
+    /// Step 2, for a partitioned table: partitions created or attached since `install` are
+    /// made ready for the capture as `install` makes them ([`super::partitions_sql`]: replica
+    /// identity FULL, the `when` filter; a detached one leaves the publication), waiting at most
+    /// [`PARTITION_LOCK_WAIT`] for each lock (an `ALTER TABLE` waiting for its lock holds up
+    /// every reader and writer of that partition behind it); when that fails, an alert until
+    /// they are. A partition attached with rows, detached or dropped changes the table's rows
+    /// with no change of a row to decode: every key is marked dirty.
+    async fn check_partitions(&mut self, client: &Client) -> Result<(), ReadError> {
+        let capture = &self.w.capture;
+        let subject = Subject::Partitions(capture.name.clone());
+        let unready = super::unready_partitions(client, capture).await?;
+        let mut failed = None;
+        if !unready.is_empty() {
+            for sql in super::partitions_sql(capture, Some(PARTITION_LOCK_WAIT)) {
+                match client.batch_execute(&sql).await {
+                    Ok(()) => {}
+                    Err(e) if e.as_db_error().is_some() => {
+                        failed = Some(crate::db::error_text(&e));
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if failed.is_none() {
+                tracing::info!(
+                    capture = %capture.name, partitions = ?unready,
+                    "logical capture: partitions made ready (replica identity FULL, the `when` \
+                     filter, detached ones out of the publication)"
+                );
+            }
+        }
+        let leaves = super::leaves(client, capture).await?;
+        if let Some(before) = &self.leaves {
+            let removed = before.iter().any(|b| !leaves.iter().any(|(l, _)| l == b));
+            let added = leaves.iter().any(|(l, rows)| *rows && !before.contains(l));
+            if removed || added {
+                tracing::info!(
+                    capture = %capture.name,
+                    "logical capture: a partition with rows was attached, or one was detached or \
+                     dropped: every key of channel {} marked dirty", capture.channel
+                );
+                super::mark_all(client, &capture.channel).await?;
+                self.w.recorded.notify_one();
+            }
+        }
+        self.leaves = Some(leaves.into_iter().map(|(l, _)| l).collect());
+        if let Some(error) = failed {
+            tracing::error!(
+                capture = %capture.name, partitions = ?unready, %error,
+                "logical capture: partitions not ready; fix: run `mvrefresh install`"
+            );
+            let event = AlertEvent::new(
+                Kind::PartitionsNotReady,
+                subject,
+                format!(
+                    "capture {}: partitions {} of {} are not ready for logical capture and \
+                     could not be made so (without REPLICA IDENTITY FULL, PostgreSQL refuses \
+                     UPDATE and DELETE on a partition without a primary key); fix: run \
+                     `mvrefresh install`",
+                    capture.name,
+                    unready.join(", "),
+                    capture.table.quoted()
+                ),
+            )
+            .error(error)
+            .detail("partitions", unready);
+            if let Some(alert) = self.w.tracker.fail(event, Instant::now()) {
+                self.w.alerts.send(alert);
+            }
+        } else if self.w.tracker.is_open(&subject) {
+            let event = AlertEvent::new(
+                Kind::PartitionsReady,
+                subject,
+                format!(
+                    "capture {}: every partition of {} is ready for logical capture again",
+                    capture.name,
+                    capture.table.quoted()
+                ),
+            );
             self.w.alerts.send_opt(self.w.tracker.recover(event));
         }
         Ok(())

@@ -154,7 +154,7 @@ impl Cluster {
              fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
              max_connections = 200\nshared_buffers = 64MB\nlog_min_messages = warning\n\
              track_functions = all\nlog_line_prefix = '%m [%p] %a '\n\
-             wal_level = logical\nmax_replication_slots = 20\nwal_sender_timeout = '15s'\n",
+             wal_level = logical\nmax_replication_slots = 64\nwal_sender_timeout = '15s'\n",
             cluster.dir.display()
         );
         if cron {

@@ -26,9 +26,13 @@ fn capture() -> String {
 }
 
 async fn setup_on(cluster: &Cluster, extra: &str) -> (TestDb, Client, Config) {
+    setup_schema(cluster, harness::SCHEMA, extra).await
+}
+
+async fn setup_schema(cluster: &Cluster, schema: &str, extra: &str) -> (TestDb, Client, Config) {
     let db = cluster.create_db().await;
     let client = db.client().await;
-    client.batch_execute(harness::SCHEMA).await.unwrap();
+    client.batch_execute(schema).await.unwrap();
     let config = harness::config(
         &db.url,
         &format!("{extra}{}{}", capture(), harness::VIEW_COUNTS),
@@ -120,6 +124,311 @@ async fn drop_slot(client: &Client, config: &Config) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_slot_marks_exactly_the_changed_challenges_and_writers_carry_no_trigger() {
     let (_db, c, config) = setup().await;
+    marks_exactly_the_changed_challenges(&c, &config, CASES).await;
+}
+
+/// A partitioned `submissions` without a primary key, two levels deep: without REPLICA
+/// IDENTITY FULL on every partition PostgreSQL would refuse its UPDATEs and DELETEs.
+const PARTITIONED_SCHEMA: &str = "
+CREATE TABLE submissions (
+    id serial,
+    challenge_id int,
+    status text NOT NULL DEFAULT 'pending',
+    score double precision,
+    note text
+) PARTITION BY RANGE (challenge_id);
+CREATE TABLE submissions_low PARTITION OF submissions FOR VALUES FROM (MINVALUE) TO (3);
+CREATE TABLE submissions_high PARTITION OF submissions FOR VALUES FROM (3) TO (1000)
+    PARTITION BY HASH (id);
+CREATE TABLE submissions_high_0 PARTITION OF submissions_high
+    FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+CREATE TABLE submissions_high_1 PARTITION OF submissions_high
+    FOR VALUES WITH (MODULUS 2, REMAINDER 1);
+CREATE TABLE submissions_other PARTITION OF submissions DEFAULT;
+CREATE MATERIALIZED VIEW mv_counts AS
+    SELECT challenge_id, count(*) AS n, sum(score) AS total
+    FROM submissions WHERE status = 'scored' GROUP BY challenge_id;
+CREATE UNIQUE INDEX ON mv_counts (challenge_id);
+";
+
+/// The same writes to a partitioned table mark the same keys: the `when` filter applies to
+/// each partition, a row moved to another partition marks its old and new key, and a
+/// partition's TRUNCATE marks everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_table_marks_the_same_keys_through_its_partitions() {
+    let (_db, c, config) = setup_schema(Cluster::logical(), PARTITIONED_SCHEMA, "").await;
+    let identities = harness::texts(
+        &c,
+        "SELECT c.relname || ' ' || c.relreplident::text FROM pg_partition_tree('submissions') AS t
+         JOIN pg_class AS c ON c.oid = t.relid ORDER BY 1",
+    )
+    .await;
+    assert_eq!(
+        identities,
+        [
+            "submissions f",
+            "submissions_high f",
+            "submissions_high_0 f",
+            "submissions_high_1 f",
+            "submissions_low f",
+            "submissions_other f",
+        ]
+    );
+    let mut cases = CASES.to_vec();
+    // Into the partition for NULL, moved from one partition to another and back.
+    cases.insert(
+        cases.len() - 1,
+        (
+            "UPDATE submissions SET challenge_id = 1 WHERE challenge_id = 10",
+            &["1", "10"],
+        ),
+    );
+    cases.insert(cases.len() - 1, ("TRUNCATE submissions_low", &["*"]));
+    marks_exactly_the_changed_challenges(&c, &config, &cases).await;
+}
+
+/// A partition created after `install` is made ready by the reader (replica identity FULL,
+/// the `when` filter): writers can update it, and its changes are filtered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reader_makes_a_partition_created_after_install_ready() {
+    use crate::cli::{mvrefresh, text, write_config};
+    let db = Cluster::logical().create_db().await;
+    let c = db.client().await;
+    c.batch_execute(PARTITIONED_SCHEMA).await.unwrap();
+    let body = format!("{}{}", capture(), harness::VIEW_COUNTS);
+    let config = harness::config(&db.url, &body);
+    harness::install(&config).await;
+    c.batch_execute(
+        "CREATE TABLE submissions_new PARTITION OF submissions FOR VALUES FROM (1000) TO (2000)",
+    )
+    .await
+    .unwrap();
+    // Before the reader has run: PostgreSQL refuses an UPDATE on it, and `check` says why.
+    c.batch_execute("INSERT INTO submissions (challenge_id) VALUES (1500)")
+        .await
+        .unwrap();
+    let refused = c
+        .batch_execute("UPDATE submissions SET note = 'x' WHERE challenge_id = 1500")
+        .await
+        .unwrap_err();
+    assert!(
+        mvrefresh::db::error_text(&refused).contains("replica identity"),
+        "{refused}"
+    );
+    let path = write_config(
+        &format!("logical-parts-{}.toml", harness::unique()),
+        &format!(
+            "[database]\nurl = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n{body}",
+            db.url
+        ),
+    );
+    let check = mvrefresh(&path, &["check"]);
+    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
+    assert!(
+        text(&check).contains("partitions submissions_new are not ready"),
+        "{}",
+        text(&check)
+    );
+
+    let mut reader = reader(&config);
+    let mut n = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        n += 1;
+        let mark = mark_position(&c, &format!("wait {n}")).await;
+        catch_up(&mut reader, &mark).await;
+        let ready = harness::texts(
+            &c,
+            "SELECT c.relreplident::text || ' ' || EXISTS (
+                        SELECT FROM pg_publication_rel AS pr
+                        WHERE pr.prrelid = c.oid AND pr.prqual IS NOT NULL)
+             FROM pg_class AS c WHERE c.relname = 'submissions_new'",
+        )
+        .await;
+        if ready == ["f true"] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never made ready: {ready:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(mvrefresh(&path, &["check"]).status.success());
+    harness::take_dirty(&c, None).await;
+    for (sql, expected) in [
+        (
+            "UPDATE submissions SET note = 'x' WHERE challenge_id = 1500",
+            &[][..],
+        ),
+        (
+            "INSERT INTO submissions (challenge_id, status) VALUES (1501, 'pending')",
+            &[],
+        ),
+        (
+            "UPDATE submissions SET status = 'scored', score = 1 WHERE challenge_id = 1500",
+            &["1500"],
+        ),
+    ] {
+        c.batch_execute(sql).await.unwrap();
+        n += 1;
+        let mark = mark_position(&c, &format!("case {n}")).await;
+        catch_up(&mut reader, &mark).await;
+        assert_eq!(harness::take_dirty(&c, None).await, expected, "{sql}");
+    }
+}
+
+/// Reads the slot until `sql` (one boolean) holds: the reader looks at the table's partitions
+/// every few seconds.
+async fn read_until(reader: &mut Reader, c: &Client, sql: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    for n in 0.. {
+        let mark = mark_position(c, &format!("until {n}")).await;
+        catch_up(reader, &mark).await;
+        if c.query_one(sql, &[]).await.unwrap().get::<_, bool>(0) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "never: {sql}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Attaching a partition with rows, or detaching one, changes the table's rows with no row
+/// change to decode: the reader marks every key. A partition created empty marks nothing, and a
+/// detached one leaves the publication (its own changes no longer count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attaching_a_partition_with_rows_or_detaching_one_marks_every_key() {
+    let (_db, c, config) = setup_schema(Cluster::logical(), PARTITIONED_SCHEMA, "").await;
+    let mut reader = reader(&config);
+    catch_up(&mut reader, &mark_position(&c, "start").await).await;
+    harness::take_dirty(&c, None).await;
+    let everything = "SELECT EXISTS (SELECT FROM mvrefresh.dirty WHERE key = '*')";
+
+    // An unlogged partition is never decoded: nothing is asked of it, and it does not keep the
+    // other from being made ready.
+    c.batch_execute(
+        "CREATE UNLOGGED TABLE submissions_scratch PARTITION OF submissions
+             FOR VALUES FROM (5000) TO (6000);
+         CREATE TABLE submissions_new PARTITION OF submissions FOR VALUES FROM (1000) TO (2000);",
+    )
+    .await
+    .unwrap();
+    read_until(
+        &mut reader,
+        &c,
+        "SELECT relreplident = 'f' FROM pg_class WHERE relname = 'submissions_new'",
+    )
+    .await;
+    assert_eq!(harness::take_dirty(&c, None).await, Vec::<String>::new());
+
+    c.batch_execute(
+        "CREATE TABLE attached (LIKE submissions);
+         INSERT INTO attached (id, challenge_id, status, score) VALUES (9000, 2500, 'scored', 1);
+         ALTER TABLE submissions ATTACH PARTITION attached FOR VALUES FROM (2000) TO (3000);",
+    )
+    .await
+    .unwrap();
+    read_until(&mut reader, &c, everything).await;
+    harness::take_dirty(&c, None).await;
+
+    c.batch_execute("ALTER TABLE submissions DETACH PARTITION submissions_low")
+        .await
+        .unwrap();
+    read_until(&mut reader, &c, everything).await;
+    read_until(
+        &mut reader,
+        &c,
+        "SELECT NOT EXISTS (SELECT FROM pg_publication_rel
+                            WHERE prrelid = 'submissions_low'::regclass)",
+    )
+    .await;
+    harness::take_dirty(&c, None).await;
+    c.batch_execute("TRUNCATE submissions_low").await.unwrap();
+    catch_up(&mut reader, &mark_position(&c, "truncated").await).await;
+    assert_eq!(harness::take_dirty(&c, None).await, Vec::<String>::new());
+}
+
+/// A partition the reader cannot make ready (another transaction holds a lock on it: the
+/// reader waits 100 ms, not as long as that transaction) is alerted once, and resolved once it
+/// could.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_the_reader_cannot_make_ready_is_alerted_until_it_can() {
+    let sink = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(wiremock::ResponseTemplate::new(200))
+        .mount(&sink)
+        .await;
+    let alert = format!(
+        "[alert]\nwebhook_url = \"{}/hook\"\nretry_min = \"20ms\"\nretry_max = \"200ms\"\n",
+        sink.uri()
+    );
+    let (db, c, config) = setup_schema(Cluster::logical(), PARTITIONED_SCHEMA, &alert).await;
+    c.batch_execute(
+        "CREATE TABLE submissions_new PARTITION OF submissions FOR VALUES FROM (1000) TO (2000)",
+    )
+    .await
+    .unwrap();
+    let holder = db.client().await;
+    holder
+        .batch_execute("BEGIN; SELECT FROM submissions_new;")
+        .await
+        .unwrap();
+    let alerts = |kind: &'static str| {
+        let sink = &sink;
+        async move {
+            sink.received_requests()
+                .await
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
+                .filter(|a| a["kind"] == kind && a["subject"] == "partitions:submissions")
+                .collect::<Vec<_>>()
+        }
+    };
+    let daemon = Daemon::start(config.clone());
+    harness::wait_for("a partitions_not_ready alert", || async {
+        !alerts("partitions_not_ready").await.is_empty()
+    })
+    .await;
+    let fired = alerts("partitions_not_ready").await;
+    assert_eq!(
+        fired[0]["details"]["partitions"],
+        serde_json::json!(["submissions_new"])
+    );
+    assert!(
+        fired[0]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("lock timeout"),
+        "{}",
+        fired[0]
+    );
+    assert!(alerts("partitions_ready").await.is_empty());
+    holder.batch_execute("COMMIT").await.unwrap();
+    harness::wait_for("a partitions_ready alert", || async {
+        !alerts("partitions_ready").await.is_empty()
+    })
+    .await;
+    assert_eq!(
+        harness::texts(
+            &c,
+            "SELECT relreplident::text FROM pg_class WHERE relname = 'submissions_new'"
+        )
+        .await,
+        ["f"]
+    );
+    // Failing every few seconds until then, but alerted once.
+    assert_eq!(alerts("partitions_not_ready").await.len(), 1);
+    daemon.stop().await;
+}
+
+/// Runs each of `cases` against `submissions` and checks that exactly its keys were marked
+/// dirty, since the writer's commit, and that the slot moved past it.
+async fn marks_exactly_the_changed_challenges(
+    c: &Client,
+    config: &Config,
+    cases: &[(&str, &[&str])],
+) {
     let triggers: i64 = c
         .query_one(
             "SELECT count(*) FROM pg_trigger
@@ -130,54 +439,13 @@ async fn the_slot_marks_exactly_the_changed_challenges_and_writers_carry_no_trig
         .unwrap()
         .get(0);
     assert_eq!(triggers, 0);
-    let mut reader = reader(&config);
+    let mut reader = reader(config);
     // A logical message written after a statement arrives after everything committed before
     // it: the reader has then received the statement's changes, if any.
-    let first = mark_position(&c, "0").await;
+    let first = mark_position(c, "0").await;
     catch_up(&mut reader, &first).await;
-    harness::take_dirty(&c, None).await;
+    harness::take_dirty(c, None).await;
 
-    let cases: &[(&str, &[&str])] = &[
-        (
-            "INSERT INTO submissions (id, challenge_id, status, score) VALUES (1, 1, 'scored', 5)",
-            &["1"],
-        ),
-        (
-            "INSERT INTO submissions (id, challenge_id, status) VALUES (2, 2, 'pending')",
-            &[],
-        ),
-        (
-            "UPDATE submissions SET status = 'scored', score = 3 WHERE id = 2",
-            &["2"],
-        ),
-        ("UPDATE submissions SET score = 4 WHERE id = 2", &["2"]),
-        // Values are compared: setting a captured column to the value it had changes nothing.
-        ("UPDATE submissions SET score = 4 WHERE id = 2", &[]),
-        (
-            "UPDATE submissions SET note = 'irrelevant' WHERE id = 1",
-            &[],
-        ),
-        (
-            "UPDATE submissions SET status = 'failed' WHERE id = 2",
-            &["2"],
-        ),
-        ("DELETE FROM submissions WHERE id = 2", &[]),
-        (
-            "UPDATE submissions SET challenge_id = 3 WHERE id = 1",
-            &["1", "3"],
-        ),
-        ("DELETE FROM submissions WHERE id = 1", &["3"]),
-        (
-            "INSERT INTO submissions (challenge_id, status, score) VALUES (NULL, 'scored', 1)",
-            &[],
-        ),
-        (
-            "INSERT INTO submissions (challenge_id, status, score)
-             SELECT g % 3 + 10, 'scored', g FROM generate_series(1, 5000) g",
-            &["10", "11", "12"],
-        ),
-        ("TRUNCATE submissions", &["*"]),
-    ];
     let now = || async {
         c.query_one("SELECT clock_timestamp()", &[])
             .await
@@ -190,8 +458,8 @@ async fn the_slot_marks_exactly_the_changed_challenges_and_writers_carry_no_trig
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
         let committed = now().await;
-        let before = confirmed(&c, &config).await;
-        let mark = mark_position(&c, &(i + 1).to_string()).await;
+        let before = confirmed(c, config).await;
+        let mark = mark_position(c, &(i + 1).to_string()).await;
         catch_up(&mut reader, &mark).await;
         assert!(reader.is_reading());
         // Dirty since the writer's commit, not since the reader recorded it.
@@ -207,18 +475,61 @@ async fn the_slot_marks_exactly_the_changed_challenges_and_writers_carry_no_trig
             "{sql}: dirty since {since:?}, written between {started:?} and {committed:?}"
         );
         assert_eq!(
-            harness::take_dirty(&c, None).await,
+            harness::take_dirty(c, None).await,
             *expected,
             "dirty keys after: {sql}"
         );
         // Recorded, so the slot moves past it (once the server has read the reader's status
         // update).
         harness::wait_for(&format!("the slot to move past: {sql}"), || async {
-            confirmed(&c, &config).await != before
+            confirmed(c, config).await != before
         })
         .await;
     }
 }
+
+/// Which writes to `submissions` mark which keys (each case after the ones before it).
+const CASES: &[(&str, &[&str])] = &[
+    (
+        "INSERT INTO submissions (id, challenge_id, status, score) VALUES (1, 1, 'scored', 5)",
+        &["1"],
+    ),
+    (
+        "INSERT INTO submissions (id, challenge_id, status) VALUES (2, 2, 'pending')",
+        &[],
+    ),
+    (
+        "UPDATE submissions SET status = 'scored', score = 3 WHERE id = 2",
+        &["2"],
+    ),
+    ("UPDATE submissions SET score = 4 WHERE id = 2", &["2"]),
+    // Values are compared: setting a captured column to the value it had changes nothing.
+    ("UPDATE submissions SET score = 4 WHERE id = 2", &[]),
+    (
+        "UPDATE submissions SET note = 'irrelevant' WHERE id = 1",
+        &[],
+    ),
+    (
+        "UPDATE submissions SET status = 'failed' WHERE id = 2",
+        &["2"],
+    ),
+    ("DELETE FROM submissions WHERE id = 2", &[]),
+    (
+        "UPDATE submissions SET challenge_id = 3 WHERE id = 1",
+        &["1", "3"],
+    ),
+    ("DELETE FROM submissions WHERE id = 1", &["3"]),
+    (
+        "INSERT INTO submissions (challenge_id, status, score) VALUES (NULL, 'scored', 1)",
+        &[],
+    ),
+    (
+        "INSERT INTO submissions (challenge_id, status, score)
+         SELECT g % 3 + 10, 'scored', g FROM generate_series(1, 5000) g",
+        &["10", "11", "12"],
+    ),
+    ("TRUNCATE submissions", &["*"]),
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_refreshes_from_the_slot_and_a_second_replica_waits_its_turn() {
