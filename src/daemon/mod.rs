@@ -47,6 +47,7 @@ mod health;
 mod intake;
 mod isolate;
 mod outcomes;
+mod partitions;
 mod scheduler;
 mod startup;
 mod supervisor;
@@ -93,6 +94,7 @@ enum Internal {
     },
     CatchUpDone(Result<(), String>),
     Pruned(Result<u64, String>),
+    Partitions(Result<partitions::Leaves, String>),
     RefreshDone {
         view: usize,
         /// Which of the view's refresh tasks ([`Daemon::running`]).
@@ -206,6 +208,8 @@ struct Daemon {
     internal_rx: mpsc::UnboundedReceiver<Internal>,
     /// Collects, catch-ups, guards and pruning (`daemon/intake.rs`).
     intake: intake::Intake,
+    /// The captured tables' partitions (`daemon/partitions.rs`).
+    partitions: partitions::PartitionWatch,
     /// Filled by the listener; taken by this loop.
     inbox: Arc<Inbox>,
     /// Told by the logical captures' readers when they wrote keys.
@@ -276,6 +280,7 @@ impl Daemon {
             internal_tx,
             internal_rx,
             intake: intake::Intake::new(quiet),
+            partitions: partitions::PartitionWatch::default(),
             inbox: Arc::default(),
             recorded: Arc::default(),
             rejected_log: crate::ratelimit::LogLimiter::new(crate::ratelimit::DEFAULT_INTERVAL),
@@ -306,6 +311,7 @@ impl Daemon {
         loop {
             let now = Instant::now();
             self.drive_intake(now);
+            self.drive_partitions(now);
             self.dispatch(now);
             self.publish_gauges();
             let wake = self.next_wake(now);
@@ -443,7 +449,7 @@ impl Daemon {
     /// The next instant something can become due (views or intake), never now or earlier.
     fn next_wake(&self, now: Instant) -> Option<Instant> {
         let views = scheduler::next_wake(&self.views, now, self.intake.horizon());
-        [views, self.intake_wake(now)]
+        [views, self.intake_wake(now), self.partitions_wake(now)]
             .into_iter()
             .flatten()
             .map(|t| t.max(now + Duration::from_millis(1)))
@@ -472,6 +478,7 @@ impl Daemon {
             Internal::CatchUpView { view, keys, seen } => self.on_catch_up_view(view, keys, seen),
             Internal::CatchUpDone(result) => self.on_catch_up_done(result),
             Internal::Pruned(result) => self.on_pruned(result),
+            Internal::Partitions(result) => self.on_partitions(result),
             Internal::RefreshDone {
                 view,
                 chunk,

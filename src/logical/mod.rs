@@ -8,7 +8,7 @@
 //! then, outside its transaction, creates the logical replication slot (`pgoutput`). A
 //! partitioned table: every partition `REPLICA IDENTITY FULL`, each leaf in the publication
 //! with the `when` filter ([`install_sql`], [`partitions_sql`]); the reader does the same for
-//! partitions that come later, and marks everything when leaves with rows come or go.
+//! partitions that come later.
 //!
 //! The daemon's reader ([`reader::run`]):
 //!
@@ -314,23 +314,6 @@ pub async fn undecoded_partitions(
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-/// The leaf partitions of capture `c`'s table (none when it is not partitioned), each with
-/// whether it holds any storage (a partition just created holds none).
-pub async fn leaves(
-    client: &impl GenericClient,
-    c: &CaptureConfig,
-) -> Result<Vec<(u32, bool)>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT t.relid::oid, pg_relation_size(t.relid) > 0
-             FROM pg_partition_tree($1::text::regclass) AS t
-             WHERE t.isleaf ORDER BY 1",
-            &[&c.table.quoted()],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Drops the triggers and trigger functions capture `name` had as a trigger capture, in its

@@ -170,8 +170,6 @@ pub struct Reader {
     /// The role may not write logical messages ([`FLUSH_WAL`] was denied): asynchronous commits
     /// reach the slot at the WAL writer's pace (said once, in a warning with the fix).
     flush_denied: bool,
-    /// The table's leaf partitions when they were last looked at (`None`: not yet).
-    leaves: Option<Vec<u32>>,
 }
 
 impl Reader {
@@ -192,7 +190,6 @@ impl Reader {
             binary: false,
             text_only: false,
             flush_denied: false,
-            leaves: None,
         }
     }
 
@@ -544,8 +541,7 @@ impl Reader {
     /// identity FULL, the `when` filter; a detached one leaves the publication), waiting at most
     /// [`PARTITION_LOCK_WAIT`] for each lock (an `ALTER TABLE` waiting for its lock holds up
     /// every reader and writer of that partition behind it); when that fails, an alert until
-    /// they are. A partition attached with rows, detached or dropped changes the table's rows
-    /// with no change of a row to decode: every key is marked dirty.
+    /// they are. (A partition attached with rows, detached or dropped: `daemon/partitions.rs`.)
     async fn check_partitions(&mut self, client: &Client) -> Result<(), ReadError> {
         let capture = &self.w.capture;
         let subject = Subject::Partitions(capture.name.clone());
@@ -570,21 +566,6 @@ impl Reader {
                 );
             }
         }
-        let leaves = super::leaves(client, capture).await?;
-        if let Some(before) = &self.leaves {
-            let removed = before.iter().any(|b| !leaves.iter().any(|(l, _)| l == b));
-            let added = leaves.iter().any(|(l, rows)| *rows && !before.contains(l));
-            if removed || added {
-                tracing::info!(
-                    capture = %capture.name,
-                    "logical capture: a partition with rows was attached, or one was detached or \
-                     dropped: every key of channel {} marked dirty", capture.channel
-                );
-                super::mark_all(client, &capture.channel).await?;
-                self.w.recorded.notify_one();
-            }
-        }
-        self.leaves = Some(leaves.into_iter().map(|(l, _)| l).collect());
         if let Some(error) = failed {
             tracing::error!(
                 capture = %capture.name, partitions = ?unready, %error,

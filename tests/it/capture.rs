@@ -506,3 +506,18 @@ channels = ["run_done"]
         "{texts:?}"
     );
 }
+
+/// A trigger sees no row of a partition attached with rows, detached or dropped: the daemon
+/// watches the partitions and marks everything, so the views follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_attached_detached_or_dropped_reach_the_views() {
+    let db = Cluster::shared().create_db().await;
+    let c = db.client().await;
+    c.batch_execute(harness::PARTITIONED_SCHEMA).await.unwrap();
+    let config = harness::config(
+        &db.url,
+        &format!("{}{}", harness::CAPTURE, harness::VIEW_COUNTS),
+    );
+    harness::install(&config).await;
+    harness::partitions_come_and_go(&c, &config).await;
+}

@@ -524,6 +524,64 @@ CREATE MATERIALIZED VIEW mv_counts AS
 CREATE UNIQUE INDEX ON mv_counts (challenge_id);
 ";
 
+/// A partitioned `submissions` without a primary key, two levels deep: without REPLICA
+/// IDENTITY FULL on every partition PostgreSQL would refuse its UPDATEs and DELETEs.
+pub const PARTITIONED_SCHEMA: &str = "
+CREATE TABLE submissions (
+    id serial,
+    challenge_id int,
+    status text NOT NULL DEFAULT 'pending',
+    score double precision,
+    note text
+) PARTITION BY RANGE (challenge_id);
+CREATE TABLE submissions_low PARTITION OF submissions FOR VALUES FROM (MINVALUE) TO (3);
+CREATE TABLE submissions_high PARTITION OF submissions FOR VALUES FROM (3) TO (1000)
+    PARTITION BY HASH (id);
+CREATE TABLE submissions_high_0 PARTITION OF submissions_high
+    FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+CREATE TABLE submissions_high_1 PARTITION OF submissions_high
+    FOR VALUES WITH (MODULUS 2, REMAINDER 1);
+CREATE TABLE submissions_other PARTITION OF submissions DEFAULT;
+CREATE MATERIALIZED VIEW mv_counts AS
+    SELECT challenge_id, count(*) AS n, sum(score) AS total
+    FROM submissions WHERE status = 'scored' GROUP BY challenge_id;
+CREATE UNIQUE INDEX ON mv_counts (challenge_id);
+";
+
+/// With a daemon running on `config` (a capture of `submissions` as [`PARTITIONED_SCHEMA`]
+/// makes it, and `mv_counts`): a partition detached, attached again with its rows, and a
+/// partitioned partition dropped, each reach `mv_counts`, though none changes a row.
+pub async fn partitions_come_and_go(c: &Client, config: &Config) {
+    let daemon = Daemon::start(config.clone());
+    daemon.wait_listening().await;
+    c.batch_execute(
+        "INSERT INTO submissions (challenge_id, status, score)
+         SELECT g % 5, 'scored', g FROM generate_series(1, 50) AS g;
+         INSERT INTO submissions (challenge_id, status, score) VALUES (10, 'scored', 1);",
+    )
+    .await
+    .unwrap();
+    wait_for("mv_counts to follow the writes", || counts_fresh(c)).await;
+    for (what, sql) in [
+        (
+            "a partition detached",
+            "ALTER TABLE submissions DETACH PARTITION submissions_low",
+        ),
+        (
+            "a partition attached with rows",
+            "ALTER TABLE submissions ATTACH PARTITION submissions_low
+                 FOR VALUES FROM (MINVALUE) TO (3)",
+        ),
+        ("a partition dropped", "DROP TABLE submissions_high"),
+    ] {
+        assert!(counts_fresh(c).await);
+        c.batch_execute(sql).await.unwrap();
+        assert!(!counts_fresh(c).await, "{what}: changes nothing");
+        wait_for(&format!("mv_counts to follow {what}"), || counts_fresh(c)).await;
+    }
+    daemon.stop().await;
+}
+
 /// A view whose refresh sleeps `knobs.sleep_s` seconds (0 at first), for mid-refresh faults.
 pub const SLOW_SCHEMA: &str = "
 CREATE TABLE knobs (sleep_s float8 NOT NULL);
