@@ -552,7 +552,7 @@ const STEP_PATIENCE: Duration = Duration::from_secs(crate::db::BOOKKEEPING_TIMEO
 
 /// `step`, or an error once [`STEP_PATIENCE`] has passed (its pooled connection is then dropped
 /// with it, and the pool's check before reuse discards a connection that does not answer).
-async fn bounded<T>(step: impl Future<Output = Result<T, String>>) -> Result<T, String> {
+pub(super) async fn bounded<T>(step: impl Future<Output = Result<T, String>>) -> Result<T, String> {
     tokio::time::timeout(STEP_PATIENCE, step)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {STEP_PATIENCE:?}")))

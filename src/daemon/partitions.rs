@@ -127,9 +127,8 @@ impl Daemon {
                     })
                     .collect())
             };
-            let result = tokio::time::timeout(WATCH_EVERY * 2, result)
-                .await
-                .unwrap_or_else(|_| Err("timed out".to_owned()));
+            // The pooled connection's statement_timeout ends the statement on the server.
+            let result = super::intake::bounded(result).await;
             let _ = done.send(Internal::Partitions(result));
         });
     }

@@ -567,9 +567,10 @@ impl Reader {
             }
         }
         if let Some(error) = failed {
-            tracing::error!(
+            // Logged with the alert (once, and with its reminders), not at every attempt.
+            tracing::debug!(
                 capture = %capture.name, partitions = ?unready, %error,
-                "logical capture: partitions not ready; fix: run `mvrefresh install`"
+                "logical capture: partitions not ready"
             );
             let event = AlertEvent::new(
                 Kind::PartitionsNotReady,
