@@ -94,7 +94,7 @@ enum Internal {
     },
     CatchUpDone(Result<(), String>),
     Pruned(Result<u64, String>),
-    Partitions(Result<partitions::Leaves, String>),
+    Partitions(Result<partitions::Seen, String>),
     RefreshDone {
         view: usize,
         /// Which of the view's refresh tasks ([`Daemon::running`]).

@@ -41,6 +41,8 @@ use crate::config::{CaptureConfig, CaptureMethod, Config};
 use crate::db::LOCK_NAMESPACE;
 use crate::sql::{ident, literal};
 
+mod logical;
+
 /// The daemon's own schema.
 pub const CORE_SQL: &str = include_str!("../../sql/mvrefresh.sql");
 
@@ -126,7 +128,7 @@ pub fn script(config: &Config, options: Options) -> Vec<Step> {
             name: format!("capture[{i}] ({})", c.name),
             sql: match c.method {
                 CaptureMethod::Trigger => capture_sql(c),
-                CaptureMethod::Logical => crate::logical::install_sql(c),
+                CaptureMethod::Logical => logical::install_sql(c),
             },
         });
     }
@@ -658,7 +660,7 @@ pub fn fingerprint(c: &CaptureConfig) -> String {
 /// Bumped whenever [`capture_sql`] changes what it generates.
 const TRIGGER_TEMPLATE_VERSION: u32 = 8;
 
-/// Bumped whenever a logical capture's install ([`crate::logical::install_sql`]) changes what it
+/// Bumped whenever a logical capture's install ([`logical::install_sql`]) changes what it
 /// creates. It shared the trigger's version up to 5; kept apart since, so that a new trigger
 /// template does not report every logical capture out of date.
 const LOGICAL_TEMPLATE_VERSION: u32 = 6;

@@ -88,7 +88,7 @@ fn logical_capture_sql_quotes_configured_names() {
         method: CaptureMethod::Logical,
         ..trigger_defaults()
     };
-    let sql = crate::logical::install_sql(&c);
+    let sql = logical::install_sql(&c);
     assert!(
         sql.contains("ALTER TABLE \"Odd\"\"Table\" REPLICA IDENTITY FULL"),
         "{sql}"

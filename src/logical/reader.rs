@@ -390,7 +390,8 @@ impl Reader {
             );
         }
         if !batch.is_empty() {
-            super::record(&session.client, &self.w.capture.channel, &batch.dirty()).await?;
+            crate::store::record_dirty(&session.client, &self.w.capture.channel, &batch.dirty())
+                .await?;
             session.released = false;
             self.w.recorded.notify_one();
             if !hold.is_zero() {

@@ -1,5 +1,6 @@
-use super::pgoutput::{Message, Value};
+use super::pgoutput::{Lsn, Message, Value};
 use super::*;
+use crate::debounce::ALL;
 
 fn t(s: &str) -> Value {
     Value::Text(s.as_bytes().to_vec())

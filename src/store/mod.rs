@@ -1,4 +1,5 @@
-//! Every statement on mvrefresh's own tables (`sql/mvrefresh.sql`). Here: collecting dirty
+//! Every statement on mvrefresh's own tables (`sql/mvrefresh.sql`). Here: recording dirty keys
+//! for the daemon itself (a logical capture's reader, the partition watch), collecting dirty
 //! keys into per-view pending keys, reading what is pending, the hand-over guards, consuming
 //! pending keys in a refresh; `store/history.rs`: the refresh history (records, last
 //! successes, the status report's rows, pruning); `store/schema.rs`: the installed schema,
@@ -59,6 +60,36 @@ pub fn key_from_bytes(bytes: Vec<u8>) -> (String, bool) {
 const KEY_BYTES: &str =
     "CASE WHEN getdatabaseencoding() = 'SQL_ASCII' THEN convert_to(key, 'SQL_ASCII')
       ELSE convert_to(key, 'UTF8') END";
+
+/// Writes `keys` into the change log (those not pending already), each dirty since its commit
+/// (`None`: now; so the debounce counts from the write, not from when it was decoded), and
+/// notifies `channel`, in one statement (one transaction).
+pub async fn record_dirty(
+    client: &impl GenericClient,
+    channel: &str,
+    keys: &[(String, Option<f64>)],
+) -> Result<(), tokio_postgres::Error> {
+    let (names, since): (Vec<&str>, Vec<Option<f64>>) =
+        keys.iter().map(|(k, t)| (k.as_str(), *t)).unzip();
+    client
+        .execute(
+            "WITH k AS (
+                 SELECT CASE WHEN octet_length(x.key) > 1024 THEN '*' ELSE x.key END AS key,
+                        least(min(coalesce(to_timestamp(x.since), now())), now()) AS since
+                 FROM unnest($2::text[], $3::float8[]) AS x(key, since)
+                 GROUP BY 1
+             ), added AS (
+                 INSERT INTO mvrefresh.dirty (channel, key, since)
+                 SELECT $1, k.key, k.since FROM k
+                 WHERE NOT EXISTS (SELECT FROM mvrefresh.dirty AS d
+                                   WHERE d.channel = $1 AND d.key = k.key AND d.xmax = '0')
+             )
+             SELECT pg_notify($1, '')",
+            &[&channel, &names, &since],
+        )
+        .await?;
+    Ok(())
+}
 
 /// One dirty key taken by a collect.
 #[derive(Debug, Clone, PartialEq)]
