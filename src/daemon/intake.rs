@@ -157,10 +157,10 @@ impl Intake {
 }
 
 impl Daemon {
-    /// Runs one database step (a collect, a catch-up, a pruning) in a task of its own, so the
+    /// Runs one database step (a collect, a catch-up, a pruning, a look at partitions) in a task of its own, so the
     /// main loop never waits on a query. At shutdown the step is dropped with its connection,
     /// whose backend then ends too (`client_connection_check_interval` on pooled connections).
-    fn spawn_step(&self, step: impl Future<Output = ()> + Send + 'static) {
+    pub(super) fn spawn_step(&self, step: impl Future<Output = ()> + Send + 'static) {
         self.tasks.intake.spawn_until_stopped(step);
     }
 

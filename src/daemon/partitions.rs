@@ -117,7 +117,7 @@ impl Daemon {
         let done = self.internal_tx.clone();
         let channels: Vec<String> = self.channels.keys().cloned().collect();
         let before = self.partitions.seen.clone();
-        self.tasks.intake.spawn_until_stopped(async move {
+        self.spawn_step(async move {
             let result = async {
                 let client = pool.get().await.map_err(|e| e.to_string())?;
                 let err = |e: tokio_postgres::Error| crate::db::error_text(&e);

@@ -40,7 +40,7 @@ fn fragile_view(extra: &str) -> String {
 }
 
 /// A sink answering 200 to every POST /hook.
-async fn sink() -> MockServer {
+pub(crate) async fn sink() -> MockServer {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/hook"))
@@ -58,13 +58,21 @@ async fn setup(sink: &MockServer, alert: &str, views: &str) -> (TestDb, Client, 
     c.batch_execute(harness::SCHEMA).await.unwrap();
     c.batch_execute(FRAGILE).await.unwrap();
     let body = format!(
-        "[alert]\nwebhook_url = \"{}/hook\"\nretry_min = \"20ms\"\nretry_max = \"200ms\"\n{alert}\n{}{views}",
-        sink.uri(),
+        "{}{alert}\n{}{views}",
+        alert_section(sink),
         harness::CAPTURE
     );
     let config = harness::config(&db.url, &body);
     harness::install(&config).await;
     (db, c, config)
+}
+
+/// An `[alert]` section posting to `sink`'s /hook, retrying quickly.
+pub(crate) fn alert_section(sink: &MockServer) -> String {
+    format!(
+        "[alert]\nwebhook_url = \"{}/hook\"\nretry_min = \"20ms\"\nretry_max = \"200ms\"\n",
+        sink.uri()
+    )
 }
 
 /// Every JSON alert the sink received, in order.
@@ -78,7 +86,7 @@ async fn received(sink: &MockServer) -> Vec<Value> {
 }
 
 /// The alerts of `kind` about `subject`.
-async fn alerts_of(sink: &MockServer, kind: &str, subject: &str) -> Vec<Value> {
+pub(crate) async fn alerts_of(sink: &MockServer, kind: &str, subject: &str) -> Vec<Value> {
     received(sink)
         .await
         .into_iter()

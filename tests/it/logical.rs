@@ -11,6 +11,7 @@ use mvrefresh::logical::reader::{Reader, Wiring};
 use mvrefresh::stats::Stats;
 use tokio_postgres::Client;
 
+use crate::alerts;
 use crate::harness::{self, Cluster, Daemon, TestDb};
 
 /// The submissions capture of the other tests, read from a slot of its own (slot names are
@@ -318,15 +319,8 @@ async fn partitions_attached_detached_or_dropped_reach_the_views() {
 /// could.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_the_reader_cannot_make_ready_is_alerted_until_it_can() {
-    let sink = wiremock::MockServer::start().await;
-    wiremock::Mock::given(wiremock::matchers::method("POST"))
-        .respond_with(wiremock::ResponseTemplate::new(200))
-        .mount(&sink)
-        .await;
-    let alert = format!(
-        "[alert]\nwebhook_url = \"{}/hook\"\nretry_min = \"20ms\"\nretry_max = \"200ms\"\n",
-        sink.uri()
-    );
+    let sink = alerts::sink().await;
+    let alert = alerts::alert_section(&sink);
     let (db, c, config) =
         setup_schema(Cluster::logical(), harness::PARTITIONED_SCHEMA, &alert).await;
     c.batch_execute(
@@ -339,18 +333,7 @@ async fn a_partition_the_reader_cannot_make_ready_is_alerted_until_it_can() {
         .batch_execute("BEGIN; SELECT FROM submissions_new;")
         .await
         .unwrap();
-    let alerts = |kind: &'static str| {
-        let sink = &sink;
-        async move {
-            sink.received_requests()
-                .await
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
-                .filter(|a| a["kind"] == kind && a["subject"] == "partitions:submissions")
-                .collect::<Vec<_>>()
-        }
-    };
+    let alerts = |kind: &'static str| alerts::alerts_of(&sink, kind, "partitions:submissions");
     let daemon = Daemon::start(config.clone());
     harness::wait_for("a partitions_not_ready alert", || async {
         !alerts("partitions_not_ready").await.is_empty()
@@ -755,15 +738,8 @@ channels = ["keyed_changed"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_slot_is_created_again_with_a_full_resync_and_one_alert() {
-    let sink = wiremock::MockServer::start().await;
-    wiremock::Mock::given(wiremock::matchers::method("POST"))
-        .respond_with(wiremock::ResponseTemplate::new(200))
-        .mount(&sink)
-        .await;
-    let alert = format!(
-        "[alert]\nwebhook_url = \"{}/hook\"\nretry_min = \"20ms\"\nretry_max = \"200ms\"\n",
-        sink.uri()
-    );
+    let sink = alerts::sink().await;
+    let alert = alerts::alert_section(&sink);
     let (_db, c, config) = setup_on(Cluster::logical(), &alert).await;
     let subject = format!("slot:{}", config.captures[0].slot_name());
     let daemon = Daemon::start(config.clone());
@@ -775,15 +751,7 @@ async fn a_lost_slot_is_created_again_with_a_full_resync_and_one_alert() {
     // While no daemon runs, the slot goes, and with it the changes written meanwhile.
     drop_slot(&c, &config).await;
     harness::score(&c, 2, 3).await;
-    let lost = || async {
-        sink.received_requests()
-            .await
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
-            .filter(|a| a["kind"] == "slot_lost" && a["subject"] == subject.as_str())
-            .count()
-    };
+    let lost = || async { alerts::alerts_of(&sink, "slot_lost", &subject).await.len() };
     assert_eq!(lost().await, 0);
     let daemon = Daemon::start(config.clone());
     harness::wait_for("a slot_lost alert", || async { lost().await > 0 }).await;
